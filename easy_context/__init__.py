@@ -1,0 +1,40 @@
+"""easy_context: exact sequence-parallel attention for long-context LLM training.
+
+Importing the package does nothing but import torch and define functions: no process groups, no
+prints, no environment changes. transformers-facing helpers load on first use.
+"""
+from __future__ import annotations
+
+from .algorithms import ALGORITHMS, get_attn_func
+from .dist_flash import dist_flash_attn_func
+from .kernels import local_attn_func
+from .loss import ShardedLoss, linear_cross_entropy_sum, sharded_cross_entropy
+from .sharding import SEQ_ALGOS, gather_sequence, sequence_granularity, shard_sequence
+from .ulysses import ulysses_attn_func
+from .usp import usp_attn_func
+from .zigzag_ring import zigzag_ring_attn_func
+
+__version__ = "0.2.0"
+
+# Public names provided by modules that import transformers/accelerate: loaded lazily.
+_LAZY = {
+    "apply_seq_parallel_monkey_patch": "api",
+    "prepare_seq_parallel_inputs": "api",
+    "prepare_dataloader": "api",
+    "gather_seq_parallel_outputs": "api",
+    "SPAttentionConfig": "hf",
+    "unpatch_model_type": "hf",
+}
+
+__all__ = [
+    "ALGORITHMS", "SEQ_ALGOS", "get_attn_func", "local_attn_func", "zigzag_ring_attn_func", "dist_flash_attn_func",
+    "ulysses_attn_func", "usp_attn_func", "shard_sequence", "gather_sequence", "sequence_granularity", "sharded_cross_entropy", "linear_cross_entropy_sum", "ShardedLoss", *_LAZY,
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'easy_context' has no attribute {name!r}")

@@ -1,0 +1,220 @@
+"""The training-script API: patch the model, shard the inputs, feed the ranks, reassemble outputs.
+
+Typical use (launch: ``accelerate launch train.py``)::
+
+    apply_seq_parallel_monkey_patch("zigzag_ring_attn", "llama")
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    ...
+    prepared = prepare_seq_parallel_inputs("zigzag_ring_attn", ids, pos, tgt, rank, world, device)
+    logits = model(prepared["local_input_ids"], position_ids=prepared["local_position_ids"]).logits
+
+DP x SP: pass ``sp_size`` (the same value) to every call; the world splits into ``world / sp_size``
+data-parallel replicas of ``sp_size`` consecutive ranks that share one sequence.
+"""
+from __future__ import annotations
+
+import torch
+
+from .sharding import SEQ_ALGOS, check_seq_algo, gather_sequence, sequence_granularity, shard_sequence
+
+
+def _sp_rank_size(rank: int, world_size: int, sp_size: int | None) -> tuple[int, int]:
+    """(rank within its SP group, SP group size) for global ``rank`` of ``world_size``."""
+    if sp_size is None:
+        return rank, world_size
+    if not isinstance(sp_size, int) or sp_size < 1 or world_size % sp_size:
+        raise ValueError(f"sp_size={sp_size!r} must be a positive divisor of world_size={world_size}: the world "
+                         "splits into world_size/sp_size data-parallel replicas of sp_size sequence-parallel ranks")
+    return rank % sp_size, sp_size
+
+
+def apply_seq_parallel_monkey_patch(seq_algo: str, model, *, sp_size: int | None = None,
+                                    ring_degree: int | None = None, backend: str | None = None):
+    """Make a transformers causal LM attend with the exact sequence-parallel algorithm ``seq_algo``.
+
+    Args:
+        seq_algo: one of ``SEQ_ALGOS``. ``"data_parallel"`` changes nothing.
+        model: a model-type string (``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"``), called before the model
+            exists: every model of that type created afterwards (``from_pretrained`` with any
+            ``attn_implementation``, ``from_config``, the constructor) uses the SP attention. Or a loaded
+            ``PreTrainedModel`` of any decoder whose attention goes through transformers' ``AttentionInterface``:
+            only that model is switched.
+        sp_size: ranks per sequence-parallel group (None = the whole world); must divide the world size.
+        ring_degree: ``usp_attn`` only (ring x Ulysses split of the SP group).
+        backend: local attention kernel backend of the core (None = its default).
+    Returns:
+        The registered ``attn_implementation`` name (None for ``data_parallel``).
+    Raises:
+        ValueError: unknown ``seq_algo``, unsupported model type, bad options.
+        TypeError: a model object whose attention does not go through ``AttentionInterface``.
+    Notes:
+        Under SP the model must be called without ``attention_mask`` padding (use right-padding with -100 targets,
+        as :func:`prepare_seq_parallel_inputs` does), without packed/varlen batches, and with sequences no longer
+        than an active sliding window; each of these raises a clear error instead of computing something else.
+    """
+    from . import hf
+
+    check_seq_algo(seq_algo)
+    if seq_algo == "data_parallel":
+        if isinstance(model, str):
+            hf._pretrained_base(model)  # still reject unsupported model types
+        return None
+    config = hf.SPAttentionConfig(seq_algo, sp_size=sp_size, ring_degree=ring_degree, backend=backend)
+    if isinstance(model, str):
+        return hf.patch_model_type(model, config)
+    hf.patch_model(model, config)
+    return config.name
+
+
+def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                                target_ids: torch.Tensor | None, rank: int, world_size: int, device, *,
+                                sp_size: int | None = None, ring_degree: int | None = None, pad_token_id: int = 0,
+                                ignore_index: int = -100) -> dict:
+    """This rank's shard of a batch of full sequences, padded so that any length works.
+
+    Args:
+        input_ids: ``(batch, seq)`` the full sequences (same on every rank of the SP group).
+        position_ids: ``(batch or 1, seq)`` positions, consecutive (no restarts), or None for ``0..seq-1``.
+        target_ids: ``(batch, seq)`` already-shifted targets (target of t = token t+1), ``ignore_index`` where no
+            loss; or None.
+        rank, world_size: this process's global rank and the world size (``accelerator.process_index`` /
+            ``num_processes``); with ``sp_size`` they are mapped to the rank within the SP group.
+        device: where the shards go.
+        sp_size, ring_degree: as in :func:`apply_seq_parallel_monkey_patch` (use the same values).
+        pad_token_id: id written into padded input positions (any valid id: nothing real attends to them).
+    Returns:
+        ``{"local_input_ids", "local_position_ids", "local_target_ids"}``, each ``(batch, padded_seq / sp)``
+        (``local_target_ids`` is None when ``target_ids`` is None). The sequence is right-padded to a multiple of
+        ``sequence_granularity``: padded inputs ``pad_token_id``, positions continue past the end, targets
+        ``ignore_index``. Causal attention makes the padding invisible to the real tokens, so results are exact.
+        ``data_parallel`` returns the full (unpadded) tensors.
+    Raises:
+        ValueError: unknown ``seq_algo``, ``sp_size`` not dividing ``world_size``, mismatched shapes, or
+            ``position_ids`` that restart (packed documents: the SP kernels would attend across them).
+    """
+    check_seq_algo(seq_algo)
+    sp_rank, sp_world = _sp_rank_size(rank, world_size, sp_size)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    batch, seq = input_ids.shape
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0)
+    if position_ids.dim() != 2 or position_ids.shape[1] != seq:
+        raise ValueError(f"position_ids {tuple(position_ids.shape)} must be (batch or 1, {seq})")
+    if target_ids is not None and target_ids.shape != input_ids.shape:
+        raise ValueError(f"target_ids {tuple(target_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
+    sequence_parallel = seq_algo != "data_parallel" and sp_world > 1
+    if sequence_parallel and seq > 1 and bool((position_ids.diff(dim=1) != 1).any()):
+        raise ValueError("position_ids restart or jump inside the sequence (packed documents?): under sequence "
+                         "parallelism every token attends causally to all earlier tokens, so packed documents would "
+                         "see each other. Pass one document per row with consecutive positions")
+
+    opts = {"ring_degree": ring_degree} if ring_degree is not None else {}
+    pad = 0
+    if sequence_parallel:
+        granularity = sequence_granularity(seq_algo, sp_world, **opts)
+        pad = -seq % granularity
+    if pad:
+        # (batch, seq) -> (batch, seq + pad): right padding, positions continue so RoPE and causality stay intact
+        input_ids = torch.cat([input_ids, input_ids.new_full((batch, pad), pad_token_id)], dim=1)
+        tail = position_ids[:, -1:] + torch.arange(1, pad + 1, device=position_ids.device, dtype=position_ids.dtype)
+        position_ids = torch.cat([position_ids, tail], dim=1)
+        if target_ids is not None:
+            target_ids = torch.cat([target_ids, target_ids.new_full((batch, pad), ignore_index)], dim=1)
+
+    def shard(x):
+        if x is None:
+            return None
+        if sequence_parallel:
+            x = shard_sequence(seq_algo, x, sp_rank, sp_world, dim=1, **opts)
+        return x.to(device)
+
+    return {
+        "local_input_ids": shard(input_ids),
+        "local_position_ids": shard(position_ids),
+        "local_target_ids": shard(target_ids),
+    }
+
+
+def gather_seq_parallel_outputs(seq_algo: str, local_outputs: torch.Tensor, *, seq_len: int | None = None,
+                                sp_size: int | None = None, ring_degree: int | None = None,
+                                dim: int = 1) -> torch.Tensor:
+    """Reassemble per-token outputs (argmax predictions, per-token losses, logits) of the SP group in order.
+
+    Collective over the SP group (every rank of the world must call it when ``sp_size`` is set). Not
+    differentiable; for evaluation.
+
+    Args:
+        local_outputs: this rank's outputs, sharded along ``dim`` as by :func:`prepare_seq_parallel_inputs`.
+        seq_len: the original (unpadded) length: the padding added by ``prepare_seq_parallel_inputs`` is cut off.
+        sp_size, ring_degree: the values used for sharding.
+    Returns:
+        The full sequence along ``dim`` on every rank of the SP group.
+    """
+    from .comm import get_sp_group
+
+    check_seq_algo(seq_algo)
+    opts = {"ring_degree": ring_degree} if ring_degree is not None else {}
+    group = None if seq_algo == "data_parallel" else get_sp_group(sp_size)
+    full = gather_sequence(seq_algo, local_outputs, group=group, dim=dim, **opts)
+    return full if seq_len is None else full.narrow(dim, 0, seq_len)
+
+
+def prepare_dataloader(seq_algo: str, dataloader, accelerator, *, sp_size: int | None = None):
+    """Wrap a DataLoader so that ranks of one SP group see the same batches and DP replicas different ones.
+
+    Args:
+        dataloader: a plain ``torch.utils.data.DataLoader`` yielding full sequences.
+        accelerator: the ``accelerate.Accelerator`` (device, placement and batching settings are taken from it).
+        sp_size: ranks per SP group (None = the whole world: a single replica, every rank sees every batch).
+    Returns:
+        ``data_parallel``: ``accelerator.prepare(dataloader)``. SP algorithms: accelerate's
+        ``prepare_data_loader`` sharded over the ``world / sp_size`` replicas (replica index
+        ``process_index // sp_size``), batches moved to ``accelerator.device``.
+    Notes:
+        Collective when the sampler shuffles without its own generator: a seed is broadcast from rank 0 so all
+        ranks shuffle identically. The returned loader is not registered with the accelerator's checkpointing
+        (``save_state`` does not record its position).
+    """
+    check_seq_algo(seq_algo)
+    if seq_algo == "data_parallel":
+        return accelerator.prepare(dataloader)
+    from accelerate.data_loader import prepare_data_loader
+
+    _, sp_world = _sp_rank_size(accelerator.process_index, accelerator.num_processes, sp_size)
+    _share_shuffle_seed(dataloader, accelerator.device)
+    return prepare_data_loader(
+        dataloader,
+        accelerator.device,
+        num_processes=accelerator.num_processes // sp_world,
+        process_index=accelerator.process_index // sp_world,
+        split_batches=accelerator.split_batches,
+        put_on_device=accelerator.device_placement,
+        rng_types=list(accelerator.rng_types or []),
+        dispatch_batches=False,  # dispatching would split batches over all ranks, ignoring the SP groups
+        even_batches=accelerator.even_batches,
+        use_seedable_sampler=accelerator.use_seedable_sampler,
+        non_blocking=accelerator.non_blocking,
+    )
+
+
+def _share_shuffle_seed(dataloader, device) -> None:
+    """Give a shuffling sampler without a generator one seeded identically on every rank.
+
+    Otherwise each process would draw its own permutation from its global RNG and the ranks of an SP group
+    would get different sequences.
+    """
+    import torch.distributed as dist
+
+    sampler = getattr(dataloader, "sampler", None)
+    if not isinstance(sampler, torch.utils.data.RandomSampler) or sampler.generator is not None:
+        return
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    if dist.is_available() and dist.is_initialized():
+        seed = seed.to(device if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(seed, src=0)
+    sampler.generator = torch.Generator().manual_seed(int(seed.item()))
+
+
+__all__ = ["SEQ_ALGOS", "apply_seq_parallel_monkey_patch", "prepare_seq_parallel_inputs", "prepare_dataloader",
+           "gather_seq_parallel_outputs"]

@@ -1,0 +1,264 @@
+"""Communication helpers: p2p exchanges for rings, the Ulysses all-to-all, process groups, and the
+cross-rank consistency check that runs before any collective so a mismatch is an error, never a hang.
+
+All p2p / collective helpers take an explicit process group (``None`` = the default world group). When
+``torch.distributed`` is not initialised, a group of one rank is assumed so every algorithm also runs
+single-process (W=1).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# ---------------------------------------------------------------- group helpers
+
+
+class _SelfGroup:
+    """A group of just this rank (a degenerate USP dimension); never reaches torch.distributed."""
+
+    def __repr__(self):
+        return "SELF_GROUP"
+
+
+SELF_GROUP = _SelfGroup()
+
+
+def group_rank_size(group=None) -> tuple[int, int]:
+    """``(rank within group, group size)``; ``(0, 1)`` when torch.distributed is not initialised."""
+    if group is SELF_GROUP or not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def global_rank(group, group_rank: int) -> int:
+    """Global rank of ``group_rank`` in ``group`` (p2p ops address peers by global rank)."""
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+# Groups are created once per configuration and kept for the life of the process: creating a group
+# is a collective and must not run again per call. Keyed by the configuration, not sized by any call.
+_SP_GROUPS: dict[tuple, object] = {}
+_USP_GROUPS: dict[tuple, tuple] = {}
+
+
+def get_sp_group(sp_size: int | None = None):
+    """Process group of this rank's sequence-parallel group: consecutive ranks ``[k*sp, (k+1)*sp)``.
+
+    ``None`` (the default world group) when ``sp_size`` is None or equals the world size. Every rank of
+    the world must call this (group creation is collective); the groups are created once and cached.
+
+    Raises:
+        ValueError: ``sp_size`` does not divide the world size.
+    """
+    rank, world = group_rank_size(None)
+    if sp_size is None or sp_size == world:
+        return None
+    if sp_size < 1 or world % sp_size:
+        raise ValueError(f"sp_size={sp_size} must divide the world size {world}; the world is split into "
+                         f"world/sp_size data-parallel replicas of sp_size sequence-parallel ranks")
+    key = (world, sp_size)
+    if key not in _SP_GROUPS:
+        mine = None
+        for start in range(0, world, sp_size):
+            g = dist.new_group(list(range(start, start + sp_size)))
+            if start <= rank < start + sp_size:
+                mine = g
+        _SP_GROUPS[key] = mine
+    return _SP_GROUPS[key]
+
+
+def get_dp_group(sp_size: int | None = None):
+    """Process group of the ranks that hold the same sequence shard in different data-parallel replicas."""
+    rank, world = group_rank_size(None)
+    if sp_size is None or sp_size == world:
+        sp_size = world
+    if world % sp_size:
+        raise ValueError(f"sp_size={sp_size} must divide the world size {world}")
+    key = ("dp", world, sp_size)
+    if key not in _SP_GROUPS:
+        mine = None
+        for offset in range(sp_size):
+            g = dist.new_group(list(range(offset, world, sp_size)))
+            if rank % sp_size == offset:
+                mine = g
+        _SP_GROUPS[key] = mine
+    return _SP_GROUPS[key]
+
+
+def usp_degrees(world_size: int, ring_degree: int | None) -> tuple[int, int]:
+    """``(ring_degree, ulysses_degree)`` for USP over ``world_size`` ranks.
+
+    Default ``ring_degree``: 2 when the world size is even (Ulysses inside pairs of halves, a ring of 2
+    across them), else the world size (pure ring). Pass it explicitly to choose another mesh.
+    """
+    if ring_degree is None:
+        ring_degree = 2 if world_size % 2 == 0 else world_size
+    if ring_degree < 1 or world_size % ring_degree:
+        raise ValueError(f"ring_degree={ring_degree} must divide the sequence-parallel size {world_size}")
+    return ring_degree, world_size // ring_degree
+
+
+def get_usp_groups(group, ring_degree: int | None):
+    """``(ulysses_group, ring_group)`` inside ``group`` for USP, created once per (group, ring_degree).
+
+    Group rank ``g * U + u`` is Ulysses rank ``u`` of ring position ``g`` (U = ulysses degree): Ulysses
+    groups are consecutive ranks (put them on one node), ring groups are strided.
+    Only the members of ``group`` need to call this.
+    """
+    rank, world = group_rank_size(group)
+    ring, uly = usp_degrees(world, ring_degree)
+    key = (id(group), world, ring)
+    if key not in _USP_GROUPS:
+        if world == 1:
+            _USP_GROUPS[key] = (SELF_GROUP, SELF_GROUP, group)
+        else:
+            members = [global_rank(group, r) for r in range(world)]
+            g, u = divmod(rank, uly)
+            uly_group = dist.new_group([members[g * uly + i] for i in range(uly)], use_local_synchronization=True) \
+                if uly > 1 else SELF_GROUP
+            ring_group = dist.new_group([members[j * uly + u] for j in range(ring)], use_local_synchronization=True) \
+                if ring > 1 else SELF_GROUP
+            # keep `group` alive with its derived groups so id() is never reused for another group
+            _USP_GROUPS[key] = (uly_group, ring_group, group)
+    uly_group, ring_group, _ = _USP_GROUPS[key]
+    return uly_group, ring_group, ring, uly
+
+
+# ---------------------------------------------------------------- consistency check
+
+
+def _meta_device(group, device: torch.device) -> torch.device:
+    return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def check_same_across_group(values: dict[str, int], group, device: torch.device, what: str) -> None:
+    """All ranks of ``group`` must pass the same ``values``; otherwise every rank raises ValueError.
+
+    One small all-gather; runs before any data collective so that ranks which would otherwise post
+    mismatched sends/receives (a hang under NCCL) fail together with a message naming the difference.
+    """
+    rank, world = group_rank_size(group)
+    if world == 1:
+        return
+    names = list(values)
+    mine = torch.tensor([int(values[n]) for n in names], dtype=torch.int64, device=_meta_device(group, device))
+    allv = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(allv, mine, group=group)
+    table = torch.stack(allv).cpu()
+    bad = [n for i, n in enumerate(names) if (table[:, i] != table[0, i]).any()]
+    if bad:
+        per_rank = {n: table[:, names.index(n)].tolist() for n in bad}
+        raise ValueError(f"{what}: ranks of the group disagree on {bad} (per rank: {per_rank}); every rank must "
+                         f"pass tensors of the same shape/dtype and the same options. Shard the batch with "
+                         f"prepare_seq_parallel_inputs / shard_sequence so each rank holds an equal slice.")
+
+
+_DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPE_CODES.get(dtype, 0)
+
+
+# ---------------------------------------------------------------- p2p
+
+
+class Pending:
+    """Outstanding p2p receives; ``wait()`` returns the received tensors."""
+
+    def __init__(self, works, received):
+        self._works, self._received = works, received
+
+    def wait(self):
+        for w in self._works:
+            w.wait()
+        self._works = []
+        return self._received
+
+
+def exchange(send: list[torch.Tensor], dst: int | None, recv_like: list[torch.Tensor], src: int | None, group) -> Pending:
+    """Post async sends of ``send`` to group rank ``dst`` and receives shaped like ``recv_like`` from ``src``.
+
+    Either side may be ``None`` (nothing to send / receive). Tensors are sent contiguous.
+    """
+    ops, received = [], []
+    if dst is not None:
+        for t in send:
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), global_rank(group, dst), group))
+    if src is not None:
+        for t in recv_like:
+            buf = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+            received.append(buf)
+            ops.append(dist.P2POp(dist.irecv, buf, global_rank(group, src), group))
+    works = dist.batch_isend_irecv(ops) if ops else []
+    return Pending(works, received)
+
+
+class RingComm:
+    """Rank position and neighbours of one ring (a process group); posts shifted exchanges."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank, self.world = group_rank_size(group)
+
+    def shift(self, send: list[torch.Tensor], offset: int = 1, recv_like: list[torch.Tensor] | None = None) -> Pending:
+        """Send ``send`` to rank+offset and receive the same shapes (or ``recv_like``) from rank-offset."""
+        w = self.world
+        return exchange(send, (self.rank + offset) % w, send if recv_like is None else recv_like,
+                        (self.rank - offset) % w, self.group)
+
+
+# ---------------------------------------------------------------- Ulysses all-to-all
+
+
+def _a2a(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, unlike empty_like of a view
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def _seq_to_head(x: torch.Tensor, group) -> torch.Tensor:
+    w = group_rank_size(group)[1]
+    b, s, h, d = x.shape
+    # (b, s/W, h, d) -> (W, b, s/W, h/W, d): split heads into W groups, group index first for the a2a
+    x = x.reshape(b, s, w, h // w, d).permute(2, 0, 1, 3, 4)
+    y = _a2a(x, group)  # now dim 0 indexes the source rank = the sequence chunk
+    # (W, b, s/W, h/W, d) -> (b, W*s/W, h/W, d): chunks in rank order = contiguous sequence order
+    return y.permute(1, 0, 2, 3, 4).reshape(b, w * s, h // w, d)
+
+
+def _head_to_seq(x: torch.Tensor, group) -> torch.Tensor:
+    w = group_rank_size(group)[1]
+    b, s, h, d = x.shape
+    # (b, s, h/W, d) -> (W, b, s/W, h/W, d): split the sequence into W chunks, chunk index first
+    x = x.reshape(b, w, s // w, h, d).permute(1, 0, 2, 3, 4)
+    y = _a2a(x, group)  # dim 0 now indexes the source rank = the head group
+    # (W, b, s/W, h/W, d) -> (b, s/W, W*h/W, d)
+    return y.permute(1, 2, 0, 3, 4).reshape(b, s // w, w * h, d)
+
+
+class SeqToHead(torch.autograd.Function):
+    """``(b, s/W, h, d)`` sequence-sharded -> ``(b, s, h/W, d)`` head-sharded (backward: the inverse)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_to_head(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _head_to_seq(g, ctx.group), None
+
+
+class HeadToSeq(torch.autograd.Function):
+    """``(b, s, h/W, d)`` head-sharded -> ``(b, s/W, h, d)`` sequence-sharded (backward: the inverse)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _head_to_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _seq_to_head(g, ctx.group), None

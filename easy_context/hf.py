@@ -1,0 +1,245 @@
+"""How transformers reaches us: sequence-parallel attention registered with transformers' AttentionInterface.
+
+A model whose attention layers call ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)``
+(Llama, Mistral, Qwen2, Qwen3 and most decoders of transformers 5) runs our attention once its config names
+an implementation registered here. Nothing in the decoder is copied or replaced:
+
+* :func:`register_attention` registers, under a name such as ``"easy_context_zigzag_ring_attn"``, an attention
+  function that hands the local q/k/v shard to the algorithm's kernel with the right process group, and a mask
+  function that builds no mask at all (returns None): causality over the global sequence is the kernel's job,
+  and the zigzag/USP position-id jumps must never become an ``S x S`` "packed documents" mask.
+* :func:`patch_model` switches one loaded model to that name with the public ``set_attn_implementation``.
+* :func:`patch_model_type` (the seed form, before the model exists) makes every model of a model type built
+  afterwards (``from_pretrained``, ``from_config`` or the constructor, whatever ``attn_implementation`` it
+  asks for) switch itself to that name at the end of its ``post_init``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+# Model types of the string (seed) form; any decoder routed through AttentionInterface works as an object.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Padding-free varlen arguments (DataCollatorWithFlattening / packed flash-attn): the SP kernels attend over one
+# continuous causal sequence, so such a batch would be silently wrong.
+_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k", "max_length_q", "max_length_k")
+
+# transformers runs extra checks (and kernel loading) on implementation names containing these substrings.
+_RESERVED_SUBSTRINGS = {"flash": "fa", "sdpa": "sdp", "flex": "flx"}
+
+
+@dataclass(frozen=True)
+class SPAttentionConfig:
+    """What the registered attention needs; one registered name per distinct configuration.
+
+    Args:
+        seq_algo: one of :data:`easy_context.sharding.SEQ_ALGOS` other than ``"data_parallel"``.
+        sp_size: ranks per sequence-parallel group (consecutive ranks); None = the whole world.
+        ring_degree: ``usp_attn`` only: ranks in the ring dimension.
+        backend: local kernel backend passed to the algorithm (None = the core's default / env choice).
+    """
+
+    seq_algo: str
+    sp_size: int | None = None
+    ring_degree: int | None = None
+    backend: str | None = None
+
+    def __post_init__(self):
+        from .sharding import SEQ_ALGOS, check_seq_algo
+
+        check_seq_algo(self.seq_algo)
+        if self.seq_algo == "data_parallel":
+            sp_algos = ", ".join(a for a in SEQ_ALGOS if a != "data_parallel")
+            raise ValueError("data_parallel uses the model's own attention; there is nothing to register "
+                             f"(sequence-parallel algorithms: {sp_algos})")
+        if self.sp_size is not None and (not isinstance(self.sp_size, int) or self.sp_size < 1):
+            raise ValueError(f"sp_size must be a positive int or None, got {self.sp_size!r}")
+        if self.ring_degree is not None and self.seq_algo != "usp_attn":
+            raise ValueError(f"ring_degree is a usp_attn option; {self.seq_algo} does not take it")
+
+    @property
+    def name(self) -> str:
+        """The ``attn_implementation`` name, e.g. ``easy_context_usp_attn_sp4_ring2``."""
+        parts = [f"easy_context_{self.seq_algo}"]
+        if self.sp_size is not None:
+            parts.append(f"sp{self.sp_size}")
+        if self.ring_degree is not None:
+            parts.append(f"ring{self.ring_degree}")
+        if self.backend is not None:
+            parts.append(str(self.backend))
+        name = "_".join(parts)
+        for bad, good in _RESERVED_SUBSTRINGS.items():
+            name = name.replace(bad, good)
+        return name
+
+    @property
+    def options(self) -> dict:
+        """Keyword options the algorithm's attention and sharding both take."""
+        return {} if self.ring_degree is None else {"ring_degree": self.ring_degree}
+
+
+def no_mask(*args, attention_mask=None, **kwargs):
+    """The registered mask function: never builds a mask (causality is the kernel's job).
+
+    transformers calls it once per forward from ``create_causal_mask`` / ``create_sliding_window_causal_mask``
+    with the user's 2-D ``attention_mask`` (bool) if one was passed. A mask with zeros (padding) cannot be
+    honoured by the SP kernels, so it is an error rather than silently ignored.
+    """
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            "attention_mask with padding (zeros) is not supported under sequence parallelism: the SP kernels attend "
+            "causally over the whole sequence. Do not pass attention_mask; right-pad instead "
+            "(prepare_seq_parallel_inputs pads to the algorithm's granularity and sets the padded targets to -100, "
+            "which is exact)")
+    return None
+
+
+def make_attention(config: SPAttentionConfig) -> Callable:
+    """The function registered with AttentionInterface for ``config`` (see :func:`register_attention`)."""
+    import torch.distributed as dist
+
+    from .algorithms import get_attn_func
+    from .comm import get_sp_group
+
+    attn_func = get_attn_func(config.seq_algo)
+    options = config.options
+
+    def sequence_parallel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                                    sliding_window=None, is_causal=None, **kwargs):
+        """transformers attention interface: q ``(b, h, s_local, d)``, k/v ``(b, h_kv, s_local, d)``
+        -> ``((b, s_local, h, d), None)``."""
+        if attention_mask is not None:
+            raise ValueError(f"{config.name}: a prepared (4-D) attention mask cannot be honoured under sequence "
+                             "parallelism; the kernels apply the causal mask over the global sequence themselves")
+        if any(kwargs.get(k) is not None for k in _VARLEN_KWARGS):
+            raise ValueError(f"{config.name}: packed/varlen batches (cu_seq_lens, e.g. DataCollatorWithFlattening) "
+                             "are not supported under sequence parallelism; use one sequence per row")
+        if dropout:
+            raise ValueError(f"{config.name}: attention dropout ({dropout}) is not supported; set "
+                             "config.attention_dropout=0.0")
+        if key.shape[2] != query.shape[2]:
+            raise ValueError(f"{config.name}: {query.shape[2]} local queries against {key.shape[2]} keys: "
+                             "generation with a KV cache is not supported; run it without sequence parallelism")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(f"{config.name}: torch.distributed is not initialised; launch with accelerate/"
+                               "torchrun, or use seq_algo='data_parallel'")
+        group = get_sp_group(config.sp_size)
+        seq_len = query.shape[2] * dist.get_world_size(group)
+        # HF semantics: a query attends to at most `sliding_window` keys (itself included); a window that covers
+        # the whole (padded) sequence changes nothing, a shorter one the SP kernels cannot apply.
+        if sliding_window is not None and seq_len > sliding_window:
+            raise ValueError(f"{config.name}: sliding-window attention (window {sliding_window}) over a sequence of "
+                             f"{seq_len} tokens is not supported under sequence parallelism; use sequences of at "
+                             f"most {sliding_window} tokens or set config.sliding_window=None (full attention)")
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        # (b, h, s_local, d) -> (b, s_local, h, d): views, the flash-attn layout of the core
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        out = attn_func(q, k, v, causal=causal, softmax_scale=scaling, group=group, backend=config.backend,
+                        **options)
+        return out, None
+
+    sequence_parallel_attention.__qualname__ = f"sequence_parallel_attention[{config.name}]"
+    return sequence_parallel_attention
+
+
+def register_attention(config: SPAttentionConfig) -> str:
+    """Register the attention and the no-op mask for ``config`` with transformers; return the name.
+
+    Idempotent: registering the same configuration again replaces the entry with an equivalent one.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(config.name, make_attention(config))
+    AttentionMaskInterface.register(config.name, no_mask)
+    return config.name
+
+
+def patch_model(model, config: SPAttentionConfig):
+    """Switch one loaded model (and only it) to the sequence-parallel attention of ``config``.
+
+    Raises:
+        TypeError: not a transformers ``PreTrainedModel``, or one whose attention does not go through
+            ``AttentionInterface`` (it would keep attending within the local shard: silently wrong).
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a model-type string ({', '.join(SUPPORTED_MODEL_TYPES)}) or a loaded "
+                        f"transformers PreTrainedModel, got {type(model).__name__}")
+    name = register_attention(config)
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise TypeError(f"{type(model).__name__} does not route its attention through transformers' "
+                        "AttentionInterface, so sequence-parallel attention cannot be applied to it")
+    return model
+
+
+# model-type base class -> its own post_init before we wrapped it (None: it inherited PreTrainedModel's)
+_ORIGINAL_POST_INIT: dict[type, Callable | None] = {}
+
+
+def _pretrained_base(model_type: str) -> type:
+    """``LlamaPreTrainedModel`` for ``"llama"``: the base class shared by every model class of the type."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+                         "(or pass a loaded model: any decoder whose attention goes through AttentionInterface works)")
+    from transformers import PreTrainedModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    model_class = getattr(module, MODEL_MAPPING_NAMES[model_type])
+    return next(c for c in model_class.__mro__ if PreTrainedModel in c.__bases__)
+
+
+def patch_model_type(model_type: str, config: SPAttentionConfig) -> str:
+    """Make every ``model_type`` model created from now on use the attention of ``config``; return its name.
+
+    Mechanism: the model type's ``<Type>PreTrainedModel.post_init`` (run at the end of every constructor,
+    including inside ``from_pretrained`` / ``from_config``) is wrapped to call the public
+    ``set_attn_implementation(name)`` afterwards. So whichever ``attn_implementation`` the user asks for
+    ("sdpa", "flash_attention_2", ...) is validated by transformers as usual and then replaced by ours; other
+    model types and models created before are untouched. Calling it again replaces the previous choice.
+    """
+    base = _pretrained_base(model_type)
+    name = register_attention(config)
+    if base not in _ORIGINAL_POST_INIT:
+        _ORIGINAL_POST_INIT[base] = base.__dict__.get("post_init")
+    original = _ORIGINAL_POST_INIT[base] or super(base, base).post_init
+
+    def post_init(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        self.set_attn_implementation(name)
+        return result
+
+    post_init.easy_context_attn_implementation = name
+    base.post_init = post_init
+    return name
+
+
+def unpatch_model_type(model_type: str) -> None:
+    """Undo :func:`patch_model_type` for models created from now on (existing models keep their attention)."""
+    base = _pretrained_base(model_type)
+    if base not in _ORIGINAL_POST_INIT:
+        return
+    original = _ORIGINAL_POST_INIT.pop(base)
+    if original is None:
+        del base.post_init
+    else:
+        base.post_init = original
+
+
+def patched_attn_implementation(model_type: str) -> str | None:
+    """The attention name that new ``model_type`` models get, or None if the type is not patched."""
+    return getattr(_pretrained_base(model_type).__dict__.get("post_init"), "easy_context_attn_implementation", None)
+
+
+def is_sequence_parallel(model) -> bool:
+    """Whether ``model`` runs an attention registered by easy_context."""
+    return str(getattr(model.config, "_attn_implementation", "")).startswith("easy_context_")
+
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "SPAttentionConfig", "register_attention", "patch_model", "patch_model_type",
+           "unpatch_model_type", "patched_attn_implementation", "is_sequence_parallel", "no_mask", "make_attention"]

@@ -1,0 +1,251 @@
+"""Local (single-device) attention kernels behind one small interface.
+
+Every backend works on ``(batch, heads, seq, head_dim)`` tensors (views of the flash-attn layout are
+fine) and offers
+
+* ``forward(q, k, v, causal, scale) -> (out, lse)``: ``out`` in q's dtype, ``lse`` float32
+  ``(batch, heads, seq_q)``, natural-log log-sum-exp of the scaled scores of each query row;
+* ``backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)``.
+
+``backward`` is called by the ring algorithms with the *final* (merged over all key blocks) ``out`` and
+``lse``, not the ones this block produced. That is exact: ``exp(s - lse_final)`` is the global softmax
+probability of the block's keys, and ``rowsum(dout * out_final)`` is the global softmax Jacobian term.
+
+``causal`` means top-left aligned with ``seq_q == seq_k`` (the ring only ever asks for diagonal blocks).
+k/v may have fewer heads than q (GQA: ``heads % kv_heads == 0``); dk/dv come back with kv heads.
+
+Backends: ``cudnn`` and ``flash`` (PyTorch's fused aten ops, CUDA), ``flash_attn`` (the optional
+flash-attn package), ``math`` (pure torch, any device and dtype; float32 accumulation at least).
+``auto`` picks cudnn on sm90+, flash on other CUDA GPUs, math elsewhere; the environment variable
+``EASY_CONTEXT_ATTN_BACKEND`` overrides ``auto``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, NamedTuple
+
+import torch
+
+BACKENDS = ("auto", "cudnn", "flash", "flash_attn", "math")
+ENV_BACKEND = "EASY_CONTEXT_ATTN_BACKEND"
+
+# Rows of q processed at once by the math kernel: bounds its score matrix to rows x seq_k.
+_MATH_ROW_CHUNK = 2048
+
+
+class Kernel(NamedTuple):
+    name: str
+    forward: Callable
+    backward: Callable
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    # (b, hkv, s, d) -> (b, hkv * n_rep, s, d), each kv head repeated for its query-head group
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def _sum_kv(dx: torch.Tensor, n_rep: int) -> torch.Tensor:
+    # (b, hkv * n_rep, s, d) -> (b, hkv, s, d): gradient of _repeat_kv
+    if n_rep == 1:
+        return dx
+    b, h, s, d = dx.shape
+    return dx.view(b, h // n_rep, n_rep, s, d).sum(2)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- math (pure torch, any device)
+def _math_scores(q, k, scale, causal, row0):
+    # q: (b, h, r, d) rows [row0, row0 + r) of the block; k: (b, h, sk, d) -> scores (b, h, r, sk)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        rows = torch.arange(row0, row0 + q.shape[2], device=q.device).unsqueeze(1)
+        cols = torch.arange(k.shape[2], device=q.device).unsqueeze(0)
+        s = s.masked_fill(cols > rows, float("-inf"))
+    return s
+
+
+def _math_forward(q, k, v, causal, scale):
+    acc = _acc_dtype(q.dtype)
+    n_rep = q.shape[1] // k.shape[1]
+    qa, ka, va = q.to(acc), _repeat_kv(k.to(acc), n_rep), _repeat_kv(v.to(acc), n_rep)
+    outs, lses = [], []
+    for r0 in range(0, q.shape[2], _MATH_ROW_CHUNK):
+        s = _math_scores(qa[:, :, r0:r0 + _MATH_ROW_CHUNK], ka, scale, causal, r0)
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.matmul(torch.exp(s - lse.unsqueeze(-1)), va))
+        lses.append(lse)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2).float() if acc != torch.float64 else torch.cat(lses, 2)
+
+
+def _math_backward(dout, q, k, v, out, lse, causal, scale):
+    acc = _acc_dtype(q.dtype)
+    n_rep = q.shape[1] // k.shape[1]
+    qa, ka, va = q.to(acc), _repeat_kv(k.to(acc), n_rep), _repeat_kv(v.to(acc), n_rep)
+    doa, oa, la = dout.to(acc), out.to(acc), lse.to(acc)
+    dq = torch.empty_like(qa)
+    dk = torch.zeros_like(ka)
+    dv = torch.zeros_like(va)
+    for r0 in range(0, q.shape[2], _MATH_ROW_CHUNK):
+        r1 = r0 + _MATH_ROW_CHUNK
+        p = torch.exp(_math_scores(qa[:, :, r0:r1], ka, scale, causal, r0) - la[:, :, r0:r1].unsqueeze(-1))
+        do = doa[:, :, r0:r1]
+        dv += torch.matmul(p.transpose(-1, -2), do)
+        dp = torch.matmul(do, va.transpose(-1, -2))
+        delta = (do * oa[:, :, r0:r1]).sum(-1, keepdim=True)
+        ds = p * (dp - delta)
+        dq[:, :, r0:r1] = torch.matmul(ds, ka) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), qa[:, :, r0:r1]) * scale
+    return dq.to(q.dtype), _sum_kv(dk, n_rep).to(k.dtype), _sum_kv(dv, n_rep).to(v.dtype)
+
+
+# ---------------------------------------------------------------- cuDNN (aten op, sm80+, best on sm90)
+def _cudnn_forward(q, k, v, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal, False, scale=scale)
+    # lse comes back as (b, h, s, 1); keep the (b, h, s) float32 convention
+    return res[0], res[1].view(q.shape[0], q.shape[1], q.shape[2]).float()
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    ke, ve = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    b, h, sq, _ = q.shape
+    # No dropout: the philox seed/offset are unused placeholders; cum_seq tensors are unused for
+    # dense (non-nested) inputs.
+    empty = torch.empty(0, device=q.device, dtype=torch.int64)
+    lse4 = lse.reshape(b, h, sq, 1).contiguous()
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, ke, ve, out, lse4, empty, empty, None, empty, empty, sq, ke.shape[2], 0.0, causal,
+        scale=scale)
+    return dq, _sum_kv(dk, n_rep), _sum_kv(dv, n_rep)
+
+
+# ---------------------------------------------------------------- torch flash (aten op, sm80+)
+def _flash_forward(q, k, v, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return res[0], res[1].float()
+
+
+def _flash_backward(dout, q, k, v, out, lse, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    ke, ve = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    empty = torch.empty(0, device=q.device, dtype=torch.int64)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout, q, ke, ve, out, lse.contiguous(), empty, empty, q.shape[2], ke.shape[2], 0.0, causal,
+        empty, empty, scale=scale)
+    return dq, _sum_kv(dk, n_rep), _sum_kv(dv, n_rep)
+
+
+# ---------------------------------------------------------------- flash-attn package (optional)
+def _flash_attn_module():
+    try:
+        from flash_attn import flash_attn_interface  # noqa: PLC0415 - optional dependency
+    except ImportError as e:
+        raise ImportError("backend 'flash_attn' needs the flash-attn package: pip install 'easy-context[flash]' "
+                          "(or use backend='cudnn'/'flash', which need only PyTorch)") from e
+    return flash_attn_interface
+
+
+def _flash_attn_forward(q, k, v, causal, scale):
+    fa = _flash_attn_module()
+    # flash-attn wants (b, s, h, d); our (b, h, s, d) views of that layout transpose back for free
+    out, lse, _ = fa.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                      softmax_scale=scale, causal=causal, return_attn_probs=True)
+    return out.transpose(1, 2), lse.float()
+
+
+def _flash_attn_backward(dout, q, k, v, out, lse, causal, scale):
+    fa = _flash_attn_module()
+    t = (lambda x: x.transpose(1, 2))  # noqa: E731
+    dq, dk, dv = (torch.empty_like(t(x)) for x in (q, k, v))
+    # flash-attn >= 2.6 signature (dropout 0, no window, no softcap, no alibi, deterministic off)
+    fa._flash_attn_backward(t(dout), t(q), t(k), t(v), t(out), lse.contiguous(), dq, dk, dv, 0.0, scale,
+                            causal, -1, -1, 0.0, None, False, None)
+    return t(dq), t(dk), t(dv)
+
+
+_KERNELS = {
+    "math": Kernel("math", _math_forward, _math_backward),
+    "cudnn": Kernel("cudnn", _cudnn_forward, _cudnn_backward),
+    "flash": Kernel("flash", _flash_forward, _flash_backward),
+    "flash_attn": Kernel("flash_attn", _flash_attn_forward, _flash_attn_backward),
+}
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Return the concrete backend name for ``backend`` (None/"auto" -> env override or device default)."""
+    if backend in (None, "auto"):
+        backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS} "
+                         f"(argument `backend` or env {ENV_BACKEND})")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "math"
+        return "cudnn" if torch.cuda.get_device_capability(device) >= (9, 0) else "flash"
+    if backend in ("cudnn", "flash", "flash_attn") and device.type != "cuda":
+        raise ValueError(f"attention backend {backend!r} needs CUDA tensors, got device {device}; "
+                         f"use backend='math' (or 'auto') on {device.type}")
+    return backend
+
+
+def get_kernel(backend: str | None, device: torch.device) -> Kernel:
+    """The :class:`Kernel` (name, forward, backward) for ``backend`` on ``device``."""
+    return _KERNELS[resolve_backend(backend, device)]
+
+
+def default_scale(head_dim: int, softmax_scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+
+
+class _LocalAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, kernel):
+        out, lse = kernel.forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.kernel = causal, scale, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.kernel.backward(dout.contiguous().view_as(dout), q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def local_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, *, backend: str | None = None):
+    """Single-device attention with our kernels, flash-attn layout.
+
+    Args:
+        q: ``(batch, seq, heads, head_dim)``; k, v: ``(batch, seq, kv_heads, head_dim)``.
+    Returns:
+        ``(batch, seq, heads, head_dim)``.
+    """
+    check_qkv(q, k, v)
+    kernel = get_kernel(backend, q.device)
+    scale = default_scale(q.shape[-1], softmax_scale)
+    out = _LocalAttn.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale, kernel)
+    return out.transpose(1, 2)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Validate flash-layout q/k/v shapes locally (no communication); raise ValueError naming the fix."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (batch, seq, heads, head_dim); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, seq and head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]}) for GQA")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")

@@ -1,0 +1,42 @@
+"""The one online-softmax merge of partial attention results, in float32.
+
+A partial result over a block of keys is ``(out_i, lse_i)`` with ``out_i`` normalised over that block.
+Over the union of blocks: ``lse = log(sum_i exp(lse_i))`` and ``out = sum_i out_i * exp(lse_i - lse)``.
+The accumulators are updated in place; rows of the accumulator can be addressed with a slice so a block
+that covers only part of the local queries (half of a zigzag shard) merges into those rows.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
+    """Merge a block result into accumulators in place.
+
+    Args:
+        out_acc: float32 (or float64) ``(batch, heads, rows, head_dim)`` accumulator (a view is fine).
+        lse_acc: same dtype ``(batch, heads, rows)``; ``-inf`` where nothing was merged yet.
+        out_blk: ``(batch, heads, rows, head_dim)`` block output, any float dtype.
+        lse_blk: ``(batch, heads, rows)`` block log-sum-exp.
+    """
+    lse_blk = lse_blk.to(lse_acc.dtype)
+    new_lse = torch.logaddexp(lse_acc, lse_blk)
+    # Rows where both are -inf (nothing seen yet anywhere) would give nan; keep them at weight 0.
+    new_safe = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)
+    w_acc = torch.exp(lse_acc - new_safe).unsqueeze(-1)
+    w_blk = torch.exp(lse_blk - new_safe).unsqueeze(-1)
+    out_acc.mul_(w_acc).add_(out_blk.to(out_acc.dtype) * w_blk)
+    lse_acc.copy_(new_lse)
+
+
+def new_accumulators(q: torch.Tensor):
+    """Zeroed ``(out, lse)`` accumulators for queries ``q`` ``(batch, heads, seq, head_dim)``.
+
+    ``out`` is laid out in memory as ``(batch, seq, heads, head_dim)`` (returned as a transposed view), so
+    the final result converts to the flash-attn layout without a copy.
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, h, s, d = q.shape
+    out = torch.zeros(b, s, h, d, dtype=acc, device=q.device).transpose(1, 2)
+    lse = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
+    return out, lse

@@ -1,0 +1,42 @@
+"""USP (unified sequence parallelism): Ulysses inside groups of ``W / ring_degree`` ranks, zigzag ring
+across them.
+
+Group rank ``g * U + u`` (``U`` = Ulysses degree, ``R`` = ring degree) is Ulysses rank ``u`` of ring
+position ``g``. The sequence is cut into ``2R`` zigzag chunks; ring position ``g`` owns chunks ``g`` and
+``2R-1-g`` (concatenated), and Ulysses rank ``u`` holds the ``u``-th of ``U`` contiguous pieces of that
+concatenation (see sharding.py). The Ulysses all-to-all rebuilds ring position g's zigzag shard with
+``heads / U`` heads, the zigzag ring runs over the R positions, and the inverse all-to-all returns the
+output to sequence shards. Causal work is balanced: every ring step costs the same, and the Ulysses
+ranks of one position split the heads evenly.
+"""
+from __future__ import annotations
+
+from .comm import get_usp_groups
+from .kernels import default_scale
+from .ulysses import ulysses_attn_func
+from .zigzag_ring import check_ring_inputs, zigzag_ring_attn_func
+
+
+def usp_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, group=None, *,
+                  ring_degree: int | None = None, backend: str | None = None, check: bool = True):
+    """Exact attention over a USP-sharded sequence (Ulysses x zigzag ring).
+
+    Args:
+        q: ``(batch, local_seqlen, nheads, head_dim)``; k, v: ``(batch, local_seqlen, nheads_kv, head_dim)``.
+        ring_degree: ranks in the ring dimension (must divide the group size; default: see
+            :func:`easy_context.comm.usp_degrees`). The Ulysses degree is ``group size / ring_degree`` and
+            must divide the query heads. Use the same value for sharding (``shard_sequence``).
+        causal, softmax_scale, group, backend, check: as :func:`zigzag_ring_attn_func`.
+    Returns:
+        ``(batch, local_seqlen, nheads, head_dim)``.
+    """
+    if check:  # over the whole group, before the sub-group collectives, so a mismatch fails everywhere
+        check_ring_inputs(q, k, v, causal, group, "usp_attn", zigzag=False)
+    uly_group, ring_group, _, _ = get_usp_groups(group, ring_degree)
+    scale = default_scale(q.shape[-1], softmax_scale)
+
+    def ring(qh, kh, vh):
+        # (b, 2c, h/U, d) zigzag shard of ring position g with this rank's heads
+        return zigzag_ring_attn_func(qh, kh, vh, causal, scale, ring_group, backend=backend, check=False)
+
+    return ulysses_attn_func(q, k, v, causal, scale, uly_group, backend=backend, check=False, _inner=ring)
