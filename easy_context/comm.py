@@ -201,11 +201,15 @@ class RingComm:
         self.group = group
         self.rank, self.world = group_rank_size(group)
 
+    def exchange(self, send: list[torch.Tensor], dst: int | None, recv_like: list[torch.Tensor], src: int | None) -> Pending:
+        """Post sends of ``send`` to group rank ``dst`` and receives shaped like ``recv_like`` from ``src``."""
+        return exchange(send, dst, recv_like, src, self.group)
+
     def shift(self, send: list[torch.Tensor], offset: int = 1, recv_like: list[torch.Tensor] | None = None) -> Pending:
         """Send ``send`` to rank+offset and receive the same shapes (or ``recv_like``) from rank-offset."""
         w = self.world
-        return exchange(send, (self.rank + offset) % w, send if recv_like is None else recv_like,
-                        (self.rank - offset) % w, self.group)
+        return self.exchange(send, (self.rank + offset) % w, send if recv_like is None else recv_like,
+                             (self.rank - offset) % w)
 
 
 # ---------------------------------------------------------------- Ulysses all-to-all

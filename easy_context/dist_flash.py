@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .comm import RingComm, exchange
+from .comm import RingComm
 from .kernels import Kernel, default_scale, get_kernel
 from .merge import merge_into, new_accumulators
 from .zigzag_ring import _t, check_ring_inputs, ring_backward, ring_forward
@@ -45,7 +45,7 @@ def _post(comm: RingComm, t: int, mine_kv, mine_q, like_kv, like_q):
     src = (r - t) % w
     recv_kv = _sends_kv(src, w, t)
     recv = [] if recv_kv is None else (like_kv if recv_kv else like_q)
-    return exchange(send, (r + t) % w if send else None, recv, src if recv else None, comm.group)
+    return comm.exchange(send, (r + t) % w if send else None, recv, src if recv else None)
 
 
 def _forward(comm: RingComm, q, k, v, scale: float, kernel: Kernel, stats: dict | None):
@@ -74,8 +74,8 @@ def _forward(comm: RingComm, q, k, v, scale: float, kernel: Kernel, stats: dict 
             reply = None
         expects = _sends_kv(r, w, t) is False  # we sent our queries: a partial result comes back
         like = [q, lse]  # shapes/dtypes of a partial (out, lse) for our queries
-        results.append(exchange(reply or [], owner_dst if reply else None, like if expects else [],
-                                (r + t) % w if expects else None, comm.group))
+        results.append(comm.exchange(reply or [], owner_dst if reply else None, like if expects else [],
+                                     (r + t) % w if expects else None))
     for res in results:
         got = res.wait()
         if got:
@@ -116,8 +116,8 @@ def _backward(comm: RingComm, dout, q, k, v, out, lse, scale: float, kernel: Ker
             reply = None
         sent_kv = _sends_kv(r, w, t)
         like = [] if sent_kv is None else ([k, v] if sent_kv else [q])
-        results.append(exchange(reply or [], (r - t) % w if reply else None, like,
-                                (r + t) % w if like else None, comm.group))
+        results.append(comm.exchange(reply or [], (r - t) % w if reply else None, like,
+                                     (r + t) % w if like else None))
     for res, t in zip(results, steps):
         got = res.wait()
         if len(got) == 2:

@@ -103,11 +103,25 @@ def _math_backward(dout, q, k, v, out, lse, causal, scale):
 
 
 # ---------------------------------------------------------------- cuDNN (aten op, sm80+, best on sm90)
+# The cuDNN and flash backward ops take the forward's philox seed/offset and cum_seq placeholders. Without dropout and
+# for dense inputs their values are unused, but the op wants tensors of the kind the forward returns, so
+# the last forward's placeholders are kept per device and reused (small, not sized by any input).
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholders(op: str, device):
+    if (op, device) not in _PLACEHOLDERS:
+        empty = torch.empty(0, device=device, dtype=torch.int64)
+        _PLACEHOLDERS[(op, device)] = (empty, empty, empty, empty)
+    return _PLACEHOLDERS[(op, device)]
+
+
 def _cudnn_forward(q, k, v, causal, scale):
     n_rep = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q, k, v, None, True, 0.0, causal, False, scale=scale)
+    _PLACEHOLDERS[("cudnn", q.device)] = (res[6], res[7], res[2], res[3])  # seed, offset, cum_seq_q/k
     # lse comes back as (b, h, s, 1); keep the (b, h, s) float32 convention
     return res[0], res[1].view(q.shape[0], q.shape[1], q.shape[2]).float()
 
@@ -116,12 +130,10 @@ def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
     n_rep = q.shape[1] // k.shape[1]
     ke, ve = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     b, h, sq, _ = q.shape
-    # No dropout: the philox seed/offset are unused placeholders; cum_seq tensors are unused for
-    # dense (non-nested) inputs.
-    empty = torch.empty(0, device=q.device, dtype=torch.int64)
+    seed, offset, cum_q, cum_k = _placeholders("cudnn", q.device)
     lse4 = lse.reshape(b, h, sq, 1).contiguous()
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        dout, q, ke, ve, out, lse4, empty, empty, None, empty, empty, sq, ke.shape[2], 0.0, causal,
+        dout, q, ke, ve, out, lse4, seed, offset, None, cum_q, cum_k, sq, ke.shape[2], 0.0, causal,
         scale=scale)
     return dq, _sum_kv(dk, n_rep), _sum_kv(dv, n_rep)
 
@@ -131,16 +143,17 @@ def _flash_forward(q, k, v, causal, scale):
     n_rep = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    _PLACEHOLDERS[("flash", q.device)] = (res[6], res[7], res[2], res[3])  # seed, offset, cum_seq_q/k
     return res[0], res[1].float()
 
 
 def _flash_backward(dout, q, k, v, out, lse, causal, scale):
     n_rep = q.shape[1] // k.shape[1]
     ke, ve = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
-    empty = torch.empty(0, device=q.device, dtype=torch.int64)
+    seed, offset, cum_q, cum_k = _placeholders("flash", q.device)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        dout, q, ke, ve, out, lse.contiguous(), empty, empty, q.shape[2], ke.shape[2], 0.0, causal,
-        empty, empty, scale=scale)
+        dout, q, ke, ve, out, lse.contiguous(), cum_q, cum_k, q.shape[2], ke.shape[2], 0.0, causal,
+        seed, offset, scale=scale)
     return dq, _sum_kv(dk, n_rep), _sum_kv(dv, n_rep)
 
 

@@ -7,7 +7,36 @@ that covers only part of the local queries (half of a zigzag shard) merges into 
 """
 from __future__ import annotations
 
+import os
+
 import torch
+
+ENV_COMPILE = "EASY_CONTEXT_COMPILE_MERGE"
+
+
+def _merge_eager(out_acc, lse_acc, out_blk, lse_blk):
+    lse_blk = lse_blk.to(lse_acc.dtype)
+    new_lse = torch.logaddexp(lse_acc, lse_blk)
+    # Rows where both are -inf (nothing seen yet anywhere) would give nan; keep them at weight 0.
+    new_safe = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)
+    w_acc = torch.exp(lse_acc - new_safe).unsqueeze(-1)
+    w_blk = torch.exp(lse_blk - new_safe).unsqueeze(-1)
+    out_acc.mul_(w_acc).add_(out_blk.to(out_acc.dtype) * w_blk)
+    lse_acc.copy_(new_lse)
+
+
+_compiled = None
+
+
+def _merge_fn(device: torch.device):
+    """Eager merge on CPU; on CUDA one fused torch.compile'd kernel (~5x less time than eager, which costs
+    ~6% of a ring step), unless ``EASY_CONTEXT_COMPILE_MERGE=0``."""
+    global _compiled
+    if device.type != "cuda" or os.environ.get(ENV_COMPILE, "1") == "0":
+        return _merge_eager
+    if _compiled is None:
+        _compiled = torch.compile(_merge_eager, dynamic=True)
+    return _compiled
 
 
 def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
@@ -19,14 +48,7 @@ def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tens
         out_blk: ``(batch, heads, rows, head_dim)`` block output, any float dtype.
         lse_blk: ``(batch, heads, rows)`` block log-sum-exp.
     """
-    lse_blk = lse_blk.to(lse_acc.dtype)
-    new_lse = torch.logaddexp(lse_acc, lse_blk)
-    # Rows where both are -inf (nothing seen yet anywhere) would give nan; keep them at weight 0.
-    new_safe = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)
-    w_acc = torch.exp(lse_acc - new_safe).unsqueeze(-1)
-    w_blk = torch.exp(lse_blk - new_safe).unsqueeze(-1)
-    out_acc.mul_(w_acc).add_(out_blk.to(out_acc.dtype) * w_blk)
-    lse_acc.copy_(new_lse)
+    _merge_fn(out_acc.device)(out_acc, lse_acc, out_blk, lse_blk)
 
 
 def new_accumulators(q: torch.Tensor):
