@@ -83,10 +83,14 @@ def _unshard(algo, parts, world):
 def simulate(algo: str, q, k, v, dout, world: int, kernel, scale: float, causal: bool = True):
     """Run ``algo`` (zigzag_ring_attn or dist_flash_attn) on ``world`` simulated ranks; return full
     ``(out, dq, dk, dv)`` in the original order (flash layout)."""
+    if not causal:  # non-causal attention uses the plain ring in every algorithm
+        algo_sched = "zigzag_ring_attn"
+    else:
+        algo_sched = algo
     fwd, bwd = {"zigzag_ring_attn": (zigzag_ring.ring_forward, zigzag_ring.ring_backward),
                 "dist_flash_attn": (lambda c, q, k, v, causal, s, kern: dist_flash._forward(c, q, k, v, s, kern, None),
                                     lambda c, do, q, k, v, o, l, causal, s, kern:
-                                    dist_flash._backward(c, do, q, k, v, o, l, s, kern, None))}[algo]
+                                    dist_flash._backward(c, do, q, k, v, o, l, s, kern, None))}[algo_sched]
     shards = [[shard_sequence(algo, x, r, world) for x in (q, k, v, dout)] for r in range(world)]
 
     def fwd_rank(comm):

@@ -10,9 +10,10 @@ same step ``t`` (``1 <= t <= W/2``):
   idle; it receives the queries of rank ``r+W-t`` and sends back the partial ``(out, lse)``.
 
 So in step ``t`` every rank sends one thing to ``(r+t) mod W`` (K/V if ``r+t < W`` else its queries) and
-gets results back from there, and every rank computes exactly one block (only the ranks ``>= W/2`` in
-the last step when W is even). Per rank: ``1 + floor((W-1)/2) + [W even]`` blocks, at most
-``ceil((W+1)/2) + 1``. The next step's exchange is posted before the current block is computed.
+gets results back from there, and every rank computes exactly one block. In the middle step of an even
+W (``2t == W``) each pair is split in halves of query rows between its two ranks. Every rank does the
+same work, ``W/2`` full blocks (the causal diagonal counts half), in ``1 + floor((W-1)/2) + [W even]``
+kernel calls, at most ``ceil((W+1)/2) + 1``. The next step's exchange is posted before the current block is computed.
 Backward follows the same schedule, sending dK/dV (or dQ) back to the owner.
 Non-causal attention has no imbalance and uses the plain ring (zigzag_ring.ring_forward/backward).
 """
@@ -30,101 +31,112 @@ def _steps(world: int):
     return range(1, world // 2 + 1)
 
 
-def _sends_kv(rank: int, world: int, t: int) -> bool:
-    """In step t, does ``rank`` send its K/V (True) or its queries (False)? (None: nothing.)"""
-    if rank + t < world:
-        return True
-    return None if 2 * t == world else False
+def _rows(local_len: int, world: int, t: int, rank: int):
+    """``(travelling_rows, own_rows)`` of ``rank`` in step t.
+
+    ``travelling_rows``: query rows sent to the helper at rank+t (None: it sends its K/V instead).
+    ``own_rows``: rows it computes itself against the K/V of rank-t (None: rank < t, nothing own).
+    In the middle step (2t == W) each pair is split: the query owner does the first half of its rows,
+    the otherwise idle K/V owner the second half.
+    """
+    mid = 2 * t == world
+    half = local_len // 2
+    travelling = None if rank + t < world else (slice(half, local_len) if mid else slice(0, local_len))
+    own = None if rank < t else (slice(0, half) if mid else slice(0, local_len))
+    return travelling, own
 
 
-def _post(comm: RingComm, t: int, mine_kv, mine_q, like_kv, like_q):
-    """Post step t's exchange: send to rank+t (K/V or queries), receive from rank-t (K/V or queries)."""
+def _post(comm: RingComm, t: int, mine_kv, mine_q, n: int):
+    """Post step t's exchange: every rank sends to rank+t (its K/V, or the travelling rows of ``mine_q``)
+    and receives the same kind of thing from rank-t."""
     r, w = comm.rank, comm.world
-    sends_kv = _sends_kv(r, w, t)
-    send = [] if sends_kv is None else (mine_kv if sends_kv else mine_q)
+    send_rows, _ = _rows(n, w, t, r)
+    send = mine_kv if send_rows is None else [x[:, send_rows] for x in mine_q]
     src = (r - t) % w
-    recv_kv = _sends_kv(src, w, t)
-    recv = [] if recv_kv is None else (like_kv if recv_kv else like_q)
-    return comm.exchange(send, (r + t) % w if send else None, recv, src if recv else None)
+    recv_rows, _ = _rows(n, w, t, src)
+    recv = mine_kv if recv_rows is None else [x[:, recv_rows] for x in mine_q]
+    return comm.exchange(send, (r + t) % w, recv, src)
 
 
 def _forward(comm: RingComm, q, k, v, scale: float, kernel: Kernel, stats: dict | None):
-    r, w = comm.rank, comm.world
+    r, w, n = comm.rank, comm.world, q.shape[1]
     out, lse = new_accumulators(_t(q))
     o, l = kernel.forward(_t(q), _t(k), _t(v), True, scale)
     merge_into(out, lse, o, l)
-    blocks, results = 1, []
+    blocks, work, results = 1, 0.5, []  # work: in full chunk x chunk blocks (the causal diagonal is half)
     steps = list(_steps(w))
-    pending = _post(comm, steps[0], [k, v], [q], [k, v], [q]) if steps else None
+    lse_bs = lse.transpose(1, 2)  # (b, s, h) view so rows slice on dim 1 like the flash-layout tensors
+    pending = _post(comm, steps[0], [k, v], [q], n) if steps else None
     for i, t in enumerate(steps):
         got = pending.wait()
         if i + 1 < len(steps):
-            pending = _post(comm, steps[i + 1], [k, v], [q], [k, v], [q])
-        owner_dst = (r - t) % w  # whose queries we may have received
-        if r >= t:  # own queries against K/V of rank r-t
-            o, l = kernel.forward(_t(q), _t(got[0]), _t(got[1]), False, scale)
-            merge_into(out, lse, o, l)
-            blocks += 1
-            reply = None
-        elif 2 * t != w:  # help: queries of rank r+W-t against own K/V, send the partial back
+            pending = _post(comm, steps[i + 1], [k, v], [q], n)
+        sent_rows, own_rows = _rows(n, w, t, r)
+        reply = []
+        if own_rows is not None:  # own query rows against the K/V of rank r-t
+            o, l = kernel.forward(_t(q)[:, :, own_rows], _t(got[0]), _t(got[1]), False, scale)
+            merge_into(out[:, :, own_rows], lse[:, :, own_rows], o, l)
+            blocks, work = blocks + 1, work + (own_rows.stop - own_rows.start) / n
+        if _rows(n, w, t, (r - t) % w)[0] is not None:  # help: rows of rank r-t+W against own K/V
             o, l = kernel.forward(_t(got[0]), _t(k), _t(v), False, scale)
-            blocks += 1
-            reply = [o.transpose(1, 2), l]
-        else:
-            reply = None
-        expects = _sends_kv(r, w, t) is False  # we sent our queries: a partial result comes back
-        like = [q, lse]  # shapes/dtypes of a partial (out, lse) for our queries
-        results.append(comm.exchange(reply or [], owner_dst if reply else None, like if expects else [],
-                                     (r + t) % w if expects else None))
-    for res in results:
+            reply = [o.transpose(1, 2), l.transpose(1, 2)]
+            blocks, work = blocks + 1, work + got[0].shape[1] / n
+        like = [] if sent_rows is None else [q[:, sent_rows], lse_bs[:, sent_rows]]
+        results.append((sent_rows, comm.exchange(reply, (r - t) % w if reply else None, like,
+                                                 (r + t) % w if like else None)))
+    for rows, res in results:
         got = res.wait()
-        if got:
-            merge_into(out, lse, _t(got[0]), got[1])
+        if got:  # partial (out, lse) for our travelling rows
+            merge_into(out[:, :, rows], lse[:, :, rows], _t(got[0]), got[1].transpose(1, 2))
     if stats is not None:
-        stats["forward_blocks"] = blocks
+        stats["forward_blocks"], stats["forward_work"] = blocks, work
     return out, lse
 
 
 def _backward(comm: RingComm, dout, q, k, v, out, lse, scale: float, kernel: Kernel, stats: dict | None):
-    r, w = comm.rank, comm.world
+    r, w, n = comm.rank, comm.world, q.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
     g = kernel.backward(_t(dout), _t(q), _t(k), _t(v), _t(out), lse, True, scale)
     for acc_t, g_t in zip((dq, dk, dv), g):
         _t(acc_t).add_(g_t)
     blocks, results = 1, []
-    mine_q = [q, dout, out, lse]
+    lse_bs = lse.transpose(1, 2)  # (b, s, h) view: rows on dim 1
+    mine_q = [q, dout, out, lse_bs]
     steps = list(_steps(w))
-    pending = _post(comm, steps[0], [k, v], mine_q, [k, v], mine_q) if steps else None
+    pending = _post(comm, steps[0], [k, v], mine_q, n) if steps else None
     for i, t in enumerate(steps):
         got = pending.wait()
         if i + 1 < len(steps):
-            pending = _post(comm, steps[i + 1], [k, v], mine_q, [k, v], mine_q)
-        if r >= t:  # own queries vs K/V of rank r-t: keep dQ, send dK/dV to the K/V owner
-            g = kernel.backward(_t(dout), _t(q), _t(got[0]), _t(got[1]), _t(out), lse, False, scale)
-            _t(dq).add_(g[0])
-            reply = [g[1].transpose(1, 2), g[2].transpose(1, 2)]
+            pending = _post(comm, steps[i + 1], [k, v], mine_q, n)
+        sent_rows, own_rows = _rows(n, w, t, r)
+        reply_kv, reply_q = [], []
+        if own_rows is not None:  # own rows vs K/V of rank r-t: keep dQ, send dK/dV to the K/V owner
+            g = kernel.backward(_t(dout)[:, :, own_rows], _t(q)[:, :, own_rows], _t(got[0]), _t(got[1]),
+                                _t(out)[:, :, own_rows], lse[:, :, own_rows], False, scale)
+            _t(dq)[:, :, own_rows] += g[0]
+            reply_kv = [g[1].transpose(1, 2), g[2].transpose(1, 2)]
             blocks += 1
-        elif 2 * t != w:  # helped with queries of rank r+W-t: keep dK/dV, send dQ back
+        if _rows(n, w, t, (r - t) % w)[0] is not None:  # helped rank r-t+W: keep dK/dV, send dQ back
             rq, rdo, rout, rlse = got
-            g = kernel.backward(_t(rdo), _t(rq), _t(k), _t(v), _t(rout), rlse, False, scale)
+            g = kernel.backward(_t(rdo), _t(rq), _t(k), _t(v), _t(rout), rlse.transpose(1, 2).contiguous(),
+                                False, scale)
             _t(dk).add_(g[1])
             _t(dv).add_(g[2])
-            reply = [g[0].transpose(1, 2)]
+            reply_q = [g[0].transpose(1, 2)]
             blocks += 1
-        else:
-            reply = None
-        sent_kv = _sends_kv(r, w, t)
-        like = [] if sent_kv is None else ([k, v] if sent_kv else [q])
-        results.append(comm.exchange(reply or [], (r - t) % w if reply else None, like,
-                                     (r + t) % w if like else None))
-    for res, t in zip(results, steps):
+        # replies go back to rank r-t (the K/V owner gets dK/dV, the query owner dQ); the same rank can
+        # get both only when it is both, which the schedule never makes it in one step
+        reply = reply_kv or reply_q
+        like = [k, v] if sent_rows is None else [q[:, sent_rows]]
+        results.append((sent_rows, comm.exchange(reply, (r - t) % w if reply else None, like, (r + t) % w)))
+    for rows, res in results:
         got = res.wait()
-        if len(got) == 2:
+        if rows is None:
             dk.add_(got[0])
             dv.add_(got[1])
-        elif len(got) == 1:
-            dq.add_(got[0])
+        else:
+            dq[:, rows] += got[0]
     if stats is not None:
         stats["backward_blocks"] = blocks
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -154,7 +166,8 @@ class _DistFlashAttn(torch.autograd.Function):
 
 
 def max_blocks_per_rank(world_size: int) -> int:
-    """Block computations of the busiest rank in one causal pass of this schedule."""
+    """Kernel calls of the busiest rank in one causal pass of this schedule (the middle step of an even
+    W is two half blocks per rank, counted as a call each)."""
     return 1 + (world_size - 1) // 2 + (1 if world_size % 2 == 0 else 0)
 
 
@@ -166,8 +179,9 @@ def dist_flash_attn_func(q, k, v, causal: bool = True, softmax_scale: float | No
         q: ``(batch, local_seqlen, nheads, head_dim)``: rank r's contiguous chunk r of W.
         k, v: ``(batch, local_seqlen, nheads_kv, head_dim)``.
         causal, softmax_scale, group, backend, check: as :func:`zigzag_ring_attn_func`.
-        stats: optional dict; receives ``forward_blocks`` / ``backward_blocks``, the number of block
-            computations this rank did (at most :func:`max_blocks_per_rank` when causal).
+        stats: optional dict; receives ``forward_blocks`` / ``backward_blocks``, the kernel calls this rank
+            made (at most :func:`max_blocks_per_rank` when causal), and ``forward_work``, its work in units
+            of one full chunk-by-chunk block (``W / 2`` on every rank: perfectly balanced).
     Returns:
         ``(batch, local_seqlen, nheads, head_dim)``.
     """

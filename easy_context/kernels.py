@@ -116,11 +116,23 @@ def _placeholders(op: str, device):
     return _PLACEHOLDERS[(op, device)]
 
 
+# Whether the cuDNN ops take fewer kv heads directly (GQA without copying K/V). The forward was seen to
+# on cuDNN 9.19; the backward is tried once per process and falls back to repeated heads if refused.
+_CUDNN_NATIVE_GQA = {"forward": True, "backward": True}
+
+
 def _cudnn_forward(q, k, v, causal, scale):
     n_rep = q.shape[1] // k.shape[1]
-    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, k, v, None, True, 0.0, causal, False, scale=scale)
+    if n_rep > 1 and not _CUDNN_NATIVE_GQA["forward"]:
+        k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    try:
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale)
+    except RuntimeError:
+        if n_rep == 1 or not _CUDNN_NATIVE_GQA["forward"]:
+            raise
+        _CUDNN_NATIVE_GQA["forward"] = False
+        return _cudnn_forward(q, k, v, causal, scale)
     _PLACEHOLDERS[("cudnn", q.device)] = (res[6], res[7], res[2], res[3])  # seed, offset, cum_seq_q/k
     # lse comes back as (b, h, s, 1); keep the (b, h, s) float32 convention
     return res[0], res[1].view(q.shape[0], q.shape[1], q.shape[2]).float()
@@ -128,14 +140,23 @@ def _cudnn_forward(q, k, v, causal, scale):
 
 def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
     n_rep = q.shape[1] // k.shape[1]
-    ke, ve = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    native = n_rep == 1 or _CUDNN_NATIVE_GQA["backward"]
+    ke, ve = (k, v) if native else (_repeat_kv(k, n_rep), _repeat_kv(v, n_rep))
     b, h, sq, _ = q.shape
     seed, offset, cum_q, cum_k = _placeholders("cudnn", q.device)
     lse4 = lse.reshape(b, h, sq, 1).contiguous()
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        dout, q, ke, ve, out, lse4, seed, offset, None, cum_q, cum_k, sq, ke.shape[2], 0.0, causal,
-        scale=scale)
-    return dq, _sum_kv(dk, n_rep), _sum_kv(dv, n_rep)
+    try:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, ke, ve, out, lse4, seed, offset, None, cum_q, cum_k, sq, ke.shape[2], 0.0, causal,
+            scale=scale)
+    except RuntimeError:
+        if n_rep == 1 or not native:
+            raise
+        _CUDNN_NATIVE_GQA["backward"] = False
+        return _cudnn_backward(dout, q, k, v, out, lse, causal, scale)
+    if native and n_rep > 1 and dk.shape[1] != k.shape[1]:  # returned per query head: sum the groups
+        dk, dv = _sum_kv(dk, n_rep), _sum_kv(dv, n_rep)
+    return dq, (dk if native else _sum_kv(dk, n_rep)), (dv if native else _sum_kv(dv, n_rep))
 
 
 # ---------------------------------------------------------------- torch flash (aten op, sm80+)

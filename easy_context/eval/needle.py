@@ -1,0 +1,335 @@
+"""Needle-in-a-haystack evaluation with a sequence-parallel forward (the logic behind ``eval_needle.py``).
+
+A prompt is ``prefix + haystack (with needle and distractors spliced in at sentence boundaries) + question``,
+exactly ``context_length`` tokens, followed by the answer tokens. Accuracy is teacher-forced, as in the seed: one
+forward of prompt + answer, and a sample is correct when the argmax predictions at the positions before each
+answer token equal the answer tokens. Each rank computes logits only at the answer positions it holds
+(``logits_to_keep``) and the predictions are combined with one all-reduce of ``len(answer)`` ids: no full logits
+are ever materialised or gathered.
+
+Any tokenizer works: sentence boundaries are found from decoded text, and the answer tokens are whatever the
+tokenizer produces for the number when it follows the question (so a tokenizer that makes the space before a
+number its own token, as llama-3's does, gets that token in the answer instead of a mis-tokenized prompt).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+NEEDLE_FORMAT = "\nThe special magic {city} number is: {number}.\n"
+PREFIX = "This is a very long story book: <book>"
+QUESTION_FORMAT = ("</book>.\n Based on the content of the book, Question: What is the special magic {city} number? "
+                   "Answer: The special magic {city} number is:")
+DISTRACTOR_CITIES = ("New York", "London", "Paris", "Tokyo", "Beijing", "Berlin")
+_TERMINATORS = ".!?"
+_CLOSERS = "\"')]’”»"
+RESULT_COLUMNS = ["context_length", "depth_percent", "score", "correct", "num_samples"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class NeedleConfig:
+    """The grid and the needles (the seed's flags). Context length = prompt tokens, prefix and question included."""
+
+    min_context_length: int = 1000
+    max_context_length: int = 100000
+    context_interval: int = 1000
+    depth_interval: float = 0.1
+    num_samples: int = 10
+    rnd_number_digits: int = 7
+    num_distractor: int = 0
+    city: str = "Singapore"
+    seed: int = 24242424
+
+    def __post_init__(self):
+        if not 0 < self.min_context_length <= self.max_context_length or self.context_interval < 1:
+            raise ValueError("need 0 < --min_context_length <= --max_context_length and --context_interval >= 1")
+        if not 0 < self.depth_interval <= 1:
+            raise ValueError(f"--depth_interval must be in (0, 1], got {self.depth_interval}")
+        if self.num_samples < 1 or self.rnd_number_digits < 1 or self.num_distractor < 0:
+            raise ValueError("need --num_samples >= 1, --rnd_number_digits >= 1, --num_distractor >= 0")
+
+    @property
+    def context_lengths(self) -> list[int]:
+        return list(range(self.min_context_length, self.max_context_length + 1, self.context_interval))
+
+    @property
+    def depths(self) -> list[float]:
+        steps = int(1 / self.depth_interval + 1e-9)
+        return [round(k * self.depth_interval, 6) for k in range(steps + 1)]
+
+    def needles(self, sample: int) -> tuple[int, list[tuple[str, int]]]:
+        """``(number, [(distractor city, number), ...])`` of sample ``sample``: the same in every cell."""
+        rng = random.Random(f"{self.seed}-needle-{sample}")
+        low, high = 10 ** (self.rnd_number_digits - 1), 10 ** self.rnd_number_digits - 1
+        cities = [c for c in DISTRACTOR_CITIES if c != self.city]
+        return rng.randint(low, high), [(cities[i % len(cities)], rng.randint(low, high))
+                                        for i in range(self.num_distractor)]
+
+
+class SentenceBoundaries:
+    """Where text can be spliced into a token sequence: after a sentence, found from decoded text.
+
+    Position ``i`` (insert before ``ids[i]``) is a boundary when ``ids[i-1]`` decodes to text ending in ``.``, ``!``
+    or ``?`` (optionally followed by closing quotes) and whitespace follows it, either inside that token (``".\\n"``)
+    or at the start of ``ids[i]`` (``" The"``, or SentencePiece's ``"▁The"``, which only shows its space when
+    decoded after another token: hence the pair decode). No token id is hard-coded.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._pieces: dict[int, str] = {}
+
+    def _piece(self, token_id: int) -> str:
+        if token_id not in self._pieces:
+            self._pieces[token_id] = self.tokenizer.decode([token_id])
+        return self._pieces[token_id]
+
+    def is_boundary(self, ids: list[int], i: int) -> bool:
+        """Whether text can go before ``ids[i]`` (``i == len(ids)``: after a final complete sentence)."""
+        if not 0 <= i <= len(ids):
+            return False
+        if i == 0:
+            return True
+        piece = self._piece(ids[i - 1])
+        stripped = piece.rstrip()
+        if not stripped.rstrip(_CLOSERS).endswith(tuple(_TERMINATORS)):
+            return False
+        if len(stripped) < len(piece) or i == len(ids):
+            return True
+        pair = self.tokenizer.decode([ids[i - 1], ids[i]])
+        return pair.startswith(piece) and pair[len(piece):len(piece) + 1].isspace()
+
+    def nearest_boundary(self, ids: list[int], start: int) -> int:
+        """The first boundary at or after ``start``; if there is none (the haystack ends mid-sentence), the last
+        one before it."""
+        start = min(max(start, 0), len(ids))
+        for i in range(start, len(ids) + 1):
+            if self.is_boundary(ids, i):
+                return i
+        return next((i for i in range(start - 1, 0, -1) if self.is_boundary(ids, i)), 0)
+
+
+def split_answer(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """``(question ids, answer ids)`` whose concatenation is the tokenizer's encoding of ``question + " " + answer``.
+
+    Encoding the answer on its own would tokenize it as the start of a text (SentencePiece adds a ``▁``; byte-level
+    BPE drops the space that in context may be its own token). The split point is where the encoding of the
+    question alone stops agreeing with the joint encoding.
+    """
+    q = tokenizer(question, add_special_tokens=False)["input_ids"]
+    full = tokenizer(question + " " + answer, add_special_tokens=False)["input_ids"]
+    k = 0
+    while k < min(len(q), len(full)) and q[k] == full[k]:
+        k += 1
+    return full[:k], full[k:]
+
+
+def _prefix_ids(tokenizer) -> list[int]:
+    """The prefix with the tokenizer's leading special tokens (BOS), without trailing ones (EOS)."""
+    bare = tokenizer(PREFIX, add_special_tokens=False)["input_ids"]
+    full = tokenizer(PREFIX)["input_ids"]
+    for k in range(len(full) - len(bare) + 1):
+        if full[k:k + len(bare)] == bare:
+            return full[:k + len(bare)]
+    return bare
+
+
+@dataclass
+class NeedlePrompt:
+    """One sample's tokens. ``input_ids`` = prompt (``context_length`` tokens) + answer."""
+
+    input_ids: list[int]
+    answer_start: int                      # index of the first answer token in input_ids
+    answer_ids: list[int]
+    number: int
+    needle_span: tuple[int, int]           # [start, end) of the needle in input_ids
+    distractor_spans: list[tuple[int, int]] = field(default_factory=list)
+    needle_depth: float = 0.0              # where the needle landed, as a fraction of the haystack
+
+
+def build_prompt(tokenizer, haystack_ids: list[int], *, context_length: int, depth: float, number: int,
+                 distractors: list[tuple[str, int]] = (), distractor_depths: list[float] = (),
+                 city: str = "Singapore", boundaries: SentenceBoundaries | None = None) -> NeedlePrompt:
+    """Splice the needle (at ``depth``) and distractors (at ``distractor_depths``) into the haystack.
+
+    The haystack is cut so that the whole prompt has exactly ``context_length`` tokens; each insertion point is
+    the first sentence boundary at or after ``depth * len(haystack)`` (depth 0 = the start; 1 = the end, or the last
+    sentence end when the cut haystack ends mid-sentence).
+    Raises:
+        ValueError: ``context_length`` leaves no room for haystack, the haystack is too short, or a depth is
+            outside [0, 1].
+    """
+    boundaries = boundaries or SentenceBoundaries(tokenizer)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prefix = _prefix_ids(tokenizer)
+    question, answer = split_answer(tokenizer, QUESTION_FORMAT.format(city=city), str(number))
+    if len(distractors) != len(distractor_depths) or not all(0 <= d <= 1 for d in (depth, *distractor_depths)):
+        raise ValueError("need one depth in [0, 1] per distractor, and a needle depth in [0, 1]")
+    # (depth, tokens): the needle first, then the distractors
+    inserts = [(depth, encode(NEEDLE_FORMAT.format(city=city, number=number)))]
+    inserts += [(d, encode(NEEDLE_FORMAT.format(city=c, number=n))) for (c, n), d in zip(distractors, distractor_depths)]
+    room = context_length - len(prefix) - len(question) - sum(len(ids) for _, ids in inserts)
+    if room < 1:
+        raise ValueError(f"context length {context_length} leaves no room for haystack (prefix, question, needle and "
+                         f"distractors take {context_length - room} tokens); raise --min_context_length")
+    if len(haystack_ids) < room:
+        raise ValueError(f"haystack has {len(haystack_ids)} tokens, {room} needed")
+    hay = haystack_ids[:room]
+    # insertion points in the original haystack, spliced in order (ties: needle first)
+    points = sorted((boundaries.nearest_boundary(hay, int(len(hay) * d)), k) for k, (d, _) in enumerate(inserts))
+    ids, spans, prev = list(prefix), {}, 0
+    for pos, k in points:
+        ids += hay[prev:pos]
+        spans[k] = (len(ids), len(ids) + len(inserts[k][1]))
+        ids += inserts[k][1]
+        prev = pos
+    ids += hay[prev:]
+    answer_start = len(ids) + len(question)
+    needle_pos = next(pos for pos, k in points if k == 0)
+    return NeedlePrompt(input_ids=ids + question + answer, answer_start=answer_start, answer_ids=answer,
+                        number=number, needle_span=spans[0],
+                        distractor_spans=[spans[k] for k in range(1, len(inserts))],
+                        needle_depth=needle_pos / len(hay))
+
+
+def answer_predictions(model, input_ids: torch.Tensor, answer_start: int, num_answer: int, *, seq_algo: str,
+                       device) -> torch.Tensor:
+    """Argmax predictions for the ``num_answer`` answer tokens (at positions ``answer_start - 1 ...``).
+
+    Collective over the world for the sequence-parallel modes (every rank passes the same ``input_ids``
+    ``(1, seq)``); ``data_parallel`` runs the whole sequence locally.
+    Returns:
+        ``(num_answer,)`` int64 on ``device``, the same on every rank.
+    """
+    from ..api import prepare_seq_parallel_inputs
+    from .common import all_reduce_, rank_world
+
+    import torch.distributed as dist
+
+    rank, world = rank_world()
+    p = prepare_seq_parallel_inputs(seq_algo, input_ids, None, None, rank, world, device)
+    pos = p["local_position_ids"][0]  # global positions of this rank's tokens (padding continues past the end)
+    first = answer_start - 1
+    keep = ((pos >= first) & (pos < first + num_answer)).nonzero().squeeze(1)
+    with torch.inference_mode():
+        logits = model(p["local_input_ids"], position_ids=p["local_position_ids"], use_cache=False,
+                       logits_to_keep=keep).logits  # (1, len(keep), vocab): only the answer positions held here
+    preds = torch.full((num_answer,), -1, dtype=torch.long, device=device)
+    preds[pos[keep] - first] = logits[0].argmax(-1)
+    if seq_algo != "data_parallel":
+        all_reduce_(preds, dist.ReduceOp.MAX)  # each answer position is held by exactly one rank; others say -1
+    return preds
+
+
+def _read_results(path: str) -> list[dict]:
+    import pandas as pd
+
+    if not os.path.exists(path):
+        return []
+    return pd.read_csv(path).to_dict("records")
+
+
+def evaluate_needle(model, tokenizer, config: NeedleConfig, *, seq_algo: str, output_dir: str, device="cpu",
+                    haystack_dir: str | None = None, model_name: str = "model", progress: bool = True) -> dict:
+    """Run the grid, appending one row per cell to ``output_dir/results.csv``; cells already there are skipped.
+
+    Collective: every rank calls it. In the sequence-parallel modes all ranks run every sample together; in
+    ``data_parallel`` sample ``s`` runs on rank ``s % world`` and the counts are summed.
+    Writes (rank 0): ``results.csv`` (``context_length, depth_percent, score, correct, num_samples``),
+    ``results.json`` (config, cells, average accuracy) and ``heatmap.png``.
+    Returns:
+        ``{"average_accuracy": float, "cells": [row, ...]}``.
+    """
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from .common import all_reduce_, rank_world
+    from .haystack import load_haystack
+
+    rank, world = rank_world()
+    csv_path = os.path.join(output_dir, "results.csv")
+    done = _read_results(csv_path) if rank == 0 else None
+    if world > 1:  # rank 0's view of the file decides, so ranks never disagree on which cells to run
+        box = [done]
+        dist.broadcast_object_list(box, src=0)
+        done = box[0]
+    stale = [r for r in done if int(r["num_samples"]) != config.num_samples]
+    if stale:
+        raise ValueError(f"{csv_path} holds cells with num_samples={stale[0]['num_samples']}, not "
+                         f"{config.num_samples}; use another --output_dir or delete the file")
+    finished = {(int(r["context_length"]), int(r["depth_percent"])) for r in done}
+    cells = [(n, d) for n in config.context_lengths for d in config.depths if (n, round(d * 100)) not in finished]
+
+    haystack = load_haystack(tokenizer, config.max_context_length, haystack_dir=haystack_dir, seed=config.seed) \
+        if cells else []
+    boundaries = SentenceBoundaries(tokenizer)
+    needles = [config.needles(s) for s in range(config.num_samples)]
+    if rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+    for length, depth in tqdm(cells, desc="needle cells", disable=not progress or rank != 0):
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        for s, (number, distractors) in enumerate(needles):
+            if seq_algo == "data_parallel" and s % world != rank:
+                continue
+            rng = random.Random(f"{config.seed}-{length}-{depth}-{s}")
+            prompt = build_prompt(tokenizer, haystack, context_length=length, depth=depth, number=number,
+                                  distractors=distractors, distractor_depths=[rng.random() for _ in distractors],
+                                  city=config.city, boundaries=boundaries)
+            preds = answer_predictions(model, torch.tensor([prompt.input_ids]), prompt.answer_start,
+                                       len(prompt.answer_ids), seq_algo=seq_algo, device=device)
+            correct += int(bool((preds.cpu() == torch.tensor(prompt.answer_ids)).all()))
+        if seq_algo == "data_parallel":
+            all_reduce_(correct)
+        row = {"context_length": length, "depth_percent": round(depth * 100), "score": correct.item() /
+               config.num_samples, "correct": correct.item(), "num_samples": config.num_samples}
+        done.append(row)
+        if rank == 0:  # append as we go: an interrupted run resumes after the last finished cell
+            header = not os.path.exists(csv_path)
+            with open(csv_path, "a", encoding="utf-8") as f:
+                if header:
+                    f.write(",".join(RESULT_COLUMNS) + "\n")
+                f.write(",".join(str(row[c]) for c in RESULT_COLUMNS) + "\n")
+    wanted = {(n, round(d * 100)) for n in config.context_lengths for d in config.depths}
+    rows = [r for r in done if (int(r["context_length"]), int(r["depth_percent"])) in wanted]
+    average = sum(float(r["score"]) for r in rows) / max(len(rows), 1)
+    if rank == 0:
+        with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
+            json.dump({"model": model_name, "parallel_mode": seq_algo, "config": asdict(config),
+                       "average_accuracy": average, "cells": rows}, f, indent=1)
+        plot_heatmap(rows, os.path.join(output_dir, "heatmap.png"), title=f"{model_name}: average accuracy "
+                     f"{average:.3f}")
+    return {"average_accuracy": average, "cells": rows}
+
+
+def plot_heatmap(rows: list[dict], path: str, *, title: str | None = None) -> None:
+    """The seed's heatmap: depth (rows) x context length (columns), red -> yellow -> green score scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+    from matplotlib.colors import LinearSegmentedColormap
+
+    table = pd.DataFrame(rows).pivot_table(index="depth_percent", columns="context_length", values="score",
+                                           aggfunc="mean")
+    cmap = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * table.shape[1] + 3), max(3.5, 0.35 * table.shape[0] + 1.5)))
+    sns.heatmap(table, vmin=0, vmax=1, cmap=cmap, cbar_kws={"label": "Score"}, ax=ax)
+    ax.set_xlabel("Token Limit")
+    ax.set_ylabel("Depth Percent")
+    if title:
+        ax.set_title(title)
+    plt.setp(ax.get_xticklabels(), rotation=45)
+    plt.setp(ax.get_yticklabels(), rotation=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+__all__ = ["NeedleConfig", "NeedlePrompt", "SentenceBoundaries", "build_prompt", "split_answer",
+           "answer_predictions", "evaluate_needle", "plot_heatmap", "NEEDLE_FORMAT", "QUESTION_FORMAT", "PREFIX"]

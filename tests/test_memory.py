@@ -1,0 +1,281 @@
+"""easy_context/memory.py: offloaded checkpointing, attention-preserving checkpointing and tiled MLP on tiny fp32 HF
+decoders, each against the plain model with gradient checkpointing off (loss and every parameter gradient), plus a
+measurable effect per feature; one 2-rank run composes all three with zigzag_ring_attn.
+"""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from _dist import run_distributed
+from easy_context.memory import (Checkpointer, apply_unsloth_offloaded_gradient_checkpoint_monkey_patch,
+                                 enable_attention_preserving_checkpointing, enable_offloaded_checkpointing,
+                                 enable_tiled_mlp)
+
+# fp32. Checkpointing and offload replay the identical ops on identical inputs (bitwise equal on CPU); the
+# preserved attention differentiates the very graph of the first forward; tiled MLP changes the matmul shapes
+# and sums parameter gradients over tiles, i.e. re-associates fp32 sums (~1e-7 relative, measured <1e-6 after
+# 2 layers and backward). 1e-5 relative to each tensor's largest magnitude leaves margin; a dropped tile, a
+# missing gradient or a stale attention output is off by >1e-2.
+RTOL = 1e-5
+# Under sequence parallelism the ring merges and per-rank loss/gradient sums re-associate more (see test_hf.py).
+SP_RTOL = 1e-4
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=4096)
+SEQ = 40
+
+
+def _configs():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    return {
+        "llama": LlamaConfig(**SMALL),
+        "mistral": MistralConfig(**SMALL),
+        "qwen2": Qwen2Config(**SMALL),
+        "qwen3": Qwen3Config(head_dim=16, **SMALL),
+    }
+
+
+def _model(cfg=None, attn="sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg or _configs()["llama"], attn_implementation=attn).float()
+    return model.train()
+
+
+def _batch(seq=SEQ):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, seq), generator=g)
+    tgt = torch.randint(0, SMALL["vocab_size"], (2, seq), generator=g)
+    return ids, tgt
+
+
+def _run(model, ids, tgt):
+    """Loss and parameter gradients of one forward/backward."""
+    logits = model(ids).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _close(actual, expected, what, rtol=RTOL):
+    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item() + 1e-12
+    assert err <= rtol * scale, f"{what}: max abs err {err:.3g} vs scale {scale:.3g}"
+
+
+def _assert_same(result, reference, what):
+    _close(result[0], reference[0], f"{what} loss")
+    assert result[1].keys() == reference[1].keys()
+    for name, grad in reference[1].items():
+        _close(result[1][name], grad, f"{what} grad {name}")
+
+
+def _layers(model):
+    return model.model.layers
+
+
+class _CountingAttention:
+    """An attention implementation that counts its calls and delegates to sdpa (registered under a test name)."""
+
+    name = "ec_test_counting"
+
+    def __init__(self):
+        self.calls = 0
+
+    def register(self):
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return sdpa_attention_forward(*args, **kwargs)
+
+        AttentionInterface.register(self.name, counting)
+        AttentionMaskInterface.register(self.name, sdpa_mask)
+        return self
+
+
+def test_offloaded_checkpointing_exact_and_offloads_layer_inputs():
+    ids, tgt = _batch()
+    base = _model()
+    reference = _run(copy.deepcopy(base), ids, tgt)
+    model = copy.deepcopy(base)
+    ckpt = enable_offloaded_checkpointing(model)
+    assert all(layer.gradient_checkpointing and layer._gradient_checkpointing_func is ckpt for layer in _layers(model))
+    _assert_same(_run(model, ids, tgt), reference, "offload")
+    # exactly one tensor per layer went through the offload hook: the layer's input hidden state
+    n_layers, hidden = SMALL["num_hidden_layers"], SMALL["hidden_size"]
+    assert ckpt.offloaded_tensors == n_layers
+    assert ckpt.offloaded_bytes == n_layers * ids.numel() * hidden * 4
+
+
+def test_unsloth_global_patch(monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", modeling_utils.checkpoint)  # restored after the test
+    ids, tgt = _batch()
+    base = _model()
+    reference = _run(copy.deepcopy(base), ids, tgt)
+    apply_unsloth_offloaded_gradient_checkpoint_monkey_patch()
+    apply_unsloth_offloaded_gradient_checkpoint_monkey_patch()  # idempotent
+    ckpt = modeling_utils.checkpoint
+    assert isinstance(ckpt, Checkpointer) and ckpt.offload
+    model = copy.deepcopy(base)
+    model.activation_checkpointing_enable()
+    _assert_same(_run(model, ids, tgt), reference, "global offload patch")
+    assert ckpt.offloaded_tensors == SMALL["num_hidden_layers"]
+
+
+def test_attention_preserving_exact_and_skips_attention_in_recompute():
+    counter = _CountingAttention().register()
+    ids, tgt = _batch()
+    base = _model(attn=counter.name)
+    n_layers = SMALL["num_hidden_layers"]
+
+    def forward_backward_calls(model):
+        counter.calls = 0
+        logits = model(ids).logits
+        forward_calls = counter.calls
+        loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
+        loss.backward()
+        return (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}), forward_calls, \
+            counter.calls - forward_calls
+
+    reference, fwd, bwd = forward_backward_calls(copy.deepcopy(base))
+    assert (fwd, bwd) == (n_layers, 0)
+
+    plain_ckpt = copy.deepcopy(base)
+    plain_ckpt.activation_checkpointing_enable()
+    result, fwd, bwd = forward_backward_calls(plain_ckpt)
+    _assert_same(result, reference, "plain checkpointing")
+    assert (fwd, bwd) == (n_layers, n_layers)  # the recompute runs every layer's attention again
+
+    model = copy.deepcopy(base)
+    ckpt = enable_attention_preserving_checkpointing(model)
+    assert ckpt.preserve_attention and model.config._attn_implementation == f"{counter.name}_attn_preserving"
+    result, fwd, bwd = forward_backward_calls(model)
+    _assert_same(result, reference, "attention-preserving checkpointing")
+    assert (fwd, bwd) == (n_layers, 0)
+
+    # a second step on the same model, and eval/no_grad (no checkpointing: plain delegation)
+    model.zero_grad()
+    result, fwd, bwd = forward_backward_calls(model)
+    _assert_same(result, reference, "attention-preserving checkpointing, second step")
+    with torch.no_grad():
+        _close(model.eval()(ids).logits, base.eval()(ids).logits, "eval logits")
+
+
+def test_attention_preserving_eager_and_double_backward_error():
+    ids, tgt = _batch()
+    base = _model(attn="eager")
+    reference = _run(copy.deepcopy(base), ids, tgt)
+    model = copy.deepcopy(base)
+    enable_attention_preserving_checkpointing(model)
+    assert model.config._attn_implementation == "eager_attn_preserving"
+    _assert_same(_run(model, ids, tgt), reference, "attention-preserving (eager)")
+    loss = F.cross_entropy(model(ids).logits.flatten(0, 1), tgt.flatten())
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+def test_tiled_mlp_exact_and_tiles():
+    ids, tgt = _batch()
+    base = _model()
+    reference = _run(copy.deepcopy(base), ids, tgt)
+    n_layers = SMALL["num_hidden_layers"]
+    for checkpointing in (False, True):
+        model = copy.deepcopy(base)
+        assert enable_tiled_mlp(model, tile_size=16) == n_layers
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        rows = []
+        hooks = [layer.mlp.act_fn.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[-2]))
+                 for layer in _layers(model)]
+        _assert_same(_run(model, ids, tgt), reference, f"tiled MLP (checkpointing={checkpointing})")
+        for h in hooks:
+            h.remove()
+        # 40 tokens in tiles of 16: 16, 16, 8; the (seq, intermediate) activation never exists for all 40 tokens.
+        # Forward once, backward recompute once, and with checkpointing the layer recompute once more.
+        passes = 3 if checkpointing else 2
+        assert max(rows) == 16 and rows.count(8) == passes * n_layers and len(rows) == 3 * passes * n_layers
+    # num_tiles and the default (tiles of hidden_size tokens: one tile here, the MLP runs untouched)
+    model = copy.deepcopy(base)
+    enable_tiled_mlp(model, num_tiles=3)
+    _assert_same(_run(model, ids, tgt), reference, "tiled MLP num_tiles=3")
+    model = copy.deepcopy(base)
+    enable_tiled_mlp(model)
+    _assert_same(_run(model, ids, tgt), reference, "tiled MLP default")
+    with pytest.raises(ValueError, match="not both"):
+        enable_tiled_mlp(model, tile_size=4, num_tiles=2)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_all_features_together(model_type):
+    ids, tgt = _batch()
+    base = _model(_configs()[model_type])
+    reference = _run(copy.deepcopy(base), ids, tgt)
+    model = copy.deepcopy(base)
+    enable_tiled_mlp(model, tile_size=12)
+    enable_offloaded_checkpointing(model)
+    ckpt = enable_attention_preserving_checkpointing(model)
+    assert ckpt.offload and ckpt.preserve_attention  # the second call keeps the first one's feature
+    _assert_same(_run(model, ids, tgt), reference, f"{model_type} offload + preserving + tiled MLP")
+    assert ckpt.offloaded_tensors == SMALL["num_hidden_layers"]
+
+
+def _zigzag_worker(rank, world):
+    from easy_context.api import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
+    from easy_context.loss import sharded_cross_entropy
+
+    ids, tgt = _batch(seq=48)
+    base = _model()
+    reference = _run(copy.deepcopy(base), ids, tgt)
+    counts = {}
+    for features in ("none", "all"):
+        model = copy.deepcopy(base)
+        name = apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
+        if features == "all":
+            enable_tiled_mlp(model, tile_size=8)
+            enable_offloaded_checkpointing(model)
+            enable_attention_preserving_checkpointing(model)
+            assert model.config._attn_implementation == f"{name}_attn_preserving"
+        else:
+            model.activation_checkpointing_enable()
+        p = prepare_seq_parallel_inputs("zigzag_ring_attn", ids, None, tgt, rank, world, "cpu")
+        calls = []
+        from easy_context import zigzag_ring
+        original = zigzag_ring.ring_forward
+
+        def counting_ring_forward(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        zigzag_ring.ring_forward = counting_ring_forward
+        try:
+            hidden = model.model(p["local_input_ids"], position_ids=p["local_position_ids"]).last_hidden_state
+            out = sharded_cross_entropy(hidden, model.lm_head.weight, p["local_target_ids"], chunk_size=40)
+            forward_calls = len(calls)
+            out.loss.backward()
+        finally:
+            zigzag_ring.ring_forward = original
+        counts[features] = (forward_calls, len(calls) - forward_calls)
+        _close(out.global_loss, reference[0], f"zigzag {features} loss", SP_RTOL)
+        for n, param in model.named_parameters():
+            grad = param.grad.clone()
+            dist.all_reduce(grad)
+            _close(grad / world, reference[1][n], f"zigzag {features} grad {n}", SP_RTOL)
+    return counts
+
+
+def test_all_features_with_zigzag_ring_attn():
+    n_layers = SMALL["num_hidden_layers"]
+    for counts in run_distributed(_zigzag_worker, 2, timeout=180):
+        assert counts["none"] == (n_layers, n_layers)  # plain checkpointing re-runs the ring forward
+        assert counts["all"] == (n_layers, 0)

@@ -1,0 +1,215 @@
+"""train.py / easy_context/training.py: every parallel mode trains to the same loss curve as one process, resume
+reproduces the uninterrupted curve, the saved model reloads with the same logits, and a real `accelerate launch`.
+
+Process starts dominate on a 2-core box: one 1-rank and one 2-rank gloo group run all in-process trainings (the
+training loop is `training.main(argv)`, exactly what train.py calls), plus one `accelerate launch` subprocess.
+"""
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _dist import run_distributed
+from easy_context import training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SP_ALGOS = ("zigzag_ring_attn", "dist_flash_attn", "ulysses_attn", "usp_attn")
+STEPS, GA, SEQ = 3, 2, 64
+
+# fp32 everywhere. The modes differ only in summation order: ring/online-softmax merges, per-rank partial CE sums,
+# gradient all-reduces (~1e-7 relative per op, ~1e-6 after two layers and backward, as in test_hf). Adam at
+# lr 3e-3 over 3 steps turns gradient differences into weight differences of ~lr * (relative grad error) and
+# the loss moves by less than 1e-5 relative (measured: <3e-6). 1e-4 keeps a wide margin, while a mis-scaled loss
+# or gradient (e.g. a missing factor of the world size, or SP ranks seeing different data) changes the step-2
+# loss by >1e-2.
+RTOL = 1e-4
+
+
+def _argv(out, mode, *extra, steps=STEPS, batch=1):
+    return ["--parallel_mode", mode, "--model_config", "tiny-llama", "--init_random", "--dataset", "synthetic",
+            "--seq-length", str(SEQ), "--max-train-steps", str(steps), "--batch-size", str(batch),
+            "--gradient-accumulate-every", str(GA), "--learning-rate", "3e-3", "--seed", "7", "--attn-backend", "math",
+            "--report-to", "none", "--output-dir", str(out), *extra]
+
+
+def _train(argv):
+    """Run train.py's loop in this process; reset accelerate's process-wide singletons so runs are independent."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return training.main(argv)
+
+
+def _accelerate_env(rank, world):
+    # the gloo group exists already (run_distributed); accelerate adopts it when the env describes it
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
+
+
+def _losses(result):
+    return [result["losses"][s] for s in sorted(result["losses"])]
+
+
+def _one_rank_worker(rank, world, root):
+    _accelerate_env(rank, world)
+    return {
+        "batch1": _losses(_train(_argv(f"{root}/w1_b1", "data_parallel"))),
+        "batch2": _losses(_train(_argv(f"{root}/w1_b2", "data_parallel", batch=2))),
+    }
+
+
+def _two_rank_worker(rank, world, root):
+    _accelerate_env(rank, world)
+    out = {}
+    for algo in SP_ALGOS:
+        out[algo] = _losses(_train(_argv(f"{root}/{algo}", algo, "--no-save-model")))
+    out["usp_attn ring_degree=1"] = _losses(_train(_argv(f"{root}/usp_r1", "usp_attn", "--ring-degree", "1",
+                                                         "--no-save-model")))
+    out["data_parallel"] = _losses(_train(_argv(f"{root}/dp", "data_parallel", "--no-save-model")))
+    out["zigzag sp_size=1"] = _losses(_train(_argv(f"{root}/sp1", "zigzag_ring_attn", "--sp-size", "1",
+                                                   "--no-save-model")))
+
+    # resume: an uninterrupted 4-step run vs. a run "killed" after its step-2 checkpoint, then resumed
+    full = _train(_argv(f"{root}/full", "zigzag_ring_attn", "--checkpointing-steps", "2", steps=4))
+    killed = _train(_argv(f"{root}/killed", "zigzag_ring_attn", "--checkpointing-steps", "2",
+                          "--stop-after-steps", "2", steps=4))
+    resumed = _train(_argv(f"{root}/killed", "zigzag_ring_attn", "--checkpointing-steps", "2",
+                           "--resume-from-checkpoint", "latest", steps=4))
+    out["full"], out["killed"], out["resumed"] = full["losses"], killed["losses"], resumed["losses"]
+    out["killed_saved_model"] = os.path.exists(f"{root}/killed/config.json") and not killed["losses"].get(4)
+    with open(f"{root}/killed/{training.LOG_FILE}") as f:
+        out["resumed_log"] = [json.loads(line)["loss"] for line in f]
+
+    # the saved model (rank 0 wrote it) reloads with plain sdpa attention and gives the trained model's logits
+    torch.distributed.barrier()
+    from transformers import AutoModelForCausalLM
+
+    trained = copy.deepcopy(full["model"])
+    trained.set_attn_implementation("sdpa")
+    reloaded = AutoModelForCausalLM.from_pretrained(f"{root}/full")
+    ids = torch.randint(0, trained.config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out["logits_diff"] = (trained(ids).logits - reloaded(ids).logits).abs().max().item()
+    out["reloaded_attn"] = reloaded.config._attn_implementation
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    one = run_distributed(_one_rank_worker, 1, str(root), timeout=200)[0]
+    two = run_distributed(_two_rank_worker, 2, str(root), timeout=300)
+    return one, two
+
+
+def _close(actual, expected, what):
+    a, e = torch.tensor(actual, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64)
+    assert a.shape == e.shape, f"{what}: {len(actual)} steps vs {len(expected)}"
+    err = ((a - e).abs() / e.abs()).max().item()
+    assert err <= RTOL, f"{what}: losses {actual} vs {expected} (max rel err {err:.2e})"
+
+
+def test_loss_falls(runs):
+    one, _ = runs
+    ref = one["batch1"]
+    assert len(ref) == STEPS and ref[-1] < ref[0] - 0.05, ref
+
+
+@pytest.mark.parametrize("mode", [*SP_ALGOS, "usp_attn ring_degree=1"])
+def test_sequence_parallel_modes_match_one_process(runs, mode):
+    one, two = runs
+    assert two[0][mode] == two[1][mode]  # the logged global loss is the same number on every rank
+    _close(two[0][mode], one["batch1"], mode)
+
+
+@pytest.mark.parametrize("mode", ["data_parallel", "zigzag sp_size=1"])
+def test_data_parallel_replicas_match_one_process_with_both_batches(runs, mode):
+    # 2 replicas x 1 sequence see rows (2i, 2i+1) of the same permutation as 1 process with batch 2
+    one, two = runs
+    _close(two[0][mode], one["batch2"], mode)
+
+
+def test_resume_reproduces_the_uninterrupted_run(runs):
+    _, two = runs
+    full, killed, resumed = two[0]["full"], two[0]["killed"], two[0]["resumed"]
+    assert sorted(killed) == [1, 2] and sorted(resumed) == [3, 4]
+    assert not two[0]["killed_saved_model"]
+    # same process count, same order of operations: the resumed curve is the uninterrupted one (tiny slack for
+    # reloaded optimizer state round-trips, which are exact in practice)
+    _close([killed[1], killed[2], resumed[3], resumed[4]], [full[s] for s in (1, 2, 3, 4)], "resumed run")
+    _close(two[0]["resumed_log"], [full[s] for s in (1, 2, 3, 4)], "train_log.jsonl of the resumed run")
+
+
+def test_saved_model_reloads_with_same_logits(runs):
+    _, two = runs
+    assert two[0]["reloaded_attn"] == "sdpa"
+    assert two[0]["logits_diff"] <= 1e-5, two[0]["logits_diff"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_launch_two_processes(runs, tmp_path):
+    """The real CLI: `accelerate launch --config_file accelerate_configs/cpu_2proc.yaml train.py ...`."""
+    one, _ = runs
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(ROOT, "accelerate_configs", "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
+           os.path.join(ROOT, "train.py"), *_argv(out, "ulysses_attn")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / training.LOG_FILE) as f:
+        log = [json.loads(line) for line in f]
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1))  # written once (main process), every step
+    _close([r["loss"] for r in log], one["batch1"], "accelerate launch ulysses_attn")
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- no processes
+
+
+def test_validation_names_the_flag():
+    parse = training.build_parser().parse_args
+    with pytest.raises(ValueError, match="--init_random"):
+        training.validate_args(parse(["--model_config", "tiny-llama", "--output-dir", "x"]), 1)
+    with pytest.raises(ValueError, match="--sp-size"):
+        training.validate_args(parse(["--model_config", "tiny-llama", "--init_random", "--sp-size", "3",
+                                      "--output-dir", "x"]), 4)
+    with pytest.raises(ValueError, match="--ring-degree"):
+        training.validate_args(parse(["--model_config", "tiny-llama", "--init_random", "--ring-degree", "2",
+                                      "--output-dir", "x"]), 4)
+
+
+def test_rope_theta_and_builtin_config():
+    args = training.build_parser().parse_args(["--model_config", "tiny-llama", "--init_random", "--rope-theta",
+                                               "5e6", "--seq-length", "8192", "--output-dir", "x"])
+    config = training.load_config(args)
+    assert config.rope_parameters["rope_theta"] == 5e6 and config.max_position_embeddings == 8192
+
+
+def test_accelerate_and_deepspeed_configs():
+    """The shipped configs parse; the ZeRO-3 JSON leaves lr/schedule to the flags (no hidden values)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg_dir = os.path.join(ROOT, "accelerate_configs")
+    for name in os.listdir(cfg_dir):
+        if name.endswith(".yaml"):
+            load_config_from_file(os.path.join(cfg_dir, name))
+    with open(os.path.join(cfg_dir, "zero3_offload.json")) as f:
+        ds = json.load(f)
+    assert "scheduler" not in ds and ds["optimizer"]["params"]["lr"] == "auto"
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    training._fill_auto(ds, {"optimizer.params.betas": [0.9, 0.95], "train_micro_batch_size_per_gpu": 1})
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95] and ds["train_micro_batch_size_per_gpu"] == 1
