@@ -193,14 +193,42 @@ class _PreservedEntry:
     def __init__(self):
         self.inputs: tuple | None = None  # detached q, k, v (leaves of the kept graph)
         self.out: torch.Tensor | None = None  # the attention output, root of the kept graph
+        self.recomputed: tuple | None = None  # q, k, v of the recompute, standing in for the kept graph's
         self.requires_grad = False
 
     def release(self):
-        self.inputs = self.out = None
+        self.inputs = self.out = self.recomputed = None
 
 
-def _identity(x):
-    return x
+class _Slot:
+    """A saved tensor of the kept graph that is (a view of) q, k or v: not kept, since the recompute produces
+    the same values again; rebuilt from the recomputed tensor with the same layout when backward needs it."""
+
+    __slots__ = ("index", "size", "stride", "offset")
+
+    def __init__(self, index, t):
+        self.index, self.size, self.stride, self.offset = index, t.size(), t.stride(), t.storage_offset()
+
+
+def _light_hooks(entry: _PreservedEntry):
+    """Saved-tensor hooks for the first forward: keep everything (shadowing the checkpoint's hooks, which would
+    drop it) except q, k, v themselves, which the recompute provides again. So a layer keeps its attention
+    output and lse, not its q/k/v: about ``seq x hidden`` instead of ``(2 + 2 kv/heads) x seq x hidden``."""
+    ptrs = [(t.untyped_storage().data_ptr(), t.device, t.dtype) for t in entry.inputs]
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.device, t.dtype)
+        return _Slot(ptrs.index(key), t) if key in ptrs else t
+
+    def unpack(x):
+        if not isinstance(x, _Slot):
+            return x
+        if entry.recomputed is None:
+            raise RuntimeError("attention-preserving checkpointing: backward reached a kept attention before its "
+                               "layer was recomputed (is the layer checkpointed with the installed Checkpointer?)")
+        return entry.recomputed[x.index].as_strided(x.size, x.stride, x.offset)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 class _PreservedAttention(torch.autograd.Function):
@@ -213,10 +241,12 @@ class _PreservedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, entry, call, query, key, value):
         detached = tuple(t.detach().requires_grad_(t.requires_grad) for t in (query, key, value))
-        # identity hooks shadow the checkpoint's: the attention's saved tensors are kept, not dropped for recompute
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+        entry.inputs = detached
+        # our hooks shadow the checkpoint's: the attention's saved tensors are kept (q/k/v: re-provided by the
+        # recompute), not dropped for recompute
+        with torch.enable_grad(), _light_hooks(entry):
             out, _ = call(*detached)
-        entry.inputs, entry.out = detached, out
+        entry.out = out
         entry.requires_grad = any(t.requires_grad for t in detached)
         ctx.entry = entry
         return out.detach()
@@ -274,7 +304,9 @@ def make_preserving_attention(inner_name: str):
                 raise RuntimeError(f"checkpoint recompute: attention inputs {tuple(query.shape)} do not match the "
                                    f"forward's output {tuple(entry.out.shape)}")
             # The recompute's graph is thrown away; only what later ops save matters, and they save the same
-            # tensors when this output requires grad exactly as the forward's did.
+            # tensors when this output requires grad exactly as the forward's did. Its q/k/v stand in for the
+            # ones the kept graph did not keep.
+            entry.recomputed = (query.detach(), key.detach(), value.detach())
             return entry.out.detach().requires_grad_(entry.requires_grad), None
         entry = _PreservedEntry()
         frame.entries.append(entry)
@@ -395,10 +427,13 @@ class _TiledMLP(torch.autograd.Function):
                     grads = grads[1:]
                 for j, g in enumerate(grads):
                     if g is not None:
+                        # sum tiles in float32: bf16 sums over many tiles lose ~1e-2 relative accuracy
+                        g = g.float() if g.dtype in (torch.bfloat16, torch.float16) else g
                         dparams[j] = g if dparams[j] is None else dparams[j].add_(g)
             offset += n
         if zero3:
             return (None, None, dx, *[None] * len(ctx.params))
+        dparams = [g.to(p.dtype) if g is not None else None for g, p in zip(dparams, params)]
         it = iter(dparams)
         return (None, None, dx, *[next(it) if p.requires_grad else None for p in ctx.params])
 

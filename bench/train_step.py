@@ -1,0 +1,138 @@
+"""One Llama-2-7B training step (random init, bf16, fwd+bwd, no optimizer step) on one GPU:
+the stock Hugging Face path vs easy_context, in the same run on the same model.
+
+    PYTHONUNBUFFERED=1 python bench/train_step.py --plan "stock:16384,65536,131072 ec:16384,65536,131072 ..."
+
+Modes (features add up left to right):
+  stock      sdpa attention, gradient checkpointing, the model's own loss (full logits)
+  ec         easy_context attention (cuDNN, W=1 through the registered attention), chunked loss, tiled MLP
+  ec_keep    ec + attention-preserving checkpointing (no attention forward in the recompute)
+  ec_off     ec + layer inputs offloaded to pinned host memory
+  ec_keep_off  ec_keep + offload
+Model FLOPs = 6*N*T + 3.5 * L * 2*T^2*d (causal attention fwd+bwd), recompute not counted; MFU against
+989 TFLOP/s (H100/H200 dense bf16). Prints one JSON line per run; writes $OUT/train_step.json.
+"""
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM
+
+PEAK = 989e12
+
+
+DEV = "cuda"
+
+
+def build(layers, tiny=False):
+    dims = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4) if tiny else \
+        dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+    cfg = LlamaConfig(num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=1 << 21, rope_theta=1e6, **dims)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.config.use_cache = False
+    return model
+
+
+def configure(model, mode):
+    from easy_context import apply_seq_parallel_monkey_patch
+    from easy_context.memory import (enable_attention_preserving_checkpointing, enable_offloaded_checkpointing,
+                                     enable_tiled_mlp)
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode == "stock":
+        return
+    apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
+    enable_tiled_mlp(model)
+    if "keep" in mode:
+        enable_attention_preserving_checkpointing(model)
+    if "off" in mode:
+        enable_offloaded_checkpointing(model)
+
+
+def step(model, mode, seq):
+    ids = torch.randint(0, 32000, (1, seq), device=DEV)
+    if mode == "stock":
+        loss = model(input_ids=ids, labels=ids).loss
+    else:
+        from easy_context.loss import sharded_cross_entropy
+
+        pos = torch.arange(seq, device=DEV).unsqueeze(0)
+        hidden = model.model(input_ids=ids, position_ids=pos).last_hidden_state
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+        loss = sharded_cross_entropy(hidden, model.lm_head.weight, targets).loss
+    loss.backward()
+    return loss.item()
+
+
+def measure(model, mode, seq, n_params, layers):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    reps = 2 if seq <= 32768 else 1
+    try:
+        if seq <= 32768:
+            step(model, mode, seq)  # warm-up (kernel plans, compile)
+            model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        t = time.time()
+        for _ in range(reps):
+            loss = step(model, mode, seq)
+            model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        dt = (time.time() - t) / reps
+        flops = 6 * n_params * seq + 3.5 * layers * 2 * seq * seq * 4096
+        return dict(mode=mode, S=seq, layers=layers, s_per_step=round(dt, 2), tok_per_s=round(seq / dt),
+                    TFLOPs=round(flops / dt / 1e12, 1), MFU=round(flops / dt / PEAK, 3), loss=round(loss, 3),
+                    peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 1))
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        return dict(mode=mode, S=seq, layers=layers, oom=True, peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 1))
+    except Exception as e:  # noqa: BLE001 - record and go on with the next run
+        model.zero_grad(set_to_none=True)
+        return dict(mode=mode, S=seq, layers=layers, error=repr(e)[:300])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--plan", default="stock:16384,65536,131072 ec:16384,65536,131072 ec_keep_off:16384,65536,131072")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU/gloo: checks the script only")
+    a = p.parse_args()
+    global DEV
+    if a.cpu_smoke:
+        DEV = "cpu"
+        torch.cuda.synchronize = lambda: None
+        torch.cuda.max_memory_allocated = lambda: 0
+        torch.cuda.reset_peak_memory_stats = torch.cuda.empty_cache = lambda: None
+    with tempfile.TemporaryDirectory() as tmp:  # a world of one rank: the registered attention needs a group
+        dist.init_process_group("gloo" if a.cpu_smoke else "nccl", init_method=f"file://{tmp}/rdzv", rank=0, world_size=1)
+        rows = []
+        for item in a.plan.split():
+            mode, lens = item.split(":")
+            model = build(a.layers, a.cpu_smoke)
+            n_params = sum(p.numel() for p in model.parameters())
+            configure(model, mode)
+            for seq in map(int, lens.split(",")):
+                r = measure(model, mode, seq, n_params, a.layers)
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+                if r.get("oom") or r.get("error"):
+                    break
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "train_step.json"), "w") as f:
+                json.dump(rows, f, indent=1)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
