@@ -69,6 +69,7 @@ def main():
     p.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--gqa-kv", type=int, default=8, help="kv heads of the extra GQA shape (at the middle length)")
+    p.add_argument("--algos", nargs="+", default=["zigzag_ring_attn", "dist_flash_attn", "usp_attn"])
     a = p.parse_args()
     dev = torch.device("cuda")
     d, rows = 128, []
@@ -89,7 +90,7 @@ def main():
             print(rows[-1], flush=True)
         kern = get_kernel("cudnn", dev)
         for w in a.worlds:
-            for algo in ("zigzag_ring_attn", "dist_flash_attn", "usp_attn"):
+            for algo in a.algos:
                 if algo == "usp_attn":
                     ring, uly = 2, w // 2  # default mesh: Ulysses w/2 inside, ring of 2 across
                     if h % uly or (hkv % uly and uly % hkv):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 
 import torch
 
@@ -148,7 +149,7 @@ def prepare_corpus(input_path: str, tokenizer_path: str, seq_length: int, output
     Raises:
         ValueError: missing text column; BOS/EOS asked for but the tokenizer has none; nothing left to pack.
     """
-    from datasets import Dataset, load_dataset
+    from datasets import Dataset, load_dataset, load_from_disk
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -173,14 +174,21 @@ def prepare_corpus(input_path: str, tokenizer_path: str, seq_length: int, output
 
     tokens = raw.map(tokenize, batched=True, remove_columns=raw.column_names, num_proc=num_proc or None)
 
+    frame = (bos is not None) + (eos is not None)
+    total = 0
+    for batch in tokens.iter(batch_size=1000):  # stops as soon as one chunk is certain
+        total += sum(len(t) + frame for t in batch["tokens"])
+        if total >= seq_length:
+            break
+    if total < seq_length:
+        raise ValueError(f"the corpus has {total} tokens, fewer than seq_length={seq_length}: nothing to pack")
+
     def chunks():
         yield from pack_documents((row["tokens"] for row in tokens), seq_length, bos_id=bos, eos_id=eos)
 
-    packed = Dataset.from_generator(chunks)
-    if len(packed) == 0:
-        raise ValueError(f"the corpus has fewer than seq_length={seq_length} tokens: nothing to pack")
-    packed.save_to_disk(output_dir)
-    return packed
+    with tempfile.TemporaryDirectory() as cache:  # from_generator's arrow cache: not left in ~/.cache
+        Dataset.from_generator(chunks, cache_dir=cache).save_to_disk(output_dir)
+    return load_from_disk(output_dir)
 
 
 def main(argv=None):

@@ -94,10 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--stop-after-steps", type=int, default=None,
       help="exit after this optimizer step without saving the model, as if the job were killed (tests resume)")
     a("--gradient-checkpointing", action="store_true")
-    a("--offload-checkpointing", action="store_true", help="checkpointed activations offloaded to CPU (memory.py)")
-    a("--tiled-mlp", action="store_true", help="MLP computed in sequence tiles (memory.py)")
-    a("--tiled-mlp-tile-size", type=int, default=None)
-    a("--attn-preserving-checkpointing", action="store_true", help="keep attention outputs through recompute")
+    a("--offload-checkpointing", action="store_true",
+      help="gradient checkpointing with the layer inputs kept in host memory (easy_context.memory)")
+    a("--attn-preserving-checkpointing", action="store_true",
+      help="gradient checkpointing whose recompute reuses the attention output (easy_context.memory)")
+    a("--tiled-mlp", action="store_true", help="MLP computed in sequence tiles (easy_context.memory)")
+    a("--tiled-mlp-tile-size", type=int, default=None, help="tokens per MLP tile (default: hidden_size)")
     a("--no-save-model", dest="save_model", action="store_false", help="skip the final save_pretrained")
     return p
 
@@ -181,6 +183,11 @@ class CausalLMWithShardedLoss(nn.Module):
         self.loss_group = loss_group
         self.chunk_size = chunk_size
 
+    @property
+    def config(self):
+        """The causal LM's config (accelerate sizes DeepSpeed's "auto" buckets from ``config.hidden_size``)."""
+        return self.model.config
+
     def register_for_zero3(self) -> None:
         """Make ZeRO-3 gather the LM head weight for this module's forward (it is read outside ``lm_head``)."""
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
@@ -200,23 +207,23 @@ class CausalLMWithShardedLoss(nn.Module):
 
 
 def apply_memory_features(args, model) -> None:
-    """--offload-checkpointing / --tiled-mlp / --attn-preserving-checkpointing / --gradient-checkpointing."""
-    wanted = args.offload_checkpointing or args.tiled_mlp or args.attn_preserving_checkpointing
-    if wanted:
-        try:
-            from . import memory
-        except ImportError as err:
-            raise ImportError("--offload-checkpointing/--tiled-mlp/--attn-preserving-checkpointing need "
-                              "easy_context.memory, which this installation lacks") from err
-        if args.offload_checkpointing:
-            memory.apply_unsloth_offloaded_gradient_checkpoint_monkey_patch()
-        if args.tiled_mlp:
-            opts = {} if args.tiled_mlp_tile_size is None else {"tile_size": args.tiled_mlp_tile_size}
-            memory.enable_tiled_mlp(model, **opts)
-        if args.attn_preserving_checkpointing:
-            memory.enable_attention_preserving_checkpointing(model)
-    if args.gradient_checkpointing or args.offload_checkpointing:
+    """--gradient-checkpointing, then easy_context.memory's --offload-checkpointing / --attn-preserving-checkpointing
+    (each installs its checkpoint function, turning checkpointing on) and --tiled-mlp. After the SP patch."""
+    if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not (args.offload_checkpointing or args.tiled_mlp or args.attn_preserving_checkpointing):
+        return
+    try:
+        from . import memory
+    except ImportError as err:
+        raise ImportError("--offload-checkpointing/--tiled-mlp/--attn-preserving-checkpointing need "
+                          "easy_context.memory, which this installation lacks") from err
+    if args.offload_checkpointing:
+        memory.enable_offloaded_checkpointing(model)  # per model: the seed's global monkey patch is not needed
+    if args.attn_preserving_checkpointing:
+        memory.enable_attention_preserving_checkpointing(model)  # wraps the (SP) attention chosen above
+    if args.tiled_mlp:
+        memory.enable_tiled_mlp(model, tile_size=args.tiled_mlp_tile_size)
 
 
 def _make_scheduler(args):
@@ -236,6 +243,12 @@ def _fill_auto(config: dict, values: dict) -> None:
             node = node.get(key, {})
         if node.get(leaf) == "auto":
             node[leaf] = value
+
+
+def _world_size(accelerator) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else accelerator.num_processes
 
 
 def prepare_optimization(args, accelerator, wrapper):
@@ -267,6 +280,9 @@ def prepare_optimization(args, accelerator, wrapper):
                                                                 "betas": "auto", "eps": "auto"}})
     _fill_auto(config, {"optimizer.params.betas": list(args.adam_betas), "optimizer.params.eps": args.adam_eps,
                         "train_micro_batch_size_per_gpu": args.batch_size,
+                        # DeepSpeed counts every rank as a data-parallel one (it knows nothing of our SP groups)
+                        "train_batch_size": args.batch_size * args.gradient_accumulate_every * _world_size(accelerator),
+                        "gradient_accumulation_steps": args.gradient_accumulate_every,
                         "gradient_clipping": args.max_grad_norm})
     if config.get("zero_optimization", {}).get("stage") == 3:
         wrapper.register_for_zero3()
@@ -330,7 +346,7 @@ def train(args) -> dict:
     from .api import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
 
     accelerator = Accelerator(
-        cpu=args.cpu or not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
+        cpu=args.cpu or (not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true"), mixed_precision=args.mixed_precision,
         # sync purely every N micro-batches: an epoch end must not force an early step (resume would drift)
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.gradient_accumulate_every,
                                                                 sync_with_dataloader=False),
@@ -362,6 +378,11 @@ def train(args) -> dict:
         with open(os.path.join(path, STATE_FILE)) as f:
             completed = json.load(f)["completed_steps"]
         accelerator.print(f"resumed from {path} at step {completed}")
+        if accelerator.is_main_process and os.path.exists(log_path := os.path.join(args.output_dir, LOG_FILE)):
+            with open(log_path) as f:  # drop steps the killed run logged after its checkpoint: they are redone
+                kept = [line for line in f if json.loads(line)["step"] <= completed]
+            with open(log_path, "w") as f:
+                f.writelines(kept)
     if args.report_to != "none":
         accelerator.init_trackers(args.project_name, config={k: v for k, v in vars(args).items()
                                                              if isinstance(v, (int, float, str, bool))})
@@ -408,7 +429,8 @@ def train(args) -> dict:
     unwrapped = accelerator.unwrap_model(wrapper).model
     if completed >= args.max_train_steps and args.save_model:
         save_model(accelerator, wrapper, args)
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): that also destroys the caller's process group
+        tracker.finish()
     return {"losses": losses, "model": unwrapped}
 
 
@@ -431,5 +453,10 @@ def save_model(accelerator, wrapper, args) -> None:
     accelerator.print(f"saved the model to {args.output_dir}")
 
 
-def main(argv=None) -> dict:
-    return train(build_parser().parse_args(argv))
+def main(argv=None) -> None:
+    """``train.py``: parse the flags, train, then take down the process group accelerate created."""
+    import torch.distributed as dist
+
+    train(build_parser().parse_args(argv))
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
