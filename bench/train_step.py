@@ -123,6 +123,9 @@ def main():
                 r = measure(model, mode, seq, n_params, a.layers)
                 print(json.dumps(r), flush=True)
                 rows.append(r)
+                if os.environ.get("OUT"):  # as it goes: a run cut short keeps what it measured
+                    with open(os.path.join(os.environ["OUT"], "train_step.jsonl"), "a") as f:
+                        f.write(json.dumps(r) + "\n")
                 if r.get("oom") or r.get("error"):
                     break
             del model

@@ -45,6 +45,8 @@ def _t(x):
 
 def ring_forward(comm: RingComm, q, k, v, causal: bool, scale: float, kernel: Kernel):
     """Forward ring. q/k/v are flash-layout ``(b, s, h, d)``. Returns ``(out (b,h,s,d) view, lse (b,h,s))``."""
+    if comm.world == 1:  # one block: the kernel's own output, no float32 accumulator
+        return kernel.forward(_t(q), _t(k), _t(v), causal, scale)
     out, lse = new_accumulators(_t(q))
     kv = [k, v]
     for step in range(comm.world):
@@ -59,6 +61,9 @@ def ring_forward(comm: RingComm, q, k, v, causal: bool, scale: float, kernel: Ke
 
 def ring_backward(comm: RingComm, dout, q, k, v, out, lse, causal: bool, scale: float, kernel: Kernel):
     """Backward ring with the final ``out``/``lse``. All tensors flash layout except lse ``(b, h, s)``."""
+    if comm.world == 1:  # one block: the kernel's own gradients, no float32 accumulators
+        g = kernel.backward(_t(dout), _t(q), _t(k), _t(v), _t(out), lse, causal, scale)
+        return tuple(x.transpose(1, 2) for x in g)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = [k, v]
@@ -89,7 +94,7 @@ class _ZigzagRingAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, kernel, comm):
         out, lse = ring_forward(comm, q, k, v, causal, scale, kernel)
-        out = out.transpose(1, 2).to(q.dtype)  # (b, s, h, d), contiguous by construction
+        out = out.transpose(1, 2).to(q.dtype)  # (b, s, h, d)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale, ctx.kernel, ctx.comm = causal, scale, kernel, comm
         return out
