@@ -24,6 +24,10 @@ _LAZY = {
     "gather_seq_parallel_outputs": "api",
     "SPAttentionConfig": "hf",
     "unpatch_model_type": "hf",
+    "enable_offloaded_checkpointing": "memory",
+    "enable_attention_preserving_checkpointing": "memory",
+    "enable_tiled_mlp": "memory",
+    "apply_unsloth_offloaded_gradient_checkpoint_monkey_patch": "memory",
 }
 
 __all__ = [

@@ -16,10 +16,14 @@ from dataclasses import dataclass
 
 GIB = 2**30
 
-# Bytes of transient activations of one decoder layer in flight (fwd recompute + bwd), in units of
-# tokens x hidden x 2 bytes, with tiled MLP and chunked loss on. Calibrated on bench/RESULTS.md (one H200,
-# Llama-2-7B, easy_context mode "ec": peak minus weights and grads and checkpoints, over S x hidden x 2).
-WORK_FACTOR = 14.0
+# Transient activations of the layer in flight (recompute + backward), in units of tokens x hidden x 2 bytes,
+# tiled MLP and chunked loss on. Calibrated on bench/RESULTS.md (one H200, Llama-2-7B, 2026-11-29): mode "ec"
+# at 128K: (67.2 GiB peak - 25.1 weights+grads - 32 checkpoints) / 1 GiB = 10.1; with offloading ("ec_off",
+# 256K) the in-flight copies raise it to (69.0 - 25.1) / 2 GiB = 22.
+WORK_FACTOR = {False: 10.1, True: 22.0}
+# Attention-preserving checkpointing keeps, per layer, this many units (measured "ec_keep_off" at 64K:
+# (87.9 - 25.1 - 22 x 0.5) / 32 layers / 0.5 GiB = 3.2; the attention output alone would be 1).
+KEEP_FACTOR = 3.2
 # Measured per-rank attention efficiency of the zigzag ring vs single-GPU cuDNN (bench/RESULTS.md):
 # >= 0.95 once each rank holds >= 16K tokens; below ~4K per rank launch overheads dominate.
 RING_EFFICIENT_TOKENS = 16384
@@ -75,10 +79,11 @@ def predict_gib(m: ModelShape, tokens_per_gpu: int, gpus: int, *, offload: bool,
     """(GPU GiB, host GiB) of one step: ZeRO-3 shards of bf16 weights+grads, one gathered layer, the
     checkpoints (layer inputs; on the host when offloaded), preserved attention outputs, the working set."""
     act = tokens_per_gpu * m.hidden * 2
-    weights = 2 * 2 * m.params / gpus + 2 * 2 * m.params / m.layers  # shards + one gathered layer (w + g)
+    # bf16 weights + grads: ZeRO-3 shards plus one gathered layer; on one GPU simply all of them
+    weights = 2 * 2 * m.params if gpus == 1 else 2 * 2 * m.params / gpus + 2 * 2 * m.params / m.layers
     ckpt = m.layers * act
-    keep = m.layers * act if keep_attn else 0
-    gpu = weights + WORK_FACTOR * act + keep + (0 if offload else ckpt)
+    keep = KEEP_FACTOR * m.layers * act if keep_attn else 0
+    gpu = weights + WORK_FACTOR[offload] * act + keep + (0 if offload else ckpt)
     host = 12 * m.params / gpus + (ckpt if offload else 0)  # Adam fp32 master, m, v per GPU's shard
     return gpu / GIB, host / GIB
 
@@ -112,14 +117,32 @@ def advise(m: ModelShape, seq_length: int, gpus: int, gpu_mem_gib: float, host_m
     return Plan(algo, gpus, ring, offload, keep, gpu, host, notes)
 
 
+def check(path: str) -> list:
+    """Predicted vs measured peak GiB for the single-GPU rows of a bench/train_step.py JSON-lines file."""
+    import json
+
+    m, out = ModelShape(**PRESETS["llama-2-7b"]), []
+    for line in open(path):
+        r = json.loads(line)
+        if r.get("oom") or r.get("error") or r["mode"] == "stock" or r.get("layers") != m.layers:
+            continue
+        gpu, _ = predict_gib(m, r["S"], 1, offload="off" in r["mode"], keep_attn="keep" in r["mode"])
+        out.append((r["mode"], r["S"], gpu, r["peak_GiB"]))
+        print(f"{r['mode']:12s} S={r['S']:>7d}: predicted {gpu:6.1f} GiB, measured {r['peak_GiB']:6.1f} GiB")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-config", default="llama-2-7b", help=f"preset ({', '.join(PRESETS)}) or a config path")
-    p.add_argument("--seq-length", type=int, required=True)
+    p.add_argument("--seq-length", type=int, default=131072)
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--gpu-mem-gib", type=float, default=141.0)
     p.add_argument("--host-mem-gib", type=float, default=1024.0, help="host memory of the node (all GPUs)")
+    p.add_argument("--check", metavar="JSONL", help="compare predictions with bench/train_step.py measurements")
     a = p.parse_args(argv)
+    if a.check:
+        return check(a.check)
     m = load_shape(a.model_config)
     plan = advise(m, a.seq_length, a.gpus, a.gpu_mem_gib, a.host_mem_gib / a.gpus)
     print(f"model: {a.model_config} ({m.params / 1e9:.2f} B params), {a.seq_length} tokens on {a.gpus} GPU(s)")

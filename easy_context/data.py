@@ -88,8 +88,9 @@ def load_train_dataset(spec: str, *, seq_length: int, vocab_size: int | None = N
         return synthetic_dataset(max(num_samples, 1), seq_length, vocab_size, seed=seed)
     data = load_any(spec, split=split)
     if "input_ids" not in data.column_names:
-        raise ValueError(f"dataset {spec!r} has no 'input_ids' column (columns: {data.column_names}); tokenise and "
-                         "pack a text corpus with `python prepare_data.py --input ... --tokenizer ... --seq-length ...`")
+        raise ValueError(f"dataset {spec!r} has no 'input_ids' column (columns: {data.column_names}); tokenise "
+                         "and pack a text corpus with `python prepare_data.py --input ... --tokenizer ... "
+                         "--seq-length ...`")
     data = data.select_columns(["input_ids"])
     if len(data) and len(data[0]["input_ids"]) < seq_length:
         raise ValueError(f"dataset {spec!r} rows have {len(data[0]['input_ids'])} tokens but --seq-length is "

@@ -251,6 +251,12 @@ def _world_size(accelerator) -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else accelerator.num_processes
 
 
+def _rank(accelerator) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else accelerator.process_index
+
+
 def prepare_optimization(args, accelerator, wrapper):
     """``(model, optimizer, scheduler)`` prepared by accelerate; the same AdamW and schedule under DDP and DeepSpeed.
 
@@ -346,12 +352,12 @@ def train(args) -> dict:
     from .api import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
 
     accelerator = Accelerator(
-        cpu=args.cpu or (not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true"), mixed_precision=args.mixed_precision,
+        cpu=args.cpu or not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
         # sync purely every N micro-batches: an epoch end must not force an early step (resume would drift)
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.gradient_accumulate_every,
                                                                 sync_with_dataloader=False),
         log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world, rank = _world_size(accelerator), _rank(accelerator)
     validate_args(args, world)
     os.makedirs(args.output_dir, exist_ok=True)
     set_seed(args.seed)
@@ -439,7 +445,7 @@ def save_model(accelerator, wrapper, args) -> None:
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(wrapper)  # collective under ZeRO-3
     model = accelerator.unwrap_model(wrapper).model
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and state is not None:  # ZeRO-3 gathers the full state on global rank 0
         # the wrapper's keys are "model.<causal LM key>"; the attention choice is not saved (reloads as sdpa)
         model.save_pretrained(args.output_dir, state_dict={k.removeprefix("model."): v for k, v in state.items()})
         if not args.init_random:
