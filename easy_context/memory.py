@@ -247,6 +247,10 @@ class _PreservedAttention(torch.autograd.Function):
         with torch.enable_grad(), _light_hooks(entry):
             out, _ = call(*detached)
         entry.out = out
+        # The leaves share storage with this forward's q/k/v; holding them would keep q/k/v alive for the whole
+        # step. Point them at empty storage now and at the recompute's q/k/v in backward (same shapes).
+        for t in detached:
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
         entry.requires_grad = any(t.requires_grad for t in detached)
         ctx.entry = entry
         return out.detach()
@@ -257,6 +261,11 @@ class _PreservedAttention(torch.autograd.Function):
         if entry.out is None:
             raise RuntimeError("attention-preserving checkpointing frees each kept attention graph in backward; "
                                "backward twice through one graph (retain_graph=True) is not supported")
+        if entry.recomputed is None:
+            raise RuntimeError("attention-preserving checkpointing: backward reached a kept attention before its "
+                               "layer was recomputed (is the layer checkpointed with the installed Checkpointer?)")
+        for leaf, again in zip(entry.inputs, entry.recomputed):
+            leaf.data = again
         wanted = [t for t in entry.inputs if t.requires_grad]
         grads = iter(torch.autograd.grad(entry.out, wanted, dout) if entry.out.requires_grad else [None] * 3)
         result = [next(grads) if t.requires_grad else None for t in entry.inputs]

@@ -279,3 +279,31 @@ def test_all_features_with_zigzag_ring_attn():
     for counts in run_distributed(_zigzag_worker, 2, timeout=180):
         assert counts["none"] == (n_layers, n_layers)  # plain checkpointing re-runs the ring forward
         assert counts["all"] == (n_layers, 0)
+
+
+def test_attention_preserving_keeps_no_qkv_storage(monkeypatch):
+    """The kept attention graph must not pin this forward's q/k/v: after the forward, the leaves of every kept
+    graph point at empty storage (the recompute re-provides q/k/v), and the gradients stay exact."""
+    from easy_context import memory
+
+    entries = []
+    orig = memory._PreservedAttention.forward
+
+    def spy(ctx, entry, call, query, key, value):
+        out = orig(ctx, entry, call, query, key, value)
+        entries.append(entry)
+        return out
+
+    monkeypatch.setattr(memory._PreservedAttention, "forward", staticmethod(spy))
+    ids, tgt = _batch()
+    reference = _run(_model(), ids, tgt)
+    model = _model()
+    enable_attention_preserving_checkpointing(model)
+    model.train()
+    loss = F.cross_entropy(model(ids).logits.flatten(0, 1), tgt.flatten())
+    assert len(entries) == len(_layers(model))
+    for e in entries:
+        assert all(t.untyped_storage().nbytes() == 0 for t in e.inputs)
+    loss.backward()
+    result = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    _assert_same(result, reference, "preserving without q/k/v storage")
