@@ -44,15 +44,17 @@ def reference(q, k, v, dout, causal, scale):
     return [out.detach()] + [x.grad for x in leaves]
 
 
+def inputs(seed, b, s, h, hkv, d, dev):
+    """Random bf16 q, k, v, dout in the flash layout."""
+    torch.manual_seed(seed)
+    return [torch.randn(b, s, n, d, device=dev, dtype=torch.bfloat16) for n in (h, hkv, hkv, h)]
+
+
 def kernel_table(dev, res):
     rows = []
-    torch.manual_seed(0)
     b, s, h, hkv, d = 2, 2048, 8, 2, 128
     scale = 1 / math.sqrt(d)
-    q = torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(b, s, hkv, d, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(b, s, hkv, d, device=dev, dtype=torch.bfloat16)
-    dout = torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16)
+    q, k, v, dout = inputs(0, b, s, h, hkv, d, dev)
     for causal in (True, False):
         ref = reference(q, k, v, dout, causal, scale)
         for backend in ("cudnn", "flash", "flash_attn", "math"):
@@ -95,13 +97,9 @@ def kernel_table(dev, res):
 
 
 def ring_table(dev, res):
-    torch.manual_seed(1)
     b, s, h, hkv, d = 1, 8192, 8, 8, 128
     scale = 1 / math.sqrt(d)
-    q = torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(b, s, hkv, d, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(b, s, hkv, d, device=dev, dtype=torch.bfloat16)
-    dout = torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16)
+    q, k, v, dout = inputs(1, b, s, h, hkv, d, dev)
     ref = reference(q, k, v, dout, True, scale)
     rows = []
     for backend in ("cudnn", "flash"):
