@@ -13,18 +13,18 @@ from .zigzag_ring import zigzag_ring_attn_func
 
 @dataclass(frozen=True)
 class Algorithm:
+    """An algorithm's attention function; its sequence layout lives in sharding.layout()."""
+
     name: str
     attn_func: Optional[Callable]  # None: plain data parallelism, the model's own attention
-    layout: str                    # sharding layout name (see sharding.py)
-    options: tuple = ()            # keyword options the attention and the sharding both take
 
 
 ALGORITHMS = {
-    "zigzag_ring_attn": Algorithm("zigzag_ring_attn", zigzag_ring_attn_func, "zigzag"),
-    "dist_flash_attn": Algorithm("dist_flash_attn", dist_flash_attn_func, "contiguous"),
-    "ulysses_attn": Algorithm("ulysses_attn", ulysses_attn_func, "contiguous"),
-    "usp_attn": Algorithm("usp_attn", usp_attn_func, "usp", ("ring_degree",)),
-    "data_parallel": Algorithm("data_parallel", None, "full"),
+    "zigzag_ring_attn": Algorithm("zigzag_ring_attn", zigzag_ring_attn_func),
+    "dist_flash_attn": Algorithm("dist_flash_attn", dist_flash_attn_func),
+    "ulysses_attn": Algorithm("ulysses_attn", ulysses_attn_func),
+    "usp_attn": Algorithm("usp_attn", usp_attn_func),
+    "data_parallel": Algorithm("data_parallel", None),
 }
 assert tuple(ALGORITHMS) == SEQ_ALGOS
 

@@ -67,24 +67,6 @@ def get_sp_group(sp_size: int | None = None):
     return _SP_GROUPS[key]
 
 
-def get_dp_group(sp_size: int | None = None):
-    """Process group of the ranks that hold the same sequence shard in different data-parallel replicas."""
-    rank, world = group_rank_size(None)
-    if sp_size is None or sp_size == world:
-        sp_size = world
-    if world % sp_size:
-        raise ValueError(f"sp_size={sp_size} must divide the world size {world}")
-    key = ("dp", world, sp_size)
-    if key not in _SP_GROUPS:
-        mine = None
-        for offset in range(sp_size):
-            g = dist.new_group(list(range(offset, world, sp_size)))
-            if rank % sp_size == offset:
-                mine = g
-        _SP_GROUPS[key] = mine
-    return _SP_GROUPS[key]
-
-
 def usp_degrees(world_size: int, ring_degree: int | None) -> tuple[int, int]:
     """``(ring_degree, ulysses_degree)`` for USP over ``world_size`` ranks.
 

@@ -10,7 +10,6 @@ the kv head its query heads use (the replication's backward sums the gradients b
 """
 from __future__ import annotations
 
-import torch
 
 from .comm import HeadToSeq, SeqToHead, group_rank_size
 from .kernels import check_qkv, local_attn_func
