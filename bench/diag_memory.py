@@ -22,7 +22,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=65536)
-    p.add_argument("--modes", nargs="+", default=["stock", "ec", "ec_off", "ec_keep", "ec_keep_off"])
+    p.add_argument("--modes", nargs="+", default=["stock", "ec", "ec+off", "ec+keep", "ec+keep+off"])
     a = p.parse_args()
     import transformers
     print("transformers", transformers.__version__, "torch", torch.__version__, flush=True)
@@ -43,7 +43,8 @@ def main():
             slots["n"] = 0
             base = torch.cuda.memory_allocated() / 2**30
             r = T.measure(model, mode, a.seq, n_params, a.layers)
-            fns = {m._gradient_checkpointing_func for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")}
+            fns = {getattr(m._gradient_checkpointing_func, "checkpointer", m._gradient_checkpointing_func)
+                   for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")}
             r.update(weights_GiB=round(base, 1), checkpoint_fns=sorted(type(f).__name__ for f in fns),
                      offloaded_GiB=round(sum(getattr(f, "offloaded_bytes", 0) for f in fns) / 2**30, 2),
                      qkv_not_kept=slots["n"], attn=model.config._attn_implementation)

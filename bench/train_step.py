@@ -3,14 +3,16 @@ the stock Hugging Face path vs easy_context, in the same run on the same model.
 
     PYTHONUNBUFFERED=1 python bench/train_step.py --plan "stock:16384,65536,131072 ec:16384,65536,131072 ..."
 
-Modes (features add up left to right):
-  stock      sdpa attention, gradient checkpointing, the model's own loss (full logits)
-  ec         easy_context attention (cuDNN, W=1 through the registered attention), chunked loss, tiled MLP
-  ec_keep    ec + attention-preserving checkpointing (no attention forward in the recompute)
-  ec_off     ec + layer inputs offloaded to pinned host memory
-  ec_keep_off  ec_keep + offload
-Model FLOPs = 6*N*T + 3.5 * L * 2*T^2*d (causal attention fwd+bwd), recompute not counted; MFU against
-989 TFLOP/s (H100/H200 dense bf16). Prints one JSON line per run; writes $OUT/train_step.json.
+Modes: ``stock`` = sdpa attention, gradient checkpointing, the model's own loss (full logits); or ``ec`` =
+easy_context attention (cuDNN, W=1 through the registered attention), chunked loss and gradient checkpointing,
+plus any of (joined with "+"):
+  tile       tiled MLP
+  keep[=N]   attention-preserving checkpointing (no attention forward in the recompute), all or the first N layers
+  off[=N]    layer inputs offloaded to pinned host memory, all or the first N layers (the rest stay on the GPU)
+e.g. ``ec+keep``, ``ec+tile+keep=20+off=12``. Model FLOPs = 6*N*T + 3.5 * L * 2*T^2*d (causal attention
+fwd+bwd), recompute not counted; MFU against 989 TFLOP/s (H100/H200 dense bf16). Prints one JSON line per run;
+writes $OUT/train_step.jsonl as it goes and $OUT/train_step_progress.jsonl (time and memory at each layer's
+forward end and backward start: how far a run cut short got). ``--profile`` prints each mode's top GPU kernels.
 """
 import argparse
 import gc
@@ -41,20 +43,63 @@ def build(layers, tiny=False):
     return model
 
 
+def features(mode):
+    """"ec+tile+keep=20+off" -> {"tile": None, "keep": 20, "off": None}; raises on anything else."""
+    base, *parts = mode.split("+")
+    if base not in ("stock", "ec") or (base == "stock" and parts):
+        raise ValueError(f"mode {mode!r}: 'stock' or 'ec[+tile][+keep[=N]][+off[=N]]'")
+    out = {}
+    for part in parts:
+        name, _, n = part.partition("=")
+        if name not in ("tile", "keep", "off"):
+            raise ValueError(f"mode {mode!r}: unknown feature {name!r}")
+        out[name] = int(n) if n else None
+    return out
+
+
 def configure(model, mode):
     from easy_context import apply_seq_parallel_monkey_patch
     from easy_context.memory import (enable_attention_preserving_checkpointing, enable_offloaded_checkpointing,
                                      enable_tiled_mlp)
 
+    feats = features(mode)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mode == "stock":
         return
     apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
-    enable_tiled_mlp(model)
-    if "keep" in mode:
-        enable_attention_preserving_checkpointing(model)
-    if "off" in mode:
-        enable_offloaded_checkpointing(model)
+    if "tile" in feats:
+        enable_tiled_mlp(model)
+    if "keep" in feats:
+        enable_attention_preserving_checkpointing(model, layers=feats["keep"])
+    if "off" in feats:
+        enable_offloaded_checkpointing(model, layers=feats["off"])
+
+
+class Progress:
+    """Time and memory at each decoder layer's forward end and backward start, appended to a JSON-lines file."""
+
+    def __init__(self, model, path):
+        self.path, self.t0, self.tag = path, time.time(), {}
+        for i, layer in enumerate(model.model.layers):
+            layer.register_forward_hook(self._forward_hook(i))
+
+    def start(self, **tag):
+        self.t0, self.tag = time.time(), tag
+
+    def _log(self, what, i):
+        if self.path and self.tag:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(dict(self.tag, at=what, layer=i, t=round(time.time() - self.t0, 2),
+                                        alloc_GiB=round(torch.cuda.memory_allocated() / 2**30, 1),
+                                        peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 1))) + "\n")
+
+    def _forward_hook(self, i):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if torch.is_grad_enabled() and hidden.requires_grad:
+                self._log("forward", i)
+                hidden.register_hook(lambda grad: self._log("backward", i))
+        return hook
 
 
 def step(model, mode, seq):
@@ -72,7 +117,7 @@ def step(model, mode, seq):
     return loss.item()
 
 
-def measure(model, mode, seq, n_params, layers):
+def measure(model, mode, seq, n_params, layers, progress=None):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     reps = 2 if seq <= 32768 else 1
@@ -81,12 +126,16 @@ def measure(model, mode, seq, n_params, layers):
             step(model, mode, seq)  # warm-up (kernel plans, compile)
             model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        if progress:
+            progress.start(mode=mode, S=seq)
         t = time.time()
         for _ in range(reps):
             loss = step(model, mode, seq)
             model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         dt = (time.time() - t) / reps
+        if progress:
+            progress.start()
         flops = 6 * n_params * seq + 3.5 * layers * 2 * seq * seq * 4096
         return dict(mode=mode, S=seq, layers=layers, s_per_step=round(dt, 2), tok_per_s=round(seq / dt),
                     TFLOPs=round(flops / dt / 1e12, 1), MFU=round(flops / dt / PEAK, 3), loss=round(loss, 3),
@@ -99,17 +148,34 @@ def measure(model, mode, seq, n_params, layers):
         return dict(mode=mode, S=seq, layers=layers, error=repr(e)[:300])
 
 
+def profile(model, mode, seq, top=25):
+    """One warm step, then one profiled step: the GPU kernels that take the time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    step(model, mode, seq)
+    model.zero_grad(set_to_none=True)
+    on_gpu = DEV == "cuda"
+    with torch_profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        step(model, mode, seq)
+        torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    print(f"== profile {mode} S={seq}", flush=True)
+    key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--plan", default="stock:16384,65536,131072 ec:16384,65536,131072 ec_keep_off:16384,65536,131072")
+    p.add_argument("--plan", default="stock:16384,65536,131072 ec+keep:16384,65536,131072")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU/gloo: checks the script only")
+    p.add_argument("--profile", type=int, metavar="SEQ", help="profile each mode of the plan at SEQ tokens instead")
     a = p.parse_args()
     global DEV
     if a.cpu_smoke:
         DEV = "cpu"
         torch.cuda.synchronize = lambda: None
-        torch.cuda.max_memory_allocated = lambda: 0
+        torch.cuda.max_memory_allocated = torch.cuda.memory_allocated = lambda: 0
         torch.cuda.reset_peak_memory_stats = torch.cuda.empty_cache = lambda: None
     with tempfile.TemporaryDirectory() as tmp:  # a world of one rank: the registered attention needs a group
         dist.init_process_group("gloo" if a.cpu_smoke else "nccl", init_method=f"file://{tmp}/rdzv", rank=0, world_size=1)
@@ -119,8 +185,14 @@ def main():
             model = build(a.layers, a.cpu_smoke)
             n_params = sum(p.numel() for p in model.parameters())
             configure(model, mode)
+            if a.profile:
+                profile(model, mode, a.profile)
+                del model
+                gc.collect()
+                continue
+            progress = Progress(model, os.environ.get("OUT") and os.path.join(os.environ["OUT"], "train_step_progress.jsonl"))
             for seq in map(int, lens.split(",")):
-                r = measure(model, mode, seq, n_params, a.layers)
+                r = measure(model, mode, seq, n_params, a.layers, progress)
                 print(json.dumps(r), flush=True)
                 rows.append(r)
                 if os.environ.get("OUT"):  # as it goes: a run cut short keeps what it measured

@@ -30,6 +30,7 @@ import contextvars
 import math
 import sys
 from types import MethodType
+from typing import Iterable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -39,27 +40,35 @@ from torch.utils.checkpoint import checkpoint
 class Checkpointer:
     """The gradient-checkpointing function of a model: ``torch.utils.checkpoint`` plus the enabled features.
 
-    Called by transformers as ``checkpointer(function, *args, **checkpoint_kwargs)``.
+    Called by transformers as ``checkpointer(function, *args, **checkpoint_kwargs)``; each decoder layer gets
+    a :class:`_LayerCheckpoint` that calls :meth:`run` with the layer's index, so a feature can cover only some
+    layers (``offload=frozenset({0, 1, 2})``).
 
     Attributes:
-        offload: keep the checkpoint inputs (each layer's input hidden state) in host memory.
-        preserve_attention: let the attention registered by :func:`enable_attention_preserving_checkpointing`
-            skip its forward during the recompute.
+        offload: which layers keep their checkpoint inputs (each layer's input hidden state) in host memory:
+            True (all), False (none) or a frozenset of decoder-layer indices.
+        preserve_attention: which layers let the attention registered by
+            :func:`enable_attention_preserving_checkpointing` skip its forward during the recompute (same forms).
         offloaded_tensors, offloaded_bytes: running totals of what went through the offload hook (on a CPU
             device the tensors stay where they are but are still counted).
     """
 
-    def __init__(self, *, offload: bool = False, preserve_attention: bool = False):
+    def __init__(self, *, offload: bool | frozenset = False, preserve_attention: bool | frozenset = False):
         self.offload = offload
         self.preserve_attention = preserve_attention
         self.offloaded_tensors = 0
         self.offloaded_bytes = 0
 
     def __repr__(self):
-        return f"Checkpointer(offload={self.offload}, preserve_attention={self.preserve_attention})"
+        return f"Checkpointer(offload={_describe(self.offload)}, preserve_attention={_describe(self.preserve_attention)})"
 
-    def __call__(self, function, *args, use_reentrant: bool = False, **checkpoint_kwargs):
-        if self.preserve_attention:
+    def __call__(self, function, *args, **checkpoint_kwargs):
+        return self.run(None, function, *args, **checkpoint_kwargs)
+
+    def run(self, index: int | None, function, *args, use_reentrant: bool = False, **checkpoint_kwargs):
+        """Checkpoint ``function(*args)`` for decoder layer ``index`` (None: not a decoder layer, or the global
+        patch; then a feature applies if it is on for any layer)."""
+        if _covers(self.preserve_attention, index):
             if use_reentrant:
                 raise ValueError("attention-preserving checkpointing needs non-reentrant checkpointing; do not pass "
                                  "use_reentrant=True in activation_checkpointing_kwargs")
@@ -67,7 +76,7 @@ class Checkpointer:
                 raise ValueError("attention-preserving checkpointing sets the checkpoint's context_fn itself; "
                                  "it cannot be combined with another context_fn")
             checkpoint_kwargs["context_fn"] = _attention_frame_contexts
-        hooks = (torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack) if self.offload
+        hooks = (torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack) if _covers(self.offload, index)
                  else contextlib.nullcontext())
         with hooks:
             return checkpoint(function, *args, use_reentrant=use_reentrant, **checkpoint_kwargs)
@@ -79,6 +88,7 @@ class Checkpointer:
             return None, tensor  # already in host memory: nothing to move
         # Pinned host memory makes the device-to-host copy asynchronous on the current stream; the copy back in
         # backward is queued on the same stream, so it is ordered after this one without a synchronisation.
+        # PyTorch's caching host allocator keeps freed pinned blocks, so from the second step on no page-locking.
         pinned = tensor.device.type == "cuda"
         host = torch.empty(tensor.shape, dtype=tensor.dtype, layout=tensor.layout, pin_memory=pinned)
         host.copy_(tensor, non_blocking=pinned)
@@ -90,20 +100,69 @@ class Checkpointer:
         return host if device is None else host.to(device, non_blocking=host.is_pinned())
 
 
+class _LayerCheckpoint:
+    """What one decoder layer calls as its checkpoint function: the model's :class:`Checkpointer` plus its index."""
+
+    def __init__(self, checkpointer: Checkpointer, index: int):
+        self.checkpointer, self.index = checkpointer, index
+
+    def __call__(self, function, *args, **checkpoint_kwargs):
+        return self.checkpointer.run(self.index, function, *args, **checkpoint_kwargs)
+
+    def __repr__(self):
+        return f"{self.checkpointer!r}[layer {self.index}]"
+
+
+def _covers(selection, index) -> bool:
+    if isinstance(selection, bool):
+        return selection
+    return bool(selection) if index is None else index in selection
+
+
+def _describe(selection) -> str:
+    return repr(selection) if isinstance(selection, bool) else f"layers {sorted(selection)}"
+
+
+def _decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _select_layers(layers, n_layers: int, what: str):
+    """``layers`` of the public functions -> True (all) or a frozenset of decoder-layer indices."""
+    if layers is None:
+        return True
+    if isinstance(layers, bool):
+        raise TypeError(f"{what}: layers must be None, an int or indices, not a bool")
+    if isinstance(layers, int):
+        if not 0 <= layers <= n_layers:
+            raise ValueError(f"{what}: layers={layers} is not a count of decoder layers (0..{n_layers})")
+        return True if layers == n_layers else frozenset(range(layers))
+    chosen = frozenset(int(i) for i in layers)
+    bad = sorted(i for i in chosen if not 0 <= i < n_layers)
+    if bad:
+        raise ValueError(f"{what}: layer indices {bad} out of range; the model has {n_layers} decoder layers")
+    return True if len(chosen) == n_layers else chosen
+
+
 def _checkpointed_modules(model):
     return [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
 
-def _install_checkpointer(model, *, offload: bool = False, preserve_attention: bool = False) -> Checkpointer:
-    """Turn checkpointing on (if off) and install one :class:`Checkpointer` with the union of the features."""
+def _install_checkpointer(model, *, offload=None, preserve_attention=None) -> Checkpointer:
+    """Turn checkpointing on (if off) and install one :class:`Checkpointer`; a feature passed as None keeps the
+    selection of the checkpointer already installed (so the features add up across calls)."""
     modules = _checkpointed_modules(model)
     if not modules or not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing (no module has a "
                          "`gradient_checkpointing` flag)")
     current = getattr(modules[0], "_gradient_checkpointing_func", None)
-    if isinstance(current, Checkpointer):
-        offload = offload or current.offload
-        preserve_attention = preserve_attention or current.preserve_attention
+    current = getattr(current, "checkpointer", current)
+    if not isinstance(current, Checkpointer):
+        current = Checkpointer()
+    offload = current.offload if offload is None else offload
+    preserve_attention = current.preserve_attention if preserve_attention is None else preserve_attention
     if not any(m.gradient_checkpointing for m in modules):
         # the public switch: sets the per-layer flags (every layer) and makes the embedding output require grad
         enable = getattr(model, "activation_checkpointing_enable", None)
@@ -112,12 +171,14 @@ def _install_checkpointer(model, *, offload: bool = False, preserve_attention: b
         else:  # transformers < 5.x with only the older name
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     checkpointer = Checkpointer(offload=offload, preserve_attention=preserve_attention)
+    index = {id(m): i for i, m in enumerate(_decoder_layers(model))}
     for module in modules:
-        module._gradient_checkpointing_func = checkpointer
+        i = index.get(id(module))
+        module._gradient_checkpointing_func = checkpointer if i is None else _LayerCheckpoint(checkpointer, i)
     return checkpointer
 
 
-def enable_offloaded_checkpointing(model) -> Checkpointer:
+def enable_offloaded_checkpointing(model, layers: int | Iterable[int] | None = None) -> Checkpointer:
     """Gradient checkpointing whose saved layer inputs live in (pinned) host memory.
 
     Each checkpointed decoder layer keeps only its input hidden state ``(batch, seq, hidden)``, moved to host
@@ -126,14 +187,18 @@ def enable_offloaded_checkpointing(model) -> Checkpointer:
     nothing moves. Turns gradient checkpointing on if it is off; keeps
     :func:`enable_attention_preserving_checkpointing` if it is on.
 
+    Partial offload: when host memory is smaller than all checkpoints (512K tokens of a 7B model: 32 x 4 GiB),
+    offload only some layers and keep the rest on the GPU (``python -m easy_context.advise`` says how many).
+
     Args:
         model: a transformers ``PreTrainedModel`` whose decoder layers support gradient checkpointing.
+        layers: None: every decoder layer; an int n: the first n decoder layers; or decoder-layer indices.
     Returns:
         The :class:`Checkpointer` installed on the model's layers (``offloaded_bytes`` counts the traffic).
     Raises:
-        ValueError: the model does not support gradient checkpointing.
+        ValueError: the model does not support gradient checkpointing, or ``layers`` is out of range.
     """
-    return _install_checkpointer(model, offload=True)
+    return _install_checkpointer(model, offload=_select_layers(layers, len(_decoder_layers(model)), "offload"))
 
 
 def apply_unsloth_offloaded_gradient_checkpoint_monkey_patch() -> None:
@@ -339,7 +404,7 @@ def preserving_name(inner_name: str) -> str:
     return name
 
 
-def enable_attention_preserving_checkpointing(model) -> Checkpointer:
+def enable_attention_preserving_checkpointing(model, layers: int | Iterable[int] | None = None) -> Checkpointer:
     """Gradient checkpointing whose backward recompute skips the attention forward (LightSeq's idea).
 
     Registers with transformers' ``AttentionInterface`` a wrapper around the model's current
@@ -348,10 +413,11 @@ def enable_attention_preserving_checkpointing(model) -> Checkpointer:
     the wrapper tell the first forward from the recompute. Turns gradient checkpointing on if it is off; keeps
     offloading if it is on.
 
-    Memory: per checkpointed layer, on top of the layer input, what the attention's own backward saves: for fused
-    kernels and the easy_context algorithms q, k, v, out and lse (about ``(2 + 2 kv_heads/heads) x seq x hidden``);
-    for ``eager`` the ``seq x seq`` probabilities (short sequences only). Compute: one attention forward per layer
-    per step fewer.
+    Memory: per preserving layer, on top of the layer input, what the attention's own backward saves except q, k
+    and v (the recompute provides those again): for fused kernels and the easy_context algorithms out and lse,
+    about ``seq x hidden`` (one more layer input's worth); for ``eager`` the ``seq x seq`` probabilities (short
+    sequences only). Compute: one attention forward per preserving layer per step fewer. When memory allows only
+    some, preserve some (``layers``): each one saves its attention forward.
 
     Call it after :func:`easy_context.apply_seq_parallel_monkey_patch` (which switches the implementation itself)
     and before training. Limits: non-reentrant checkpointing only; one backward per forward (a second backward
@@ -359,10 +425,11 @@ def enable_attention_preserving_checkpointing(model) -> Checkpointer:
 
     Args:
         model: a transformers ``PreTrainedModel`` routing attention through ``AttentionInterface``.
+        layers: None: every decoder layer; an int n: the first n decoder layers; or decoder-layer indices.
     Returns:
         The :class:`Checkpointer` installed on the model's layers.
     Raises:
-        ValueError: the model does not support gradient checkpointing.
+        ValueError: the model does not support gradient checkpointing, or ``layers`` is out of range.
         TypeError: the model's attention does not go through ``AttentionInterface``.
     """
     from transformers import AttentionInterface
@@ -379,7 +446,8 @@ def enable_attention_preserving_checkpointing(model) -> Checkpointer:
         if model.config._attn_implementation != name:
             raise TypeError(f"{type(model).__name__} does not route its attention through transformers' "
                             "AttentionInterface; attention-preserving checkpointing cannot be applied to it")
-    return _install_checkpointer(model, preserve_attention=True)
+    selection = _select_layers(layers, len(_decoder_layers(model)), "attention preserving")
+    return _install_checkpointer(model, preserve_attention=selection)
 
 
 # ---------------------------------------------------------------- tiled MLP

@@ -107,7 +107,8 @@ def test_offloaded_checkpointing_exact_and_offloads_layer_inputs():
     reference = _run(copy.deepcopy(base), ids, tgt)
     model = copy.deepcopy(base)
     ckpt = enable_offloaded_checkpointing(model)
-    assert all(layer.gradient_checkpointing and layer._gradient_checkpointing_func is ckpt for layer in _layers(model))
+    assert all(layer.gradient_checkpointing and layer._gradient_checkpointing_func.checkpointer is ckpt
+               for layer in _layers(model))
     _assert_same(_run(model, ids, tgt), reference, "offload")
     # exactly one tensor per layer went through the offload hook: the layer's input hidden state
     n_layers, hidden = SMALL["num_hidden_layers"], SMALL["hidden_size"]
@@ -183,6 +184,29 @@ def test_attention_preserving_eager_and_double_backward_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         loss.backward()
+
+
+def test_features_on_some_layers_only():
+    """Partial offload / preservation (what fits 512K on one GPU): only the chosen layers are affected, still exact."""
+    counter = _CountingAttention().register()
+    cfg = _configs()["llama"]
+    cfg.num_hidden_layers = 3
+    ids, tgt = _batch()
+    base = _model(cfg, attn=counter.name)
+    reference = _run(copy.deepcopy(base), ids, tgt)
+    model = copy.deepcopy(base)
+    enable_offloaded_checkpointing(model, layers=[0, 2])
+    ckpt = enable_attention_preserving_checkpointing(model, layers=1)  # the first layer only
+    assert ckpt.offload == frozenset({0, 2}) and ckpt.preserve_attention == frozenset({0})
+    counter.calls = 0
+    _assert_same(_run(model, ids, tgt), reference, "offload layers 0, 2 + preserve layer 0")
+    assert ckpt.offloaded_tensors == 2  # one layer input each for layers 0 and 2
+    assert counter.calls == 3 + 2  # 3 forwards; the recompute skips layer 0's attention only
+    assert enable_offloaded_checkpointing(model, layers=3).offload is True  # all 3 = every layer
+    assert enable_offloaded_checkpointing(model, layers=0).offload == frozenset()
+    for bad in (4, [3], -1):
+        with pytest.raises(ValueError, match="decoder layers"):
+            enable_offloaded_checkpointing(model, layers=bad)
 
 
 def test_tiled_mlp_exact_and_tiles():
