@@ -6,10 +6,11 @@ the stock Hugging Face path vs easy_context, in the same run on the same model.
 Modes: ``stock`` = sdpa attention, gradient checkpointing, the model's own loss (full logits); or ``ec`` =
 easy_context attention (cuDNN, W=1 through the registered attention), chunked loss and gradient checkpointing,
 plus any of (joined with "+"):
-  tile       tiled MLP
+  tile[=N]   tiled MLP (tiles of N tokens; default hidden_size)
+  norm       low-memory RMSNorm
   keep[=N]   attention-preserving checkpointing (no attention forward in the recompute), all or the first N layers
   off[=N]    layer inputs offloaded to pinned host memory, all or the first N layers (the rest stay on the GPU)
-e.g. ``ec+keep``, ``ec+tile+keep=20+off=12``. Model FLOPs = 6*N*T + 3.5 * L * 2*T^2*d (causal attention
+e.g. ``ec+keep``, ``ec+norm+tile+keep=20+off=12``. Model FLOPs = 6*N*T + 3.5 * L * 2*T^2*d (causal attention
 fwd+bwd), recompute not counted; MFU against 989 TFLOP/s (H100/H200 dense bf16). Prints one JSON line per run;
 writes $OUT/train_step.jsonl as it goes and $OUT/train_step_progress.jsonl (time and memory at each layer's
 forward end and backward start: how far a run cut short got). ``--profile`` prints each mode's top GPU kernels.
@@ -47,11 +48,11 @@ def features(mode):
     """"ec+tile+keep=20+off" -> {"tile": None, "keep": 20, "off": None}; raises on anything else."""
     base, *parts = mode.split("+")
     if base not in ("stock", "ec") or (base == "stock" and parts):
-        raise ValueError(f"mode {mode!r}: 'stock' or 'ec[+tile][+keep[=N]][+off[=N]]'")
+        raise ValueError(f"mode {mode!r}: 'stock' or 'ec[+norm][+tile[=N]][+keep[=N]][+off[=N]]'")
     out = {}
     for part in parts:
         name, _, n = part.partition("=")
-        if name not in ("tile", "keep", "off"):
+        if name not in ("norm", "tile", "keep", "off"):
             raise ValueError(f"mode {mode!r}: unknown feature {name!r}")
         out[name] = int(n) if n else None
     return out
@@ -59,16 +60,18 @@ def features(mode):
 
 def configure(model, mode):
     from easy_context import apply_seq_parallel_monkey_patch
-    from easy_context.memory import (enable_attention_preserving_checkpointing, enable_offloaded_checkpointing,
-                                     enable_tiled_mlp)
+    from easy_context.memory import (enable_attention_preserving_checkpointing, enable_low_memory_rmsnorm,
+                                     enable_offloaded_checkpointing, enable_tiled_mlp)
 
     feats = features(mode)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mode == "stock":
         return
     apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
+    if "norm" in feats:
+        enable_low_memory_rmsnorm(model)
     if "tile" in feats:
-        enable_tiled_mlp(model)
+        enable_tiled_mlp(model, tile_size=feats["tile"])
     if "keep" in feats:
         enable_attention_preserving_checkpointing(model, layers=feats["keep"])
     if "off" in feats:
@@ -122,9 +125,10 @@ def measure(model, mode, seq, n_params, layers, progress=None):
     torch.cuda.reset_peak_memory_stats()
     reps = 2 if seq <= 32768 else 1
     try:
-        if seq <= 32768:
-            step(model, mode, seq)  # warm-up (kernel plans, compile)
-            model.zero_grad(set_to_none=True)
+        step(model, mode, min(seq, 16384))  # warm-up (kernel plans, library handles) for every mode alike
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         if progress:
             progress.start(mode=mode, S=seq)

@@ -27,6 +27,7 @@ _LAZY = {
     "enable_offloaded_checkpointing": "memory",
     "enable_attention_preserving_checkpointing": "memory",
     "enable_tiled_mlp": "memory",
+    "enable_low_memory_rmsnorm": "memory",
     "apply_unsloth_offloaded_gradient_checkpoint_monkey_patch": "memory",
 }
 

@@ -94,10 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--stop-after-steps", type=int, default=None,
       help="exit after this optimizer step without saving the model, as if the job were killed (tests resume)")
     a("--gradient-checkpointing", action="store_true")
-    a("--offload-checkpointing", action="store_true",
-      help="gradient checkpointing with the layer inputs kept in host memory (easy_context.memory)")
-    a("--attn-preserving-checkpointing", action="store_true",
-      help="gradient checkpointing whose recompute reuses the attention output (easy_context.memory)")
+    a("--offload-checkpointing", nargs="?", type=int, const=True, default=False, metavar="N",
+      help="gradient checkpointing with the layer inputs kept in host memory (easy_context.memory); with N, only "
+           "the first N decoder layers' (partial offload, when host memory is short)")
+    a("--attn-preserving-checkpointing", nargs="?", type=int, const=True, default=False, metavar="N",
+      help="gradient checkpointing whose recompute reuses the attention output (easy_context.memory); with N, "
+           "only in the first N decoder layers (each keeps seq x hidden more)")
+    a("--low-memory-rmsnorm", action="store_true",
+      help="RMSNorm that saves x and a float32 rstd instead of float32 activation copies (easy_context.memory)")
     a("--tiled-mlp", action="store_true", help="MLP computed in sequence tiles (easy_context.memory)")
     a("--tiled-mlp-tile-size", type=int, default=None, help="tokens per MLP tile (default: hidden_size)")
     a("--no-save-model", dest="save_model", action="store_false", help="skip the final save_pretrained")
@@ -211,19 +215,27 @@ def apply_memory_features(args, model) -> None:
     (each installs its checkpoint function, turning checkpointing on) and --tiled-mlp. After the SP patch."""
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not (args.offload_checkpointing or args.tiled_mlp or args.attn_preserving_checkpointing):
+    if not (args.offload_checkpointing or args.tiled_mlp or args.attn_preserving_checkpointing
+            or args.low_memory_rmsnorm):
         return
     try:
         from . import memory
     except ImportError as err:
-        raise ImportError("--offload-checkpointing/--tiled-mlp/--attn-preserving-checkpointing need "
+        raise ImportError("--offload-checkpointing/--tiled-mlp/--attn-preserving-checkpointing/--low-memory-rmsnorm need "
                           "easy_context.memory, which this installation lacks") from err
-    if args.offload_checkpointing:
-        memory.enable_offloaded_checkpointing(model)  # per model: the seed's global monkey patch is not needed
-    if args.attn_preserving_checkpointing:
-        memory.enable_attention_preserving_checkpointing(model)  # wraps the (SP) attention chosen above
+    def layers(flag):  # True: every layer; N: the first N
+        return None if flag is True else flag
+
+    if args.offload_checkpointing is not False:
+        # per model: the seed's global monkey patch is not needed
+        memory.enable_offloaded_checkpointing(model, layers(args.offload_checkpointing))
+    if args.attn_preserving_checkpointing is not False:
+        # wraps the (SP) attention chosen above
+        memory.enable_attention_preserving_checkpointing(model, layers(args.attn_preserving_checkpointing))
     if args.tiled_mlp:
         memory.enable_tiled_mlp(model, tile_size=args.tiled_mlp_tile_size)
+    if args.low_memory_rmsnorm:
+        memory.enable_low_memory_rmsnorm(model)
 
 
 def _make_scheduler(args):

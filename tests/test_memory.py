@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from _dist import run_distributed
 from easy_context.memory import (Checkpointer, apply_unsloth_offloaded_gradient_checkpoint_monkey_patch,
-                                 enable_attention_preserving_checkpointing, enable_offloaded_checkpointing,
-                                 enable_tiled_mlp)
+                                 enable_attention_preserving_checkpointing, enable_low_memory_rmsnorm,
+                                 enable_offloaded_checkpointing, enable_tiled_mlp)
 
 # fp32. Checkpointing and offload replay the identical ops on identical inputs (bitwise equal on CPU); the
 # preserved attention differentiates the very graph of the first forward; tiled MLP changes the matmul shapes
@@ -240,6 +240,64 @@ def test_tiled_mlp_exact_and_tiles():
         enable_tiled_mlp(model, tile_size=4, num_tiles=2)
 
 
+def _saved_bytes(fn, *args):
+    """Bytes of the tensors autograd saves for backward while running fn (shared storage counted once)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, sum(seen.values())
+
+
+def test_low_memory_rmsnorm_exact_and_saves_less():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    # one norm in bf16, the dtype it is for: forward bitwise equal; saves x (bf16, usually kept anyway) + one float32
+    # per row instead of x.float() and the normalised x in bf16: 2 bytes/element + 4/row vs 4 + 2 bytes/element
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(256, eps=1e-6).to(torch.bfloat16)
+    norm.weight.data.normal_(1.0, 0.1)
+    x = torch.randn(2, 300, 256, dtype=torch.bfloat16, requires_grad=True)
+    plain_out, plain_bytes = _saved_bytes(norm, x)
+    assert enable_low_memory_rmsnorm(norm) == 1
+    ours_out, ours_bytes = _saved_bytes(norm, x)
+    assert torch.equal(ours_out, plain_out)
+    assert ours_bytes <= x.numel() * 2 + 600 * 4 + 256 * 2 < plain_bytes / 2.9
+    # bf16 gradients against float64 of the same formula: the analytic float32 backward is at least as close as
+    # the plain graph's (which rounds weight * dy to bf16 first); 1e-2 = a few bf16 ulps on O(1) values
+    dy = torch.randn_like(plain_out)
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    ref = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6))
+    ref.backward(dy.double())
+    dx, dw = torch.autograd.grad(ours_out, (x, norm.weight), dy)
+    _close(dx.double(), x64.grad, "rmsnorm dx", rtol=1e-2)
+    _close(dw.double(), w64.grad, "rmsnorm dweight", rtol=1e-2)
+
+    # variants that compute something else are left alone; a model without a plain RMSNorm is an error
+    class GemmaLikeRMSNorm(LlamaRMSNorm):
+        def forward(self, h):
+            return super().forward(h) * (1 + self.weight) / self.weight
+
+    with pytest.raises(ValueError, match="no plain RMSNorm"):
+        enable_low_memory_rmsnorm(GemmaLikeRMSNorm(8))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_low_memory_rmsnorm_in_models(model_type):
+    ids, tgt = _batch()
+    base = _model(_configs()[model_type])
+    reference = _run(copy.deepcopy(base), ids, tgt)
+    model = copy.deepcopy(base)
+    n_norms = 2 * SMALL["num_hidden_layers"] + 1 + (2 * SMALL["num_hidden_layers"] if model_type == "qwen3" else 0)
+    assert enable_low_memory_rmsnorm(model) == n_norms  # qwen3 adds per-head q_norm / k_norm
+    model.activation_checkpointing_enable()
+    _assert_same(_run(model, ids, tgt), reference, f"{model_type} low-memory RMSNorm")
+
+
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_all_features_together(model_type):
     ids, tgt = _batch()
@@ -247,6 +305,7 @@ def test_all_features_together(model_type):
     reference = _run(copy.deepcopy(base), ids, tgt)
     model = copy.deepcopy(base)
     enable_tiled_mlp(model, tile_size=12)
+    enable_low_memory_rmsnorm(model)
     enable_offloaded_checkpointing(model)
     ckpt = enable_attention_preserving_checkpointing(model)
     assert ckpt.offload and ckpt.preserve_attention  # the second call keeps the first one's feature

@@ -73,7 +73,8 @@ def _two_rank_worker(rank, world, root):
                                                          "--no-save-model")))
     out["zigzag + memory features"] = _losses(_train(_argv(
         f"{root}/mem", "zigzag_ring_attn", "--gradient-checkpointing", "--offload-checkpointing",
-        "--attn-preserving-checkpointing", "--tiled-mlp", "--tiled-mlp-tile-size", "8", "--no-save-model")))
+        "--attn-preserving-checkpointing", "--tiled-mlp", "--tiled-mlp-tile-size", "8", "--low-memory-rmsnorm",
+        "--no-save-model")))
     out["data_parallel"] = _losses(_train(_argv(f"{root}/dp", "data_parallel", "--no-save-model")))
     out["zigzag sp_size=1"] = _losses(_train(_argv(f"{root}/sp1", "zigzag_ring_attn", "--sp-size", "1",
                                                    "--no-save-model")))
