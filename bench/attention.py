@@ -20,7 +20,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from sim import NullComm  # noqa: E402
 
 from easy_context import dist_flash, zigzag_ring  # noqa: E402
-from easy_context.kernels import get_kernel  # noqa: E402
+from easy_context.kernels import _KERNELS, get_kernel, split_causal  # noqa: E402
+
+# "cudnn" is the plain single call (the baseline); "cudnn_split" the three-call causal forward the library uses
+# from 128K tokens (kernels.split_causal); the rings use get_kernel("cudnn"), i.e. the library's choice.
+SINGLE = {"cudnn": lambda: _KERNELS["cudnn"], "cudnn_split": lambda: split_causal(_KERNELS["cudnn"], 1),
+          "flash": lambda: _KERNELS["flash"]}
 
 
 def timed(fn, reps):
@@ -70,10 +75,12 @@ def main():
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--gqa-kv", type=int, default=8, help="kv heads of the extra GQA shape (at the middle length)")
     p.add_argument("--algos", nargs="+", default=["zigzag_ring_attn", "dist_flash_attn", "usp_attn"])
+    p.add_argument("--singles", nargs="+", default=list(SINGLE), help="single-GPU kernels (first: the baseline)")
+    p.add_argument("--no-gqa", action="store_true", help="skip the extra GQA shape")
     a = p.parse_args()
     dev = torch.device("cuda")
     d, rows = 128, []
-    shapes = [(s, a.heads, a.heads) for s in a.seqs] + [(a.seqs[len(a.seqs) // 2], a.heads, a.gqa_kv)]
+    shapes = [(s, a.heads, a.heads) for s in a.seqs] + ([] if a.no_gqa else [(a.seqs[len(a.seqs) // 2], a.heads, a.gqa_kv)])
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     for s, h, hkv in shapes:
         reps = 3 if s <= 65536 else 1
@@ -81,8 +88,8 @@ def main():
         scale = 1 / math.sqrt(d)
         flops_f = 2 * s * s * h * d  # causal: half of 4*s*s*h*d
         base = None
-        for backend in ("cudnn", "flash"):
-            tf, tfb = single(get_kernel(backend, dev), q, k, v, dout, scale, reps)
+        for backend in a.singles:
+            tf, tfb = single(SINGLE[backend](), q, k, v, dout, scale, reps)
             base = base or (tf, tfb)
             rows.append(dict(S=s, H=h, KV=hkv, what=f"single {backend}", W=1, t_fwd=tf, t_fb=tfb,
                              tflops_fwd=flops_f / tf / 1e12, tflops_fb=3.5 * flops_f / tfb / 1e12,

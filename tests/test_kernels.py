@@ -3,7 +3,8 @@ backward of each key block with the *merged* out/lse sums to the full backward."
 import pytest
 import torch
 
-from easy_context.kernels import get_kernel, local_attn_func, resolve_backend
+from easy_context.kernels import (Kernel, _math_backward, _math_forward, get_kernel, local_attn_func,
+                                  resolve_backend, split_causal)
 from easy_context.merge import merge_into, new_accumulators
 from reference import attention_ref, rel_err
 
@@ -56,6 +57,35 @@ def test_backward_with_merged_out_lse_is_exact():
     assert rel_err(dq.transpose(1, 2), qr.grad) < TOL
     assert rel_err(torch.cat(dks, 2).transpose(1, 2), kr.grad) < TOL
     assert rel_err(torch.cat(dvs, 2).transpose(1, 2), vr.grad) < TOL
+
+
+@pytest.mark.parametrize("seq", [36, 37])  # even: split; odd: left whole
+def test_split_causal_forward_matches_reference(monkeypatch, seq):
+    """Long causal forwards as three calls (top causal, bottom-left full, bottom-right causal) merged in fp32,
+    then one backward with the merged out/lse: the same attention and gradients (same TOL: fp32 rounding)."""
+    calls = []
+    counting = Kernel("math", lambda *a: calls.append(a[3]) or _math_forward(*a), _math_backward)
+    split = split_causal(counting, 16)
+    torch.manual_seed(2)
+    q, dout = torch.randn(2, 4, seq, 16), torch.randn(2, 4, seq, 16)
+    k, v = torch.randn(2, 2, seq, 16), torch.randn(2, 2, seq, 16)
+    out, lse = split.forward(q, k, v, True, 0.3)
+    assert calls == ([True, False, True] if seq % 2 == 0 else [True])  # what ran: 3 calls, or one
+    dq, dk, dv = split.backward(dout, q, k, v, out, lse, True, 0.3)
+    qr, kr, vr = (x.double().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    ref = attention_ref(qr, kr, vr, True, 0.3)
+    ref.backward(dout.double().transpose(1, 2))
+    assert rel_err(out.transpose(1, 2), ref) < TOL
+    for a, b in ((dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
+        assert rel_err(a.transpose(1, 2), b) < TOL
+    # the environment switch reaches every algorithm through get_kernel
+    monkeypatch.setenv("EASY_CONTEXT_SPLIT_CAUSAL", "16")
+    assert get_kernel("math", torch.device("cpu")).forward is not _math_forward
+    monkeypatch.setenv("EASY_CONTEXT_SPLIT_CAUSAL", "0")
+    assert get_kernel("math", torch.device("cpu")).forward is _math_forward
+    monkeypatch.setenv("EASY_CONTEXT_SPLIT_CAUSAL", "many")
+    with pytest.raises(ValueError, match="token count"):
+        get_kernel("math", torch.device("cpu"))
 
 
 def test_backend_selection_and_errors(monkeypatch):
