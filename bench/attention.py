@@ -22,8 +22,8 @@ from sim import NullComm  # noqa: E402
 from easy_context import dist_flash, zigzag_ring  # noqa: E402
 from easy_context.kernels import _KERNELS, get_kernel, split_causal  # noqa: E402
 
-# "cudnn" is the plain single call (the baseline); "cudnn_split" the three-call causal forward the library uses
-# from 128K tokens (kernels.split_causal); the rings use get_kernel("cudnn"), i.e. the library's choice.
+# "cudnn" is the plain single call (the baseline); "cudnn_split" the three-call causal forward of
+# kernels.split_causal (opt-in via EASY_CONTEXT_SPLIT_CAUSAL); the rings use get_kernel("cudnn").
 SINGLE = {"cudnn": lambda: _KERNELS["cudnn"], "cudnn_split": lambda: split_causal(_KERNELS["cudnn"], 1),
           "flash": lambda: _KERNELS["flash"]}
 

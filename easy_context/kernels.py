@@ -29,9 +29,9 @@ import torch
 
 BACKENDS = ("auto", "cudnn", "flash", "flash_attn", "math")
 ENV_BACKEND = "EASY_CONTEXT_ATTN_BACKEND"
-# Causal forwards over at least this many tokens run as three calls (see split_causal); 0 turns it off.
+# Causal forwards over at least this many tokens run as three calls (see split_causal); 0 (the default: no gain
+# was measured at 64K-128K on the H200, bench/RESULTS.md) turns it off.
 ENV_SPLIT_CAUSAL = "EASY_CONTEXT_SPLIT_CAUSAL"
-SPLIT_CAUSAL_DEFAULT = {"cudnn": 131072, "flash": 131072, "flash_attn": 131072, "math": 0}
 
 # Rows of q processed at once by the math kernel: bounds its score matrix to rows x seq_k.
 _MATH_ROW_CHUNK = 2048
@@ -239,9 +239,10 @@ def split_causal(kernel: Kernel, min_len: int) -> Kernel:
 
     Queries ``[0, s/2)`` attend causally to keys ``[0, s/2)``; queries ``[s/2, s)`` attend to keys ``[0, s/2)``
     without a mask and causally to ``[s/2, s)``. Half the work moves into a non-causal call, which cuDNN runs
-    faster than long causal ones (bench/RESULTS.md: 256K causal 518 TFLOP/s, split in ring-sized blocks
+    faster than long causal ones at 256K (bench/RESULTS.md: one causal call 518 TFLOP/s, the rings' blocks
     580-608). The result is the same attention (merged ``out``/``lse`` in float32); backward is one call with
-    the merged ``out``/``lse``, as in the rings (it gains nothing from splitting).
+    the merged ``out``/``lse``, as in the rings (it gains nothing from splitting). Measured on one H200: 0.97x
+    forward at 64K and no step-time gain at 128K, so it is off unless ``EASY_CONTEXT_SPLIT_CAUSAL`` asks.
     """
     if min_len <= 0:
         return kernel
@@ -251,7 +252,7 @@ def split_causal(kernel: Kernel, min_len: int) -> Kernel:
         s = q.shape[2]
         if not causal or s < min_len or s % 2:
             return forward(q, k, v, causal, scale)
-        from .merge import merge_into
+        from .merge import _merge_eager  # eager: a first-call torch.compile stalled a 128K step by 11 s
 
         c = s // 2
         b, h, _, d = q.shape
@@ -263,7 +264,7 @@ def split_causal(kernel: Kernel, min_len: int) -> Kernel:
         acc, lse_acc = below.to(_acc_dtype(q.dtype)), lse_below.to(_acc_dtype(q.dtype))
         del below
         diag, lse_diag = forward(q[:, :, c:], k[:, :, c:], v[:, :, c:], True, scale)
-        merge_into(acc, lse_acc, diag, lse_diag)
+        _merge_eager(acc, lse_acc, diag, lse_diag)
         out[:, :, c:] = acc
         return out, torch.cat([lse_top.to(lse_acc.dtype), lse_acc], dim=2)
 
@@ -274,12 +275,12 @@ _SPLIT_KERNELS: dict = {}
 
 
 def get_kernel(backend: str | None, device: torch.device) -> Kernel:
-    """The :class:`Kernel` (name, forward, backward) for ``backend`` on ``device``; long causal forwards split
-    (:func:`split_causal`) from ``EASY_CONTEXT_SPLIT_CAUSAL`` tokens (default 128K on GPU backends, off for math)."""
+    """The :class:`Kernel` (name, forward, backward) for ``backend`` on ``device``; causal forwards of at least
+    ``EASY_CONTEXT_SPLIT_CAUSAL`` tokens split (:func:`split_causal`; default off)."""
     name = resolve_backend(backend, device)
     env = os.environ.get(ENV_SPLIT_CAUSAL, "")
     try:
-        min_len = int(env) if env else SPLIT_CAUSAL_DEFAULT[name]
+        min_len = int(env) if env else 0
     except ValueError:
         raise ValueError(f"{ENV_SPLIT_CAUSAL}={env!r}: expected a token count (0 turns splitting off)") from None
     if (name, min_len) not in _SPLIT_KERNELS:
