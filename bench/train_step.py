@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from easy_context.advise import parse_mode
+
 PEAK = 989e12
 
 
@@ -44,38 +46,24 @@ def build(layers, tiny=False):
     return model
 
 
-def features(mode):
-    """"ec+tile+keep=20+off" -> {"tile": None, "keep": 20, "off": None}; raises on anything else."""
-    base, *parts = mode.split("+")
-    if base not in ("stock", "ec") or (base == "stock" and parts):
-        raise ValueError(f"mode {mode!r}: 'stock' or 'ec[+norm][+tile[=N]][+keep[=N]][+off[=N]]'")
-    out = {}
-    for part in parts:
-        name, _, n = part.partition("=")
-        if name not in ("norm", "tile", "keep", "off"):
-            raise ValueError(f"mode {mode!r}: unknown feature {name!r}")
-        out[name] = int(n) if n else None
-    return out
-
-
 def configure(model, mode):
     from easy_context import apply_seq_parallel_monkey_patch
     from easy_context.memory import (enable_attention_preserving_checkpointing, enable_low_memory_rmsnorm,
                                      enable_offloaded_checkpointing, enable_tiled_mlp)
 
-    feats = features(mode)
+    f = parse_mode(mode, model.config.num_hidden_layers)  # the grammar above; raises on anything else
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if mode == "stock":
+    if f is None:  # stock
         return
     apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
-    if "norm" in feats:
+    if f.low_memory_rmsnorm:
         enable_low_memory_rmsnorm(model)
-    if "tile" in feats:
-        enable_tiled_mlp(model, tile_size=feats["tile"])
-    if "keep" in feats:
-        enable_attention_preserving_checkpointing(model, layers=feats["keep"])
-    if "off" in feats:
-        enable_offloaded_checkpointing(model, layers=feats["off"])
+    if f.tiled_mlp:
+        enable_tiled_mlp(model, tile_size=f.tile_size)
+    if f.keep_layers:
+        enable_attention_preserving_checkpointing(model, layers=f.keep_layers)
+    if f.offload_layers:
+        enable_offloaded_checkpointing(model, layers=f.offload_layers)
 
 
 class Progress:

@@ -1,29 +1,41 @@
 """Pick a parallel mode and memory features for a model, a sequence length and a set of GPUs.
 
-    python -m easy_context.advise --model-config llama-2-7b --seq-length 524288 --gpus 8 --gpu-mem-gib 141
+    python -m easy_context.advise --model-config llama-2-7b --seq-length 524288 --gpus 1 --host-mem-gib 128
 
-A first-order memory model of one training step per GPU (bf16 weights, DeepSpeed ZeRO-3 with the optimizer
-offloaded to host memory, gradient checkpointing per decoder layer), with the per-layer working set
-calibrated on the one-H200 Llama-2-7B measurements in bench/RESULTS.md (``WORK_FACTOR``). It prints the
-predicted peak and the choice; it is a planning aid, not a guarantee: allocator fragmentation and
-framework buffers add a few GiB.
+A first-order memory model of one training step per GPU (bf16 weights; on several GPUs DeepSpeed ZeRO-3 shards;
+gradient checkpointing per decoder layer), in units of ``U = tokens per GPU x hidden x 2 bytes`` (one layer
+input), calibrated on the one-H200 Llama-2-7B measurements in bench/RESULTS.md:
+
+* start of backward (the usual peak): weights + checkpoints kept on the GPU (U per layer not offloaded)
+  + attention outputs kept by attention-preserving checkpointing (U per preserving layer)
+  + ``OTHER_UNITS`` (embedding output, final norm, loss input) + ``WORK_UNITS`` (one layer's recompute and
+  backward in flight);
+* end of backward: weights + gradients + the same working set (short sequences peak here).
+
+It recommends, fastest first: attention preservation on as many layers as fit (each skips one attention forward),
+the MLP untiled only when every layer can preserve its attention anyway, and checkpoints offloaded to host
+memory only as far as needed (the first N layers). A planning aid, not a guarantee: the allocator needs slack
+(``BUDGET``), more when tensors are large.
 """
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GIB = 2**30
 
-# Transient activations of the layer in flight (recompute + backward), in units of tokens x hidden x 2 bytes,
-# tiled MLP and chunked loss on. Calibrated on bench/RESULTS.md (one H200, Llama-2-7B, 2026-11-29): mode "ec"
-# at 128K: (67.2 GiB peak - 25.1 weights+grads - 32 checkpoints) / 1 GiB = 10.1; with offloading ("ec_off",
-# 256K) the in-flight copies raise it to (69.0 - 25.1) / 2 GiB = 22.
-WORK_FACTOR = {False: 10.1, True: 22.0}
-# Attention-preserving checkpointing keeps, per layer, this many units (measured "ec_keep_off" at 64K:
-# (87.9 - 25.1 - 22 x 0.5) / 32 layers / 0.5 GiB = 3.2; the attention output alone would be 1).
-KEEP_FACTOR = 3.2
+# One layer's backward working set, in U, with the low-memory RMSNorm and the tiled MLP: 4-layer Llama-2-7B-width
+# run at 256K on the H200, every checkpoint offloaded (bench/results/s2_run2_diag256_4layers_progress.jsonl: peak
+# 31.9 GiB - 6.4 GiB allocated when the last layer's backward began = 25.5 GiB = 12.6 U of 2 GiB; the 6.4 GiB
+# less 2.0 GiB of weights = 2.2 U held outside the layers; bench/pick_offload.py does this arithmetic).
+WORK_UNITS = 12.6
+PLAIN_NORM_UNITS = 8.0   # plain RMSNorm keeps float32 copies: 20.6 U measured the same way (s2_run1_diag256)
+UNTILED_MLP_UNITS = 9.7  # (batch, seq, intermediate) activations of an untiled MLP: 128K run, s2_run3 ec+norm+keep
+OTHER_UNITS = 2.2        # held outside the layers when backward starts (same 4-layer runs)
+# Fraction of the GPU the model may fill: tiled runs fitted at 0.95 of the H200 by this model (512K), an untiled
+# 256K run (5.4 GiB MLP tensors) failed at 0.90: large blocks fragment the caching allocator.
+BUDGET = {True: 0.95, False: 0.85}
 # Measured per-rank attention efficiency of the zigzag ring vs single-GPU cuDNN (bench/RESULTS.md):
 # >= 0.95 once each rank holds >= 16K tokens; below ~4K per rank launch overheads dominate.
 RING_EFFICIENT_TOKENS = 16384
@@ -63,35 +75,104 @@ def load_shape(name_or_path: str) -> ModelShape:
                       getattr(c, "num_key_value_heads", None) or c.num_attention_heads, c.intermediate_size, c.vocab_size)
 
 
+@dataclass(frozen=True)
+class Features:
+    """Memory features of a run: what bench/train_step.py modes and train.py flags switch on."""
+    tiled_mlp: bool = True
+    low_memory_rmsnorm: bool = True
+    keep_layers: int = 0     # attention-preserving checkpointing on the first N layers
+    offload_layers: int = 0  # checkpoints of the first N layers in host memory
+    tile_size: int | None = None  # tokens per MLP tile (None: enable_tiled_mlp's default)
+
+
+def parse_mode(mode: str, layers: int) -> Features | None:
+    """bench/train_step.py's mode grammar (``ec+norm+tile=16384+keep=20+off=12``) -> Features; None for stock."""
+    base, *parts = mode.split("+")
+    if base not in ("stock", "ec") or (base == "stock" and parts):
+        raise ValueError(f"mode {mode!r}: 'stock' or 'ec[+norm][+tile[=N]][+keep[=N]][+off[=N]]'")
+    if base == "stock":
+        return None
+    given = {}
+    for part in parts:
+        name, _, n = part.partition("=")
+        if name not in ("norm", "tile", "keep", "off"):
+            raise ValueError(f"mode {mode!r}: unknown feature {name!r}")
+        given[name] = int(n) if n else None
+    count = (lambda name: 0 if name not in given else layers if given[name] is None else given[name])  # noqa: E731
+    return Features(tiled_mlp="tile" in given, low_memory_rmsnorm="norm" in given, keep_layers=count("keep"),
+                    offload_layers=count("off"), tile_size=given.get("tile"))
+
+
+def predict_gib(m: ModelShape, tokens_per_gpu: int, gpus: int, f: Features) -> tuple[float, float]:
+    """(peak GPU GiB, host GiB for offloaded checkpoints) of one forward+backward."""
+    unit = tokens_per_gpu * m.hidden * 2
+    # bf16 weights (and as many bf16 gradients): ZeRO-3 shards plus one gathered layer; on one GPU all of them
+    weights = 2 * m.params if gpus == 1 else 2 * m.params / gpus + 2 * m.params / m.layers
+    work = (WORK_UNITS + OTHER_UNITS + (0 if f.low_memory_rmsnorm else PLAIN_NORM_UNITS)
+            + (0 if f.tiled_mlp else UNTILED_MLP_UNITS)) * unit
+    start = weights + (m.layers - f.offload_layers + f.keep_layers) * unit + work
+    end = 2 * weights + work
+    return max(start, end) / GIB, f.offload_layers * unit / GIB
+
+
 @dataclass
 class Plan:
     seq_algo: str
     sp_size: int
     ring_degree: int | None
-    offload_checkpoints: bool
-    attn_preserving: bool
+    features: Features | None  # None: does not fit
     gpu_gib: float
     host_gib: float
-    notes: list
+    layers: int
+    notes: list = field(default_factory=list)
+
+    def flags(self) -> str:
+        """train.py's memory flags for this plan."""
+        f = self.features
+        if f is None:
+            return "(does not fit)"
+        out = ["--gradient-checkpointing", "--low-memory-rmsnorm"] + (["--tiled-mlp"] if f.tiled_mlp else [])
+        for flag, n in (("--attn-preserving-checkpointing", f.keep_layers), ("--offload-checkpointing", f.offload_layers)):
+            if n:
+                out.append(flag if n == self.layers else f"{flag} {n}")
+        return " ".join(out)
 
 
-def predict_gib(m: ModelShape, tokens_per_gpu: int, gpus: int, *, offload: bool, keep_attn: bool) -> tuple[float, float]:
-    """(GPU GiB, host GiB) of one step: ZeRO-3 shards of bf16 weights+grads, one gathered layer, the
-    checkpoints (layer inputs; on the host when offloaded), preserved attention outputs, the working set."""
-    act = tokens_per_gpu * m.hidden * 2
-    # bf16 weights + grads: ZeRO-3 shards plus one gathered layer; on one GPU simply all of them
-    weights = 2 * 2 * m.params if gpus == 1 else 2 * 2 * m.params / gpus + 2 * 2 * m.params / m.layers
-    ckpt = m.layers * act
-    keep = KEEP_FACTOR * m.layers * act if keep_attn else 0
-    gpu = weights + WORK_FACTOR[offload] * act + keep + (0 if offload else ckpt)
-    host = 12 * m.params / gpus + (ckpt if offload else 0)  # Adam fp32 master, m, v per GPU's shard
-    return gpu / GIB, host / GIB
+def choose_features(m: ModelShape, tokens_per_gpu: int, gpus: int, gpu_mem_gib: float,
+                    host_gib: float) -> tuple[Features | None, float, float]:
+    """The fastest features that fit: (features or None, GPU GiB, host GiB)."""
+    unit = tokens_per_gpu * m.hidden * 2 / GIB
+    max_offload = min(m.layers, int(host_gib // unit)) if unit > 0 else m.layers
+    best = None
+    for tiled in (False, True):
+        base = Features(tiled_mlp=tiled)
+        budget = BUDGET[tiled] * gpu_mem_gib
+        gpu0, _ = predict_gib(m, tokens_per_gpu, gpus, base)  # every checkpoint on the GPU, nothing preserved
+        # GPU room, in layers' worth of U, beyond the no-feature run minus its on-GPU checkpoints
+        room = int((budget - gpu0) // unit) + m.layers if unit > 0 else 2 * m.layers
+        if room < m.layers - max_offload:
+            continue  # even offloading as much as the host holds does not fit
+        keep = min(m.layers, room - (m.layers - max_offload))
+        offload = max(0, m.layers - (room - keep))
+        f = Features(tiled_mlp=tiled, keep_layers=keep, offload_layers=offload)
+        gpu, host = predict_gib(m, tokens_per_gpu, gpus, f)
+        if gpu > budget:
+            continue  # the end-of-backward peak (weights + gradients) does not fit
+        if not tiled and keep < m.layers:
+            continue  # untiled only pays when every layer preserves its attention
+        best = best or (f, gpu, host)
+    return best if best else (None, *predict_gib(m, tokens_per_gpu, gpus, Features(offload_layers=max_offload)))
 
 
-def advise(m: ModelShape, seq_length: int, gpus: int, gpu_mem_gib: float, host_mem_gib: float) -> Plan:
+def advise(m: ModelShape, seq_length: int, gpus: int, gpu_mem_gib: float, host_mem_gib: float, *,
+           optimizer_host_bytes: float = 16.0) -> Plan:
+    """Plan for ``seq_length`` tokens on ``gpus`` GPUs of ``gpu_mem_gib`` each; ``host_mem_gib`` per GPU.
+
+    ``optimizer_host_bytes`` per parameter are reserved in host memory first (16: ZeRO-offloaded Adam's float32
+    master weights, moments and gradients; 0 for an optimizer on the GPU or plain SGD).
+    """
     notes = []
-    uly = math.gcd(gpus, m.heads)
-    uly = max(d for d in range(1, min(uly, 8) + 1) if gpus % d == 0 and m.heads % d == 0)
+    uly = max(d for d in range(1, min(math.gcd(gpus, m.heads), 8) + 1) if gpus % d == 0 and m.heads % d == 0)
     if gpus == 1:
         algo, ring = "zigzag_ring_attn", None
         notes.append("one GPU: a ring of one is plain cuDNN attention through easy_context's kernels, which is "
@@ -105,30 +186,37 @@ def advise(m: ModelShape, seq_length: int, gpus: int, gpu_mem_gib: float, host_m
     else:
         algo, ring = "zigzag_ring_attn", None
     per_gpu = seq_length // gpus
-    if algo == "zigzag_ring_attn" and per_gpu < RING_EFFICIENT_TOKENS:
+    if algo == "zigzag_ring_attn" and gpus > 1 and per_gpu < RING_EFFICIENT_TOKENS:
         notes.append(f"only {per_gpu} tokens per rank: ring steps are short, expect < 95% attention efficiency")
-    budget = gpu_mem_gib * 0.92  # allocator slack
-    for offload, keep in ((False, True), (True, True), (False, False), (True, False)):
-        gpu, host = predict_gib(m, per_gpu, gpus, offload=offload, keep_attn=keep)
-        if gpu <= budget and host <= host_mem_gib * 0.9:
-            break
-    else:
-        notes.append("does not fit even with every feature on: use more GPUs or a shorter sequence")
-    return Plan(algo, gpus, ring, offload, keep, gpu, host, notes)
+    optimizer_gib = optimizer_host_bytes * m.params / gpus / GIB
+    host_free = max(0.0, 0.8 * host_mem_gib - optimizer_gib)  # pinned pages: leave the OS and the process room
+    f, gpu, host = choose_features(m, per_gpu, gpus, gpu_mem_gib, host_free)
+    if f is None:
+        notes.append(f"does not fit even with every feature on ({gpu:.0f} GiB GPU with {host:.0f} GiB offloaded; "
+                     f"{host_free:.0f} GiB of host memory left after the optimizer's {optimizer_gib:.0f} GiB): use "
+                     "more GPUs, more host memory or a shorter sequence")
+    elif f.offload_layers:
+        notes.append(f"host memory: {host:.0f} GiB of offloaded checkpoints + {optimizer_gib:.0f} GiB optimizer state")
+    return Plan(algo, gpus, ring, f, gpu, host + optimizer_gib, m.layers, notes)
 
 
 def check(path: str) -> list:
-    """Predicted vs measured peak GiB for the single-GPU rows of a bench/train_step.py JSON-lines file."""
+    """Predicted vs measured peak GiB for the easy_context rows of a bench/train_step.py JSON-lines file."""
     import json
 
-    m, out = ModelShape(**PRESETS["llama-2-7b"]), []
+    out = []
     for line in open(path):
         r = json.loads(line)
-        if r.get("oom") or r.get("error") or r["mode"] == "stock" or r.get("layers") != m.layers:
+        if r.get("error") or "mode" not in r:
             continue
-        gpu, _ = predict_gib(m, r["S"], 1, offload="off" in r["mode"], keep_attn="keep" in r["mode"])
-        out.append((r["mode"], r["S"], gpu, r["peak_GiB"]))
-        print(f"{r['mode']:12s} S={r['S']:>7d}: predicted {gpu:6.1f} GiB, measured {r['peak_GiB']:6.1f} GiB")
+        m = ModelShape(**dict(PRESETS["llama-2-7b"], layers=r["layers"]))
+        f = parse_mode(r["mode"], m.layers)
+        if f is None:
+            continue
+        gpu, _ = predict_gib(m, r["S"], 1, f)
+        measured = "OOM" if r.get("oom") else f"{r['peak_GiB']:6.1f} GiB"
+        out.append((r["mode"], r["S"], r["layers"], gpu, None if r.get("oom") else r["peak_GiB"]))
+        print(f"{r['mode']:28s} S={r['S']:>7d} L={r['layers']:>2d}: predicted {gpu:6.1f} GiB, measured {measured}")
     return out
 
 
@@ -137,18 +225,20 @@ def main(argv=None):
     p.add_argument("--model-config", default="llama-2-7b", help=f"preset ({', '.join(PRESETS)}) or a config path")
     p.add_argument("--seq-length", type=int, default=131072)
     p.add_argument("--gpus", type=int, default=8)
-    p.add_argument("--gpu-mem-gib", type=float, default=141.0)
+    p.add_argument("--gpu-mem-gib", type=float, default=139.0, help="usable memory of one GPU (H200: 139)")
     p.add_argument("--host-mem-gib", type=float, default=1024.0, help="host memory of the node (all GPUs)")
+    p.add_argument("--optimizer-host-bytes", type=float, default=16.0,
+                   help="host bytes per parameter for the optimizer (16: ZeRO-offloaded Adam; 0: on GPU / SGD)")
     p.add_argument("--check", metavar="JSONL", help="compare predictions with bench/train_step.py measurements")
     a = p.parse_args(argv)
     if a.check:
         return check(a.check)
     m = load_shape(a.model_config)
-    plan = advise(m, a.seq_length, a.gpus, a.gpu_mem_gib, a.host_mem_gib / a.gpus)
+    plan = advise(m, a.seq_length, a.gpus, a.gpu_mem_gib, a.host_mem_gib / a.gpus,
+                  optimizer_host_bytes=a.optimizer_host_bytes)
     print(f"model: {a.model_config} ({m.params / 1e9:.2f} B params), {a.seq_length} tokens on {a.gpus} GPU(s)")
     print(f"  --parallel_mode {plan.seq_algo}" + (f" --ring-degree {plan.ring_degree}" if plan.ring_degree else ""))
-    print(f"  offloaded checkpointing: {'on' if plan.offload_checkpoints else 'off'}; attention-preserving "
-          f"checkpointing: {'on' if plan.attn_preserving else 'off'}; tiled MLP and chunked loss: on")
+    print(f"  memory: {plan.flags()}")
     print(f"  predicted peak: {plan.gpu_gib:.1f} GiB per GPU, {plan.host_gib:.1f} GiB host per GPU")
     for n in plan.notes:
         print(f"  note: {n}")

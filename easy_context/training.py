@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--low-memory-rmsnorm", action="store_true",
       help="RMSNorm that saves x and a float32 rstd instead of float32 activation copies (easy_context.memory)")
     a("--tiled-mlp", action="store_true", help="MLP computed in sequence tiles (easy_context.memory)")
-    a("--tiled-mlp-tile-size", type=int, default=None, help="tokens per MLP tile (default: hidden_size)")
+    a("--tiled-mlp-tile-size", type=int, default=None, help="tokens per MLP tile (default: 4 x hidden_size)")
     a("--no-save-model", dest="save_model", action="store_false", help="skip the final save_pretrained")
     return p
 

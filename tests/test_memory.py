@@ -229,7 +229,7 @@ def test_tiled_mlp_exact_and_tiles():
         # Forward once, backward recompute once, and with checkpointing the layer recompute once more.
         passes = 3 if checkpointing else 2
         assert max(rows) == 16 and rows.count(8) == passes * n_layers and len(rows) == 3 * passes * n_layers
-    # num_tiles and the default (tiles of hidden_size tokens: one tile here, the MLP runs untouched)
+    # num_tiles and the default (tiles of 4 x hidden_size tokens: one tile here, the MLP runs untouched)
     model = copy.deepcopy(base)
     enable_tiled_mlp(model, num_tiles=3)
     _assert_same(_run(model, ids, tgt), reference, "tiled MLP num_tiles=3")
