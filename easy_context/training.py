@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
       help="model weights; auto = bfloat16 on GPU, float32 on CPU")
     a("--cpu", action="store_true", help="run on CPU with gloo even if GPUs exist (automatic without CUDA)")
-    a("--mixed-precision", choices=("no", "bf16", "fp16"), default=None, help="default: the accelerate config's")
+    a("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
+      help="default: the accelerate config's (DeepSpeed configs on CUDA: bf16)")
     a("--dataset", default=SYNTHETIC, help="'synthetic', a save_to_disk folder, a json/jsonl/parquet/arrow file "
       "or a hub id, with an input_ids column (see prepare_data.py)")
     a("--seq-length", type=int, default=16384)
@@ -238,6 +239,15 @@ def apply_memory_features(args, model) -> None:
         memory.enable_low_memory_rmsnorm(model)
 
 
+def _mixed_precision(args) -> str | None:
+    """--mixed-precision, else the accelerate config's; a DeepSpeed config on CUDA that names none gets bf16
+    (accelerate refuses mixed_precision in a yaml next to a deepspeed_config_file, so the shipped ones omit it)."""
+    if args.mixed_precision is not None or "ACCELERATE_MIXED_PRECISION" in os.environ:
+        return args.mixed_precision
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return "bf16" if deepspeed and torch.cuda.is_available() and not args.cpu else None
+
+
 def _make_scheduler(args):
     from transformers import get_scheduler
 
@@ -364,7 +374,7 @@ def train(args) -> dict:
     from .api import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
 
     accelerator = Accelerator(
-        cpu=args.cpu or not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
+        cpu=args.cpu or not torch.cuda.is_available(), mixed_precision=_mixed_precision(args),
         # sync purely every N micro-batches: an epoch end must not force an early step (resume would drift)
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.gradient_accumulate_every,
                                                                 sync_with_dataloader=False),

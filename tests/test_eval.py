@@ -198,3 +198,37 @@ def test_eval_distributed(model_dir, tmp_path):
     written = plot.main([os.path.join(out_dir, "ppl.csv"), os.path.join(out_dir, "ppl_slide.csv"), "--output",
                          str(tmp_path / "ppl"), "--xmax", "400"])
     assert all(os.path.getsize(p) > 1000 for p in written) and [p[-3:] for p in written] == ["png", "pdf"]
+
+
+def test_eval_ppl_under_deepspeed_zero3(model_dir, tmp_path):
+    """`accelerate launch --config_file accelerate_configs/zero3_inference.yaml eval_ppl.py` on 2 CPU processes:
+    weights in ZeRO-3 partitions, the same perplexity as the independent single-process reference."""
+    import socket
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from easy_context.eval.common import load_model
+    from easy_context.eval.ppl import load_documents
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    csv = tmp_path / "ppl_zero3.csv"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(ROOT, "accelerate_configs", "zero3_inference.yaml"), "--num_processes", "2",
+           "--main_process_port", str(port), os.path.join(ROOT, "eval_ppl.py"), "--model", model_dir, "--synthetic",
+           "--samples", "3", "--min-tokens", "96", "--max-tokens", "384", "--hide-progress", "--truncate",
+           "--parallel-mode", "zigzag_ring_attn", "--output-file", str(csv)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import pandas as pd
+
+    got = pd.read_csv(csv).iloc[0, 1:].astype(float).tolist()
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").float().eval()
+    _, tokenizer = load_model(model_dir, "data_parallel", "cpu")
+    docs = load_documents(tokenizer, synthetic_tokens=384, samples=3)
+    want = [_reference_ppl(reference, docs, n, tokenizer.bos_token_id) for n in (96, 192, 384)]
+    assert got == pytest.approx(want, rel=1e-4)  # same tolerance as the eval_ppl checks above

@@ -179,6 +179,26 @@ def test_accelerate_launch_two_processes(runs, tmp_path):
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
 
 
+def test_deepspeed_zero3_launch_matches_one_process(runs, tmp_path):
+    """The shipped ZeRO-3 config (parameters and optimizer offloaded, DeepSpeed's CPU Adam) on 2 CPU processes:
+    the same losses as one process with torch AdamW, and a saved model gathered from the partitions."""
+    one, _ = runs
+    out = tmp_path / "zero3"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(ROOT, "accelerate_configs", "single_node.yaml"), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), os.path.join(ROOT, "train.py"), *_argv(out, "zigzag_ring_attn")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / training.LOG_FILE) as f:
+        log = [json.loads(line) for line in f]
+    _close([r["loss"] for r in log], one["batch1"], "DeepSpeed ZeRO-3 zigzag_ring_attn")
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)  # whole weights, not ZeRO partitions
+    assert sum(p.numel() for p in reloaded.parameters()) > 0 and all(p.numel() for p in reloaded.parameters())
+
+
 # ----------------------------------------------------------------------------- no processes
 
 
@@ -201,6 +221,11 @@ def test_rope_theta_and_builtin_config():
     assert config.rope_parameters["rope_theta"] == 5e6 and config.max_position_embeddings == 8192
 
 
+def _yaml_sets(cfg_dir, name, key):
+    with open(os.path.join(cfg_dir, name)) as f:
+        return any(line.startswith(f"{key}:") for line in f)
+
+
 def test_accelerate_and_deepspeed_configs():
     """The shipped configs parse; the ZeRO-3 JSON leaves lr/schedule to the flags (no hidden values)."""
     from accelerate.commands.config.config_args import load_config_from_file
@@ -208,7 +233,10 @@ def test_accelerate_and_deepspeed_configs():
     cfg_dir = os.path.join(ROOT, "accelerate_configs")
     for name in os.listdir(cfg_dir):
         if name.endswith(".yaml"):
-            load_config_from_file(os.path.join(cfg_dir, name))
+            cfg = load_config_from_file(os.path.join(cfg_dir, name))
+            # accelerate refuses to start when a yaml sets mixed_precision next to a deepspeed_config_file
+            ds = getattr(cfg, "deepspeed_config", None) or {}
+            assert not (ds.get("deepspeed_config_file") and _yaml_sets(cfg_dir, name, "mixed_precision")), name
     with open(os.path.join(cfg_dir, "zero3_offload.json")) as f:
         ds = json.load(f)
     assert "scheduler" not in ds and ds["optimizer"]["params"]["lr"] == "auto"

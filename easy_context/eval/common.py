@@ -1,6 +1,8 @@
 """What both evaluation scripts need: the process group, the model under a parallel mode, and one sharded forward."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 
 import torch
@@ -25,8 +27,50 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return 0, 1, device
 
 
+def deepspeed_inference_config(dtype: torch.dtype, hidden_size: int) -> dict | None:
+    """The DeepSpeed config of an ``accelerate launch --config_file accelerate_configs/zero3_inference.yaml`` run
+    (None without DeepSpeed), its ``"auto"`` values filled: precision from ``dtype``, one sequence per rank,
+    ZeRO-3 bucket sizes from the hidden size (as accelerate does for training)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path:
+        raise ValueError("a DeepSpeed launch without deepspeed_config_file: evaluate with "
+                         "accelerate_configs/zero3_inference.yaml (ZeRO-3, parameters offloaded)")
+    with open(path) as f:
+        config = json.load(f)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    auto = {"bf16.enabled": dtype == torch.bfloat16, "fp16.enabled": dtype == torch.float16,
+            "train_batch_size": world, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+            "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+            "zero_optimization.reduce_bucket_size": hidden_size * hidden_size}
+    for dotted, value in auto.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.get(key, {})
+        if node.get(leaf) == "auto":
+            node[leaf] = value
+    left = [k for k, v in _flatten(config).items() if v == "auto"]
+    if left:
+        raise ValueError(f"{path}: cannot fill 'auto' for {left} in an evaluation run; give values")
+    return config
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def load_model(path: str, seq_algo: str, device, *, dtype: str = "auto", rope_theta: float | None = None):
     """``(model, tokenizer)`` from a local directory (or hub id), switched to ``seq_algo``, in eval mode.
+
+    Under ``accelerate launch`` with a DeepSpeed config (``accelerate_configs/zero3_inference.yaml``) the weights
+    load straight into ZeRO-3 partitions (each rank holds ``1/world`` of them, offloaded to host memory as the
+    config says) and every forward gathers one layer at a time: for models too large for one GPU.
 
     Args:
         path: anything ``from_pretrained`` accepts; tests pass a directory they saved.
@@ -48,12 +92,38 @@ def load_model(path: str, seq_algo: str, device, *, dtype: str = "auto", rope_th
             config.rope_parameters["rope_theta"] = rope_theta
         else:
             config.rope_theta = rope_theta
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, dtype),
-                                                 attn_implementation="sdpa").to(device).eval()
+    ds_config = deepspeed_inference_config(getattr(torch, dtype), config.get_text_config().hidden_size)
+    if ds_config is None:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, dtype),
+                                                     attn_implementation="sdpa").to(device).eval()
+    else:
+        try:
+            import deepspeed
+            from transformers.integrations import HfDeepSpeedConfig
+        except ImportError as err:
+            raise ImportError("a DeepSpeed launch needs deepspeed: pip install deepspeed") from err
+        # while this object lives, from_pretrained loads into ZeRO-3 partitions (no full copy per rank)
+        hf_ds = HfDeepSpeedConfig(ds_config)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, dtype),
+                                                     attn_implementation="sdpa")
+        engine = deepspeed.initialize(model=model, config=ds_config)[0]
+        model = engine.module.eval()
+        model._easy_context_deepspeed = (engine, hf_ds)  # keep both alive with the model
     apply_seq_parallel_monkey_patch(seq_algo, model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.model_max_length = 1 << 62  # silence "sequence longer than the model maximum" warnings
     return model, tokenizer
+
+
+def gathered(module: torch.nn.Module):
+    """Context in which ``module``'s parameters are whole: a ZeRO-3 gather for partitioned ones (used when a weight
+    is read outside its module's forward, e.g. the LM head in the chunked loss), else nothing."""
+    params = list(module.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def rank_world() -> tuple[int, int]:
@@ -73,4 +143,4 @@ def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
     return tensor
 
 
-__all__ = ["init_distributed", "load_model", "rank_world", "all_reduce_"]
+__all__ = ["init_distributed", "load_model", "deepspeed_inference_config", "gathered", "rank_world", "all_reduce_"]

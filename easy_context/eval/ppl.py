@@ -50,7 +50,7 @@ def _window_nll(model, ids: list[int], scored: int, *, seq_algo: str, device, bo
     """(NLL sum, scored tokens) of one window; ``local=False``: over the SP group (collective, same on all ranks)."""
     from ..api import prepare_seq_parallel_inputs
     from ..loss import linear_cross_entropy_sum, sharded_cross_entropy
-    from .common import rank_world
+    from .common import gathered, rank_world
 
     if bos_id is not None:
         ids = [bos_id] + ids
@@ -60,7 +60,7 @@ def _window_nll(model, ids: list[int], scored: int, *, seq_algo: str, device, bo
     rank, world = rank_world()
     p = prepare_seq_parallel_inputs(seq_algo, torch.tensor([ids]), None, torch.tensor([targets]), rank, world, device)
     head = model.get_output_embeddings()
-    with torch.inference_mode():
+    with torch.inference_mode(), gathered(head):
         hidden = model.get_decoder()(input_ids=p["local_input_ids"], position_ids=p["local_position_ids"],
                                      use_cache=False).last_hidden_state  # (1, local_seq, hidden)
         if local:
