@@ -199,6 +199,32 @@ def test_deepspeed_zero3_launch_matches_one_process(runs, tmp_path):
     assert sum(p.numel() for p in reloaded.parameters()) > 0 and all(p.numel() for p in reloaded.parameters())
 
 
+def test_two_node_config_as_two_local_nodes(runs, tmp_path):
+    """accelerate_configs/two_node.yaml as shipped (ZeRO-3, c10d rendezvous, standard multi-node launcher), run as
+    two "nodes" of one CPU process each on this machine: both launchers meet, and the losses are one process's."""
+    one, _ = runs
+    port = str(_free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu"}
+    procs = []
+    for machine in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(ROOT, "accelerate_configs", "two_node.yaml"), "--num_processes", "2", "--machine_rank",
+               str(machine), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+               os.path.join(ROOT, "train.py"), *_argv(tmp_path / f"node{machine}", "zigzag_ring_attn", "--no-save-model")]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=300)
+            assert p.returncode == 0, out[-3000:]
+    finally:  # one launcher failing leaves the other waiting at the rendezvous
+        for p in procs:
+            p.kill()
+    with open(tmp_path / "node0" / training.LOG_FILE) as f:
+        log = [json.loads(line) for line in f]
+    _close([r["loss"] for r in log], one["batch1"], "two_node.yaml on two local 'nodes'")
+
+
 # ----------------------------------------------------------------------------- no processes
 
 
