@@ -28,6 +28,8 @@ STEPS, GA, SEQ = 3, 2, 64
 # or gradient (e.g. a missing factor of the world size, or SP ranks seeing different data) changes the step-2
 # loss by >1e-2.
 RTOL = 1e-4
+MEMORY_FLAGS = ("--gradient-checkpointing", "--offload-checkpointing", "--attn-preserving-checkpointing", "--tiled-mlp",
+                "--tiled-mlp-tile-size", "8", "--low-memory-rmsnorm")
 
 
 def _argv(out, mode, *extra, steps=STEPS, batch=1):
@@ -71,10 +73,8 @@ def _two_rank_worker(rank, world, root):
         out[algo] = _losses(_train(_argv(f"{root}/{algo}", algo, "--no-save-model")))
     out["usp_attn ring_degree=1"] = _losses(_train(_argv(f"{root}/usp_r1", "usp_attn", "--ring-degree", "1",
                                                          "--no-save-model")))
-    out["zigzag + memory features"] = _losses(_train(_argv(
-        f"{root}/mem", "zigzag_ring_attn", "--gradient-checkpointing", "--offload-checkpointing",
-        "--attn-preserving-checkpointing", "--tiled-mlp", "--tiled-mlp-tile-size", "8", "--low-memory-rmsnorm",
-        "--no-save-model")))
+    out["zigzag + memory features"] = _losses(_train(_argv(f"{root}/mem", "zigzag_ring_attn", *MEMORY_FLAGS,
+                                                           "--no-save-model")))
     out["data_parallel"] = _losses(_train(_argv(f"{root}/dp", "data_parallel", "--no-save-model")))
     out["zigzag sp_size=1"] = _losses(_train(_argv(f"{root}/sp1", "zigzag_ring_attn", "--sp-size", "1",
                                                    "--no-save-model")))
@@ -180,13 +180,15 @@ def test_accelerate_launch_two_processes(runs, tmp_path):
 
 
 def test_deepspeed_zero3_launch_matches_one_process(runs, tmp_path):
-    """The shipped ZeRO-3 config (parameters and optimizer offloaded, DeepSpeed's CPU Adam) on 2 CPU processes:
-    the same losses as one process with torch AdamW, and a saved model gathered from the partitions."""
+    """The shipped ZeRO-3 config (parameters and optimizer offloaded, DeepSpeed's CPU Adam) on 2 CPU processes,
+    every memory feature on (tiled MLP and the low-memory RMSNorm with partitioned parameters): the same losses as
+    one process with torch AdamW, and a saved model gathered from the partitions."""
     one, _ = runs
     out = tmp_path / "zero3"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(ROOT, "accelerate_configs", "single_node.yaml"), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), os.path.join(ROOT, "train.py"), *_argv(out, "zigzag_ring_attn")]
+           "--main_process_port", str(_free_port()), os.path.join(ROOT, "train.py"),
+           *_argv(out, "zigzag_ring_attn", *MEMORY_FLAGS)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
