@@ -7,6 +7,8 @@ single-process (W=1).
 """
 from __future__ import annotations
 
+import contextvars
+
 import torch
 import torch.distributed as dist
 
@@ -195,6 +197,13 @@ class RingComm:
 
 
 # ---------------------------------------------------------------- Ulysses all-to-all
+
+# Set while a kept attention graph is being built (easy_context.memory's attention-preserving checkpointing):
+# Ulysses then saves its sequence-sharded inputs, which the recompute provides again, and re-runs the
+# all-to-alls in backward, instead of keeping the head-sharded q/k/v/out for the whole step (4 more
+# seq x hidden units per layer).
+LEAN_ALL_TO_ALL: contextvars.ContextVar = contextvars.ContextVar("easy_context_lean_all_to_all", default=False)
+
 
 
 def _a2a(x: torch.Tensor, group) -> torch.Tensor:

@@ -309,8 +309,14 @@ class _PreservedAttention(torch.autograd.Function):
         entry.inputs = detached
         # our hooks shadow the checkpoint's: the attention's saved tensors are kept (q/k/v: re-provided by the
         # recompute), not dropped for recompute
-        with torch.enable_grad(), _light_hooks(entry):
-            out, _ = call(*detached)
+        from .comm import LEAN_ALL_TO_ALL
+
+        lean = LEAN_ALL_TO_ALL.set(True)  # Ulysses/USP: save sequence-sharded inputs, not head-sharded copies
+        try:
+            with torch.enable_grad(), _light_hooks(entry):
+                out, _ = call(*detached)
+        finally:
+            LEAN_ALL_TO_ALL.reset(lean)
         entry.out = out
         # The leaves share storage with this forward's q/k/v; holding them would keep q/k/v alive for the whole
         # step. Point them at empty storage now and at the recompute's q/k/v in backward (same shapes).
@@ -415,8 +421,8 @@ def enable_attention_preserving_checkpointing(model, layers: int | Iterable[int]
 
     Memory: per preserving layer, on top of the layer input, what the attention's own backward saves except q, k
     and v (the recompute provides those again): for fused kernels and the easy_context algorithms out and lse,
-    about ``seq x hidden`` (one more layer input's worth); for ``eager`` the ``seq x seq`` probabilities (short
-    sequences only). Compute: one attention forward per preserving layer per step fewer. When memory allows only
+    about ``seq x hidden`` (one more layer input's worth; Ulysses/USP re-run their all-to-alls in backward rather
+    than keep head-sharded copies); for ``eager`` the ``seq x seq`` probabilities (short sequences only). Compute: one attention forward per preserving layer per step fewer. When memory allows only
     some, preserve some (``layers``): each one saves its attention forward.
 
     Call it after :func:`easy_context.apply_seq_parallel_monkey_patch` (which switches the implementation itself)

@@ -10,10 +10,12 @@ the kv head its query heads use (the replication's backward sums the gradients b
 """
 from __future__ import annotations
 
+import torch
 
-from .comm import HeadToSeq, SeqToHead, group_rank_size
-from .kernels import check_qkv, local_attn_func
-from .zigzag_ring import check_ring_inputs
+from .comm import (LEAN_ALL_TO_ALL, SELF_GROUP, HeadToSeq, RingComm, SeqToHead, _head_to_seq, _seq_to_head,
+                   group_rank_size)
+from .kernels import check_qkv, default_scale, get_kernel, local_attn_func
+from .zigzag_ring import check_ring_inputs, ring_backward, ring_forward
 
 
 def ulysses_kv_replication(heads: int, kv_heads: int, degree: int) -> int:
@@ -33,8 +35,33 @@ def ulysses_kv_replication(heads: int, kv_heads: int, degree: int) -> int:
                      f"== 0 or degree % kv_heads == 0); choose another degree or ring_degree")
 
 
+class _LeanUlyssesAttn(torch.autograd.Function):
+    """Ulysses that saves only its sequence-sharded q/k/v and output (+ the head-sharded lse) and re-runs the
+    all-to-alls in backward. Used while a kept attention graph is built (``comm.LEAN_ALL_TO_ALL``), where the
+    recompute provides q/k/v again, so the kept graph holds one output per layer instead of five tensors.
+    The local attention is the zigzag ring over ``ring_group`` (a ring of one for plain Ulysses)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, kernel, group, ring_group):
+        comm = RingComm(ring_group)
+        heads = [_seq_to_head(x, group) for x in (q, k, v)]  # (b, s, h/W, d)
+        out_h, lse = ring_forward(comm, *heads, causal, scale, kernel)
+        out = _head_to_seq(out_h.transpose(1, 2).to(q.dtype), group)  # (b, s/W, h, d)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, scale, kernel, group, comm)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, scale, kernel, group, comm = ctx.args
+        qh, kh, vh, out_h, dout_h = (_seq_to_head(x, group) for x in (q, k, v, out, dout.contiguous()))
+        grads = ring_backward(comm, dout_h, qh, kh, vh, out_h, lse, causal, scale, kernel)
+        return (*(_head_to_seq(g, group) for g in grads), None, None, None, None, None)
+
+
 def ulysses_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, group=None, *,
-                      backend: str | None = None, check: bool = True, _inner=None):
+                      backend: str | None = None, check: bool = True, _inner=None, _ring_group=None):
     """Exact attention over a contiguously sharded sequence by head all-to-all (DeepSpeed-Ulysses).
 
     Args:
@@ -55,6 +82,9 @@ def ulysses_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None 
     if rep > 1:
         # (b, s/W, hkv, d) -> (b, s/W, W, d): kv head j serves query heads [j*h/hkv, (j+1)*h/hkv)
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    if w > 1 and LEAN_ALL_TO_ALL.get():
+        return _LeanUlyssesAttn.apply(q, k, v, causal, default_scale(q.shape[-1], softmax_scale),
+                                      get_kernel(backend, q.device), group, _ring_group or SELF_GROUP)
     if w > 1:
         # (b, s/W, h, d) -> (b, s, h/W, d)
         q, k, v = SeqToHead.apply(q, group), SeqToHead.apply(k, group), SeqToHead.apply(v, group)

@@ -39,4 +39,5 @@ def usp_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = No
         # (b, 2c, h/U, d) zigzag shard of ring position g with this rank's heads
         return zigzag_ring_attn_func(qh, kh, vh, causal, scale, ring_group, backend=backend, check=False)
 
-    return ulysses_attn_func(q, k, v, causal, scale, uly_group, backend=backend, check=False, _inner=ring)
+    return ulysses_attn_func(q, k, v, causal, scale, uly_group, backend=backend, check=False, _inner=ring,
+                             _ring_group=ring_group)

@@ -364,6 +364,59 @@ def test_all_features_with_zigzag_ring_attn():
         assert counts["all"] == (n_layers, 0)
 
 
+def _all_to_all_worker(rank, world, algo):
+    """Every feature with Ulysses / USP: exact, and the kept attention graph holds one output per layer (the
+    lean all-to-all path saves the sequence-sharded q/k/v, which the recompute provides, not head-sharded copies)."""
+    from easy_context import memory
+    from easy_context.api import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
+    from easy_context.loss import sharded_cross_entropy
+
+    kept = {}
+    light = memory._light_hooks
+
+    def counting_light_hooks(entry):
+        hooks = light(entry)
+
+        def pack(t):
+            packed = hooks.pack_hook(t)
+            if not isinstance(packed, memory._Slot):
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return packed
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, hooks.unpack_hook)
+
+    memory._light_hooks = counting_light_hooks
+    ids, tgt = _batch(seq=48)
+    base = _model()
+    reference = _run(copy.deepcopy(base), ids, tgt)
+    model = copy.deepcopy(base)
+    apply_seq_parallel_monkey_patch(algo, model)
+    enable_tiled_mlp(model, tile_size=8)
+    enable_low_memory_rmsnorm(model)
+    enable_offloaded_checkpointing(model)
+    enable_attention_preserving_checkpointing(model)
+    p = prepare_seq_parallel_inputs(algo, ids, None, tgt, rank, world, "cpu")
+    hidden = model.model(p["local_input_ids"], position_ids=p["local_position_ids"]).last_hidden_state
+    unit = hidden.numel() * hidden.element_size()  # one layer input (batch x local seq x hidden)
+    out = sharded_cross_entropy(hidden, model.lm_head.weight, p["local_target_ids"], chunk_size=40)
+    out.loss.backward()
+    _close(out.global_loss, reference[0], f"{algo} loss", SP_RTOL)
+    for n, param in model.named_parameters():
+        grad = param.grad.clone()
+        dist.all_reduce(grad)
+        _close(grad / world, reference[1][n], f"{algo} grad {n}", SP_RTOL)
+    return sum(kept.values()) / unit
+
+
+@pytest.mark.parametrize("algo,world", [("ulysses_attn", 2), ("usp_attn", 4)])
+def test_all_features_with_all_to_all_algorithms(algo, world):
+    n_layers = SMALL["num_hidden_layers"]
+    for units in run_distributed(_all_to_all_worker, world, algo, timeout=180):
+        # the saved output (1 unit) + float32 lse (heads/hidden = 1/16 unit here) per layer; the head-sharded
+        # q/k/v/out copies would add 4 units per layer
+        assert units <= n_layers * 1.2, units
+
+
 def test_attention_preserving_keeps_no_qkv_storage(monkeypatch):
     """The kept attention graph must not pin this forward's q/k/v: after the forward, the leaves of every kept
     graph point at empty storage (the recompute re-provides q/k/v), and the gradients stay exact."""
