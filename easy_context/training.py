@@ -256,7 +256,7 @@ def _make_scheduler(args):
                                            num_training_steps=args.max_train_steps)
 
 
-def _fill_auto(config: dict, values: dict) -> None:
+def fill_auto(config: dict, values: dict) -> None:
     """Replace ``"auto"`` entries of a DeepSpeed config (dotted keys) by the values the flags give."""
     for dotted, value in values.items():
         *parents, leaf = dotted.split(".")
@@ -306,7 +306,7 @@ def prepare_optimization(args, accelerator, wrapper):
                          "--lr-schedule / --warmup-steps / --learning-rate")
     config.setdefault("optimizer", {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto",
                                                                 "betas": "auto", "eps": "auto"}})
-    _fill_auto(config, {"optimizer.params.betas": list(args.adam_betas), "optimizer.params.eps": args.adam_eps,
+    fill_auto(config, {"optimizer.params.betas": list(args.adam_betas), "optimizer.params.eps": args.adam_eps,
                         "train_micro_batch_size_per_gpu": args.batch_size,
                         # DeepSpeed counts every rank as a data-parallel one (it knows nothing of our SP groups)
                         "train_batch_size": args.batch_size * args.gradient_accumulate_every * _world_size(accelerator),

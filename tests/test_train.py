@@ -271,5 +271,5 @@ def test_accelerate_and_deepspeed_configs():
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    training._fill_auto(ds, {"optimizer.params.betas": [0.9, 0.95], "train_micro_batch_size_per_gpu": 1})
+    training.fill_auto(ds, {"optimizer.params.betas": [0.9, 0.95], "train_micro_batch_size_per_gpu": 1})
     assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95] and ds["train_micro_batch_size_per_gpu"] == 1

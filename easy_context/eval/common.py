@@ -45,13 +45,9 @@ def deepspeed_inference_config(dtype: torch.dtype, hidden_size: int) -> dict | N
             "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
             "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
             "zero_optimization.reduce_bucket_size": hidden_size * hidden_size}
-    for dotted, value in auto.items():
-        *parents, leaf = dotted.split(".")
-        node = config
-        for key in parents:
-            node = node.get(key, {})
-        if node.get(leaf) == "auto":
-            node[leaf] = value
+    from ..training import fill_auto
+
+    fill_auto(config, auto)
     left = [k for k, v in _flatten(config).items() if v == "auto"]
     if left:
         raise ValueError(f"{path}: cannot fill 'auto' for {left} in an evaluation run; give values")
