@@ -9,8 +9,17 @@ not. Prints the number of layers to offload (the rest keep their checkpoints on 
 """
 import argparse
 import json
+import sys
 
-HIDDEN, LAYER_GIB, OTHER_PARAMS_GIB = 4096, 202_383_360 * 2 / 2**30, 2 * 32000 * 4096 * 2 / 2**30  # Llama-2-7B
+from easy_context.advise import PRESETS, ModelShape
+
+LLAMA = PRESETS["llama-2-7b"]
+HIDDEN = LLAMA["hidden"]
+
+
+def weights_gib(layers: int) -> float:
+    """bf16 weights of a Llama-2-7B-width model with ``layers`` decoder layers."""
+    return 2 * ModelShape(**dict(LLAMA, layers=layers)).params / 2**30
 
 
 def main():
@@ -28,15 +37,15 @@ def main():
     last = a.short_layers - 1
     start = next(r for r in rows if r["at"] == "backward" and r["layer"] == last)
     unit = a.measured_seq * HIDDEN * 2 / 2**30
-    weights = a.short_layers * LAYER_GIB + OTHER_PARAMS_GIB
+    weights = weights_gib(a.short_layers)
     work = (max(r["peak_GiB"] for r in rows) - start["alloc_GiB"]) / unit
     other = (start["alloc_GiB"] - weights) / unit
     target_unit = a.target_seq * HIDDEN * 2 / 2**30
-    free = a.usable_gib - (a.layers * LAYER_GIB + OTHER_PARAMS_GIB) - (work + other) * target_unit
+    free = a.usable_gib - weights_gib(a.layers) - (work + other) * target_unit
     on_gpu = max(0, min(a.layers, int(free // target_unit)))
     offload = min(a.layers - on_gpu, a.max_host_layers)
     print(json.dumps(dict(work_units=round(work, 1), other_units=round(other, 1), on_gpu=a.layers - offload,
-                          offload=offload)), file=__import__("sys").stderr)
+                          offload=offload)), file=sys.stderr)
     print(offload)
 
 

@@ -77,6 +77,9 @@ class Progress:
     def start(self, **tag):
         self.t0, self.tag = time.time(), tag
 
+    def stop(self):
+        self.tag = {}
+
     def _log(self, what, i):
         if self.path and self.tag:
             with open(self.path, "a") as f:
@@ -127,7 +130,7 @@ def measure(model, mode, seq, n_params, layers, progress=None):
         torch.cuda.synchronize()
         dt = (time.time() - t) / reps
         if progress:
-            progress.start()
+            progress.stop()
         flops = 6 * n_params * seq + 3.5 * layers * 2 * seq * seq * 4096
         return dict(mode=mode, S=seq, layers=layers, s_per_step=round(dt, 2), tok_per_s=round(seq / dt),
                     TFLOPs=round(flops / dt / 1e12, 1), MFU=round(flops / dt / PEAK, 3), loss=round(loss, 3),

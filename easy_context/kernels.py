@@ -27,6 +27,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .merge import _merge_eager
+
 BACKENDS = ("auto", "cudnn", "flash", "flash_attn", "math")
 ENV_BACKEND = "EASY_CONTEXT_ATTN_BACKEND"
 # Causal forwards over at least this many tokens run as three calls (see split_causal); 0 (the default: no gain
@@ -252,8 +254,6 @@ def split_causal(kernel: Kernel, min_len: int) -> Kernel:
         s = q.shape[2]
         if not causal or s < min_len or s % 2:
             return forward(q, k, v, causal, scale)
-        from .merge import _merge_eager  # eager: a first-call torch.compile stalled a 128K step by 11 s
-
         c = s // 2
         b, h, _, d = q.shape
         out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # flash layout in memory
@@ -264,7 +264,7 @@ def split_causal(kernel: Kernel, min_len: int) -> Kernel:
         acc, lse_acc = below.to(_acc_dtype(q.dtype)), lse_below.to(_acc_dtype(q.dtype))
         del below
         diag, lse_diag = forward(q[:, :, c:], k[:, :, c:], v[:, :, c:], True, scale)
-        _merge_eager(acc, lse_acc, diag, lse_diag)
+        _merge_eager(acc, lse_acc, diag, lse_diag)  # eager: a first-call torch.compile stalled a 128K step 11 s
         out[:, :, c:] = acc
         return out, torch.cat([lse_top.to(lse_acc.dtype), lse_acc], dim=2)
 
@@ -283,6 +283,8 @@ def get_kernel(backend: str | None, device: torch.device) -> Kernel:
         min_len = int(env) if env else 0
     except ValueError:
         raise ValueError(f"{ENV_SPLIT_CAUSAL}={env!r}: expected a token count (0 turns splitting off)") from None
+    if min_len <= 0:
+        return _KERNELS[name]
     if (name, min_len) not in _SPLIT_KERNELS:
         _SPLIT_KERNELS[(name, min_len)] = split_causal(_KERNELS[name], min_len)
     return _SPLIT_KERNELS[(name, min_len)]

@@ -645,7 +645,7 @@ def _is_plain_rmsnorm(module) -> bool:
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(3, weight.shape[0], generator=g).to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        plain = module._easy_context_norm_forward(x) if "_easy_context_norm_forward" in module.__dict__ else module(x)
+        plain = module(x)  # only called before the module is switched
         ours = _LowMemoryRMSNorm.apply(x, weight, module.variance_epsilon)
     return plain.dtype == ours.dtype and torch.equal(plain, ours)
 
