@@ -35,6 +35,8 @@ from typing import Iterable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .fused import enable_low_memory_rmsnorm  # noqa: F401 - public here since the first release
+
 
 # ---------------------------------------------------------------- the checkpoint function installed on the layers
 class Checkpointer:
@@ -51,13 +53,16 @@ class Checkpointer:
             :func:`enable_attention_preserving_checkpointing` skip its forward during the recompute (same forms).
         offloaded_tensors, offloaded_bytes: running totals of what went through the offload hook (on a CPU
             device the tensors stay where they are but are still counted).
+        host_buffers: the :class:`PinnedHostPool` the offloaded checkpoints of CUDA tensors live in.
     """
 
-    def __init__(self, *, offload: bool | frozenset = False, preserve_attention: bool | frozenset = False):
+    def __init__(self, *, offload: bool | frozenset = False, preserve_attention: bool | frozenset = False,
+                 host_buffers: PinnedHostPool | None = None):
         self.offload = offload
         self.preserve_attention = preserve_attention
         self.offloaded_tensors = 0
         self.offloaded_bytes = 0
+        self.host_buffers = host_buffers or PinnedHostPool()
 
     def __repr__(self):
         return f"Checkpointer(offload={_describe(self.offload)}, preserve_attention={_describe(self.preserve_attention)})"
@@ -84,20 +89,99 @@ class Checkpointer:
     def _pack(self, tensor: torch.Tensor):
         self.offloaded_tensors += 1
         self.offloaded_bytes += tensor.numel() * tensor.element_size()
-        if tensor.device.type == "cpu":
-            return None, tensor  # already in host memory: nothing to move
-        # Pinned host memory makes the device-to-host copy asynchronous on the current stream; the copy back in
-        # backward is queued on the same stream, so it is ordered after this one without a synchronisation.
-        # PyTorch's caching host allocator keeps freed pinned blocks, so from the second step on no page-locking.
-        pinned = tensor.device.type == "cuda"
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, layout=tensor.layout, pin_memory=pinned)
-        host.copy_(tensor, non_blocking=pinned)
-        return tensor.device, host
+        if tensor.device.type != "cuda":
+            return tensor  # host memory already (or no page-locked host memory to go to): nothing to move
+        # Page-locked host memory makes the device-to-host copy asynchronous on the current stream; the copy back
+        # in backward is queued on the same stream, so it is ordered after this one without a synchronisation.
+        host = self.host_buffers.take(tensor.shape, tensor.dtype)
+        host.copy_(tensor, non_blocking=True)
+        return _Offloaded(self.host_buffers, host, tensor.device)
 
     @staticmethod
     def _unpack(packed):
-        device, host = packed
-        return host if device is None else host.to(device, non_blocking=host.is_pinned())
+        if isinstance(packed, torch.Tensor):
+            return packed
+        return packed.restore()
+
+
+class _Offloaded:
+    """One offloaded checkpoint: its host buffer goes back to the pool when autograd drops it, with an event
+    marking the last copy that uses the buffer (to the host in forward, back to the GPU in backward)."""
+
+    __slots__ = ("pool", "host", "device", "event")
+
+    def __init__(self, pool, host, device):
+        self.pool, self.host, self.device = pool, host, device
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def restore(self) -> torch.Tensor:
+        out = self.host.to(self.device, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+        return out
+
+    def __del__(self):
+        self.pool.give_back(self.host, self.event)
+
+
+class PinnedHostPool:
+    """Exact-size page-locked host buffers for offloaded checkpoints, reused from step to step.
+
+    ``torch.empty(..., pin_memory=True)`` goes through PyTorch's caching host allocator, which rounds every block
+    up to a power of two: a 3 GiB checkpoint (384K tokens x 4096 x bf16) takes 4 GiB, and at 384K tokens on the
+    H200 (128 GiB host) the offloaded checkpoints of 28 layers filled the host and the process was killed
+    (bench/RESULTS.md). Here a buffer is plain host memory of the exact size, page-locked once
+    (``cudaHostRegister``) and kept: after the first step no page-locking and no allocation.
+
+    Args:
+        page_lock: False keeps the buffers in ordinary memory (tests of the bookkeeping without a GPU).
+    Attributes:
+        held_bytes: host memory held by the pool's buffers, in use or free.
+    """
+
+    def __init__(self, *, page_lock: bool = True):
+        self.page_lock = page_lock
+        self.held_bytes = 0
+        self._free: dict = {}  # (numel, dtype) -> [(buffer, event of its last copy or None)]
+        self._locked: list = []  # buffers registered with CUDA (unregistered when the pool goes)
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous host buffer of ``shape``: a free one of the same size, or a new one."""
+        key = (math.prod(shape), dtype)
+        free = self._free.get(key)
+        if free:
+            buf, event = free.pop()
+            if event is not None:
+                event.synchronize()  # its copy back to the GPU (or to the host) has finished
+            return buf.view(shape)
+        buf = torch.empty(key[0], dtype=dtype)
+        if self.page_lock:
+            buf = self._lock(buf)
+        self.held_bytes += buf.numel() * buf.element_size()
+        return buf.view(shape)
+
+    def give_back(self, buf: torch.Tensor, event=None) -> None:
+        self._free.setdefault((buf.numel(), buf.dtype), []).append((buf.view(-1), event))
+
+    def _lock(self, buf):
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
+        if int(getattr(err, "value", err)) != 0:  # could not page-lock (limits): PyTorch's (rounded) pinned block
+            return torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
+        self._locked.append(buf)
+        return buf
+
+    def __del__(self):
+        if not self._locked:
+            return
+        try:
+            torch.cuda.synchronize()
+            cudart = torch.cuda.cudart()
+            for buf in self._locked:
+                cudart.cudaHostUnregister(buf.data_ptr())
+        except Exception:  # noqa: BLE001 - interpreter shutdown: CUDA may be gone, and the process with it
+            pass
 
 
 class _LayerCheckpoint:
@@ -170,7 +254,8 @@ def _install_checkpointer(model, *, offload=None, preserve_attention=None) -> Ch
             enable()
         else:  # transformers < 5.x with only the older name
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    checkpointer = Checkpointer(offload=offload, preserve_attention=preserve_attention)
+    checkpointer = Checkpointer(offload=offload, preserve_attention=preserve_attention,
+                                host_buffers=current.host_buffers)
     index = {id(m): i for i, m in enumerate(_decoder_layers(model))}
     for module in modules:
         i = index.get(id(module))
@@ -580,106 +665,6 @@ def enable_tiled_mlp(model, *, tile_size: int | None = None, num_tiles: int | No
     return len(mlps)
 
 
-# ---------------------------------------------------------------- low-memory RMSNorm
-# Rows per chunk: the float32 temporaries of one chunk stay near 256 MiB whatever the sequence length.
-_NORM_CHUNK_ELEMENTS = 1 << 26
-
-
-class _LowMemoryRMSNorm(torch.autograd.Function):
-    """``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)``, saving only ``x`` and the float32
-    ``rstd`` per row (the autograd graph of the plain code keeps ``x.float()`` and the normalised ``x`` in x's
-    dtype: 6 bytes per element for bf16, vs 2 here, 0 when ``x`` is kept anyway). Forward is the plain code's op
-    sequence (bitwise equal); backward is the analytic gradient in float32, row chunk by row chunk."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        rows = x.reshape(-1, x.shape[-1])
-        out_dtype = torch.result_type(weight, rows[:1])
-        out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
-        rstd = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device)
-        step = max(1, _NORM_CHUNK_ELEMENTS // x.shape[-1])
-        for i in range(0, rows.shape[0], step):
-            xf = rows[i:i + step].to(torch.float32)
-            r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-            rstd[i:i + step] = r
-            torch.mul(weight, (xf * r).to(x.dtype), out=out[i:i + step])
-        ctx.save_for_backward(x, weight, rstd)
-        return out.view(*x.shape[:-1], x.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, rstd = ctx.saved_tensors
-        rows, grows = x.reshape(-1, x.shape[-1]), dout.reshape(-1, x.shape[-1])
-        dx = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
-        wf = weight.to(torch.float32)
-        step = max(1, _NORM_CHUNK_ELEMENTS // x.shape[-1])
-        for i in range(0, rows.shape[0], step):
-            xhat = rows[i:i + step].to(torch.float32) * rstd[i:i + step]
-            gy = grows[i:i + step].to(torch.float32)
-            if dw is not None:  # the plain code multiplies by the normalised x rounded to x's dtype
-                dw += (gy * xhat.to(x.dtype).to(torch.float32)).sum(0)
-            if dx is not None:
-                g = gy * wf
-                dx[i:i + step] = rstd[i:i + step] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
-        return (None if dx is None else dx.view(x.shape),
-                None if dw is None else dw.to(weight.dtype), None)
-
-
-def _low_memory_rmsnorm_forward(self, hidden_states):
-    weight = self.weight
-    if hasattr(weight, "ds_id") and weight.numel() == 0:  # a ZeRO-3 partition not gathered: the plain code
-        return self._easy_context_norm_forward(hidden_states)
-    return _LowMemoryRMSNorm.apply(hidden_states, weight, self.variance_epsilon)
-
-
-def _is_plain_rmsnorm(module) -> bool:
-    """Does ``module`` compute exactly ``weight * normalize(x.float()).to(x.dtype)``? Checked numerically on a
-    small input (Gemma's ``1 + weight`` and other variants fail it and are left alone)."""
-    weight = getattr(module, "weight", None)
-    if not (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1
-            and isinstance(getattr(module, "variance_epsilon", None), float)):
-        return False
-    if weight.numel() == 0 or weight.device.type == "meta":  # not inspectable (ZeRO-3 partition): known classes only
-        return type(module).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(3, weight.shape[0], generator=g).to(device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        plain = module(x)  # only called before the module is switched
-        ours = _LowMemoryRMSNorm.apply(x, weight, module.variance_epsilon)
-    return plain.dtype == ours.dtype and torch.equal(plain, ours)
-
-
-def enable_low_memory_rmsnorm(model) -> int:
-    """Replace the ``forward`` of every plain RMSNorm (Llama, Mistral, Qwen2/3 and look-alikes) with one that saves
-    ``x`` and a float32 ``rstd`` per row instead of float32 copies of the activations.
-
-    The plain code's autograd graph keeps ``x.float()`` and the normalised ``x`` (6 bytes per element for bf16):
-    with two norms per layer that is ~5 of the ~20 ``seq x hidden`` bf16 units of a decoder layer's backward
-    working set (the first norm's input is the checkpoint, kept anyway), and the final norm's copies stay for the
-    whole step. Forward is bitwise the plain code; the gradient is
-    the same formula in float32 (rounding-level differences). Each candidate module is checked numerically
-    before it is switched; variants that compute something else (Gemma's ``1 + weight``) are left alone.
-
-    Returns:
-        The number of norms switched.
-    Raises:
-        ValueError: the model has no plain RMSNorm.
-    """
-    n = 0
-    for module in model.modules():
-        if "_easy_context_norm_forward" in module.__dict__:
-            n += 1
-            continue
-        if _is_plain_rmsnorm(module):
-            module._easy_context_norm_forward = module.forward
-            module.forward = MethodType(_low_memory_rmsnorm_forward, module)
-            n += 1
-    if not n:
-        raise ValueError(f"{type(model).__name__}: no plain RMSNorm (weight * x / rms(x)) found")
-    return n
-
-
-__all__ = ["Checkpointer", "enable_offloaded_checkpointing", "apply_unsloth_offloaded_gradient_checkpoint_monkey_patch",
+__all__ = ["Checkpointer", "PinnedHostPool", "enable_offloaded_checkpointing", "apply_unsloth_offloaded_gradient_checkpoint_monkey_patch",
            "enable_attention_preserving_checkpointing", "make_preserving_attention", "preserving_name",
            "enable_tiled_mlp", "enable_low_memory_rmsnorm"]

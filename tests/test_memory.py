@@ -10,69 +10,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from _dist import run_distributed
-from easy_context.memory import (Checkpointer, apply_unsloth_offloaded_gradient_checkpoint_monkey_patch,
+from _models import RTOL, SEQ, SMALL, SP_RTOL, _assert_same, _batch, _close, _configs, _model, _run, _saved_bytes  # noqa: F401
+from easy_context.fused import enable_fused_kernels
+from easy_context.memory import (Checkpointer, PinnedHostPool, apply_unsloth_offloaded_gradient_checkpoint_monkey_patch,
                                  enable_attention_preserving_checkpointing, enable_low_memory_rmsnorm,
                                  enable_offloaded_checkpointing, enable_tiled_mlp)
-
-# fp32. Checkpointing and offload replay the identical ops on identical inputs (bitwise equal on CPU); the
-# preserved attention differentiates the very graph of the first forward; tiled MLP changes the matmul shapes
-# and sums parameter gradients over tiles, i.e. re-associates fp32 sums (~1e-7 relative, measured <1e-6 after
-# 2 layers and backward). 1e-5 relative to each tensor's largest magnitude leaves margin; a dropped tile, a
-# missing gradient or a stale attention output is off by >1e-2.
-RTOL = 1e-5
-# Under sequence parallelism the ring merges and per-rank loss/gradient sums re-associate more (see test_hf.py).
-SP_RTOL = 1e-4
-
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=128, max_position_embeddings=4096)
-SEQ = 40
-
-
-def _configs():
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-
-    return {
-        "llama": LlamaConfig(**SMALL),
-        "mistral": MistralConfig(**SMALL),
-        "qwen2": Qwen2Config(**SMALL),
-        "qwen3": Qwen3Config(head_dim=16, **SMALL),
-    }
-
-
-def _model(cfg=None, attn="sdpa"):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg or _configs()["llama"], attn_implementation=attn).float()
-    return model.train()
-
-
-def _batch(seq=SEQ):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, SMALL["vocab_size"], (2, seq), generator=g)
-    tgt = torch.randint(0, SMALL["vocab_size"], (2, seq), generator=g)
-    return ids, tgt
-
-
-def _run(model, ids, tgt):
-    """Loss and parameter gradients of one forward/backward."""
-    logits = model(ids).logits
-    loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def _close(actual, expected, what, rtol=RTOL):
-    err = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item() + 1e-12
-    assert err <= rtol * scale, f"{what}: max abs err {err:.3g} vs scale {scale:.3g}"
-
-
-def _assert_same(result, reference, what):
-    _close(result[0], reference[0], f"{what} loss")
-    assert result[1].keys() == reference[1].keys()
-    for name, grad in reference[1].items():
-        _close(result[1][name], grad, f"{what} grad {name}")
 
 
 def _layers(model):
@@ -240,17 +182,29 @@ def test_tiled_mlp_exact_and_tiles():
         enable_tiled_mlp(model, tile_size=4, num_tiles=2)
 
 
-def _saved_bytes(fn, *args):
-    """Bytes of the tensors autograd saves for backward while running fn (shared storage counted once)."""
-    seen = {}
+def test_pinned_host_pool_reuses_exact_size_buffers():
+    pool = PinnedHostPool(page_lock=False)
+    a, b = pool.take((2, 3), torch.bfloat16), pool.take((6,), torch.bfloat16)
+    assert a.data_ptr() != b.data_ptr() and pool.held_bytes == 24  # exact sizes, no power-of-two rounding
+    ptr = a.data_ptr()
+    pool.give_back(a)
+    c = pool.take((3, 2), torch.bfloat16)  # same element count and dtype: the freed buffer comes back
+    assert c.data_ptr() == ptr and c.shape == (3, 2) and pool.held_bytes == 24
+    pool.take((2, 3), torch.float32)  # another dtype: a new buffer
+    assert pool.held_bytes == 24 + 24
 
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args)
-    return out, sum(seen.values())
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked offload needs CUDA (run on the GPU machine)")
+def test_offload_to_page_locked_memory_cuda():
+    ids, tgt = (t.cuda() for t in _batch())
+    base = _model().cuda()
+    reference = _run(copy.deepcopy(base), ids, tgt)
+    model = copy.deepcopy(base)
+    ckpt = enable_offloaded_checkpointing(model)
+    for step in range(2):  # the second step reuses the first one's buffers
+        model.zero_grad(set_to_none=True)
+        _assert_same(_run(model, ids, tgt), reference, f"page-locked offload, step {step}")
+        assert ckpt.host_buffers.held_bytes == SMALL["num_hidden_layers"] * ids.numel() * SMALL["hidden_size"] * 4
 
 
 def test_low_memory_rmsnorm_exact_and_saves_less():
@@ -326,6 +280,7 @@ def _zigzag_worker(rank, world):
         name = apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
         if features == "all":
             enable_tiled_mlp(model, tile_size=8)
+            enable_fused_kernels(model)
             enable_offloaded_checkpointing(model)
             enable_attention_preserving_checkpointing(model)
             assert model.config._attn_implementation == f"{name}_attn_preserving"
