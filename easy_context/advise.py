@@ -10,6 +10,8 @@ input), calibrated on the one-H200 Llama-2-7B measurements in bench/RESULTS.md:
   + attention outputs kept by attention-preserving checkpointing (U per preserving layer)
   + ``OTHER_UNITS`` (embedding output, final norm, loss input) + ``WORK_UNITS`` (one layer's recompute and
   backward in flight);
+* during backward: the start, plus the parameter gradients that pile up while backward passes top layers that
+  free nothing on the GPU (offloaded and not preserving);
 * end of backward: weights + gradients + the same working set (short sequences peak here).
 
 It recommends, fastest first: attention preservation on as many layers as fit (each skips one attention forward),
@@ -83,24 +85,40 @@ class Features:
     keep_layers: int = 0     # attention-preserving checkpointing on the first N layers
     offload_layers: int = 0  # checkpoints of the first N layers in host memory
     tile_size: int | None = None  # tokens per MLP tile (None: enable_tiled_mlp's default)
+    fused_kernels: bool = False  # speed; its memory saving (SwiGLU keeps 2 of 3 intermediates) is not modelled
 
 
 def parse_mode(mode: str, layers: int) -> Features | None:
-    """bench/train_step.py's mode grammar (``ec+norm+tile=16384+keep=20+off=12``) -> Features; None for stock."""
+    """bench/train_step.py's mode grammar (``ec+norm+fuse+tile=16384+keep=20+off=12``) -> Features; None for stock."""
     base, *parts = mode.split("+")
     if base not in ("stock", "ec") or (base == "stock" and parts):
-        raise ValueError(f"mode {mode!r}: 'stock' or 'ec[+norm][+tile[=N]][+keep[=N]][+off[=N]]'")
+        raise ValueError(f"mode {mode!r}: 'stock' or 'ec[+norm][+fuse][+tile[=N]][+keep[=N]][+off[=N]]'")
     if base == "stock":
         return None
     given = {}
     for part in parts:
         name, _, n = part.partition("=")
-        if name not in ("norm", "tile", "keep", "off"):
+        if name not in ("norm", "fuse", "tile", "keep", "off"):
             raise ValueError(f"mode {mode!r}: unknown feature {name!r}")
         given[name] = int(n) if n else None
     count = (lambda name: 0 if name not in given else layers if given[name] is None else given[name])  # noqa: E731
     return Features(tiled_mlp="tile" in given, low_memory_rmsnorm="norm" in given, keep_layers=count("keep"),
-                    offload_layers=count("off"), tile_size=given.get("tile"))
+                    offload_layers=count("off"), tile_size=given.get("tile"), fused_kernels="fuse" in given)
+
+
+def _gradient_pileup(m: ModelShape, f: Features, unit: float, grads_per_layer: float) -> float:
+    """Bytes of parameter gradients that backward has produced beyond what it has freed, at its worst.
+
+    Backward runs the layers top-down; each frees its checkpoint if it kept it on the GPU and its attention output if
+    it preserved one, and adds its parameters' gradients. Layers that hold nothing on the GPU (offloaded, not
+    preserving: the top ones when only the first N preserve) free nothing while their gradients pile up
+    (384K run, 10 such layers: +3.4 GiB over the start-of-backward peak, s3_run6_384k_progress.jsonl).
+    """
+    worst = freed = 0.0
+    for k, i in enumerate(reversed(range(m.layers))):  # layer i is the (k+1)-th through backward
+        worst = max(worst, k * grads_per_layer - freed)
+        freed += unit * ((i >= f.offload_layers) + (i < f.keep_layers))
+    return worst
 
 
 def predict_gib(m: ModelShape, tokens_per_gpu: int, gpus: int, f: Features) -> tuple[float, float]:
@@ -108,11 +126,13 @@ def predict_gib(m: ModelShape, tokens_per_gpu: int, gpus: int, f: Features) -> t
     unit = tokens_per_gpu * m.hidden * 2
     # bf16 weights (and as many bf16 gradients): ZeRO-3 shards plus one gathered layer; on one GPU all of them
     weights = 2 * m.params if gpus == 1 else 2 * m.params / gpus + 2 * m.params / m.layers
+    grads_per_layer = 2 * m.params / m.layers / gpus
     work = (WORK_UNITS + OTHER_UNITS + (0 if f.low_memory_rmsnorm else PLAIN_NORM_UNITS)
             + (0 if f.tiled_mlp else UNTILED_MLP_UNITS)) * unit
     start = weights + (m.layers - f.offload_layers + f.keep_layers) * unit + work
+    during = start + _gradient_pileup(m, f, unit, grads_per_layer)
     end = 2 * weights + work
-    return max(start, end) / GIB, f.offload_layers * unit / GIB
+    return max(during, end) / GIB, f.offload_layers * unit / GIB
 
 
 @dataclass
@@ -131,7 +151,8 @@ class Plan:
         f = self.features
         if f is None:
             return "(does not fit)"
-        out = ["--gradient-checkpointing", "--low-memory-rmsnorm"] + (["--tiled-mlp"] if f.tiled_mlp else [])
+        out = ["--gradient-checkpointing", "--fused-kernels" if f.fused_kernels else "--low-memory-rmsnorm"]
+        out += ["--tiled-mlp"] if f.tiled_mlp else []
         for flag, n in (("--attn-preserving-checkpointing", f.keep_layers), ("--offload-checkpointing", f.offload_layers)):
             if n:
                 out.append(flag if n == self.layers else f"{flag} {n}")
@@ -140,28 +161,23 @@ class Plan:
 
 def choose_features(m: ModelShape, tokens_per_gpu: int, gpus: int, gpu_mem_gib: float,
                     host_gib: float) -> tuple[Features | None, float, float]:
-    """The fastest features that fit: (features or None, GPU GiB, host GiB)."""
+    """The fastest features that fit: (features or None, GPU GiB, host GiB).
+
+    Fastest first: the MLP untiled (only worth it when every layer preserves its attention), then as many
+    preserving layers as fit, each with as few offloaded layers as needed (an offloaded checkpoint costs a copy
+    to the host and back; a layer that does not preserve costs an attention forward).
+    """
     unit = tokens_per_gpu * m.hidden * 2 / GIB
     max_offload = min(m.layers, int(host_gib // unit)) if unit > 0 else m.layers
-    best = None
     for tiled in (False, True):
-        base = Features(tiled_mlp=tiled)
         budget = BUDGET[tiled] * gpu_mem_gib
-        gpu0, _ = predict_gib(m, tokens_per_gpu, gpus, base)  # every checkpoint on the GPU, nothing preserved
-        # GPU room, in layers' worth of U, beyond the no-feature run minus its on-GPU checkpoints
-        room = int((budget - gpu0) // unit) + m.layers if unit > 0 else 2 * m.layers
-        if room < m.layers - max_offload:
-            continue  # even offloading as much as the host holds does not fit
-        keep = min(m.layers, room - (m.layers - max_offload))
-        offload = max(0, m.layers - (room - keep))
-        f = Features(tiled_mlp=tiled, keep_layers=keep, offload_layers=offload)
-        gpu, host = predict_gib(m, tokens_per_gpu, gpus, f)
-        if gpu > budget:
-            continue  # the end-of-backward peak (weights + gradients) does not fit
-        if not tiled and keep < m.layers:
-            continue  # untiled only pays when every layer preserves its attention
-        best = best or (f, gpu, host)
-    return best if best else (None, *predict_gib(m, tokens_per_gpu, gpus, Features(offload_layers=max_offload)))
+        for keep in range(m.layers, -1 if tiled else m.layers - 1, -1):
+            for offload in range(max_offload + 1):
+                f = Features(tiled_mlp=tiled, keep_layers=keep, offload_layers=offload, fused_kernels=True)
+                gpu, host = predict_gib(m, tokens_per_gpu, gpus, f)
+                if gpu <= budget:
+                    return f, gpu, host
+    return (None, *predict_gib(m, tokens_per_gpu, gpus, Features(offload_layers=max_offload)))
 
 
 def advise(m: ModelShape, seq_length: int, gpus: int, gpu_mem_gib: float, host_mem_gib: float, *,

@@ -7,7 +7,8 @@ from easy_context.advise import Features, ModelShape, PRESETS, advise, check, pa
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "bench", "results")
 RUNS = ("s2_run1_128k.jsonl", "s2_run1_256k.jsonl", "s2_run1_diag256_4layers.jsonl", "s2_run2_diag256_4layers.jsonl",
-        "s2_run3.jsonl", "s2_run4_256k.jsonl", "s2_run2_512k_peak.jsonl")
+        "s2_run3.jsonl", "s2_run4_256k.jsonl", "s2_run2_512k_peak.jsonl", "s3_run3_128k.jsonl", "s3_run4_256k.jsonl",
+        "s3_run6_384k.jsonl")
 H200_GIB = 139.0
 
 
@@ -30,6 +31,7 @@ def test_parse_mode():
     assert parse_mode("stock", 32) is None
     assert parse_mode("ec+norm+tile=16384+keep=20+off", 32) == Features(True, True, 20, 32, 16384)
     assert parse_mode("ec", 32) == Features(False, False, 0, 0)
+    assert parse_mode("ec+norm+fuse+keep", 32) == Features(False, True, 32, 0, fused_kernels=True)
     with pytest.raises(ValueError, match="unknown feature"):
         parse_mode("ec+fast", 32)
 
@@ -45,9 +47,9 @@ def test_choices():
 
     # one H200, no optimizer state on the host (the bench's forward+backward): the measured fastest setups
     one = dict(gpus=1, gpu_mem_gib=H200_GIB, host_mem_gib=128, optimizer_host_bytes=0)
-    at128 = advise(llama, 1 << 17, **one)  # measured: untiled, every layer preserving, 101.6 GiB, 1.19x stock
-    assert at128.features == Features(tiled_mlp=False, keep_layers=32, offload_layers=0)
-    assert at128.flags() == "--gradient-checkpointing --low-memory-rmsnorm --attn-preserving-checkpointing"
+    at128 = advise(llama, 1 << 17, **one)  # measured: untiled, every layer preserving, 98.9 GiB, 1.25x stock
+    assert at128.features == Features(tiled_mlp=False, keep_layers=32, offload_layers=0, fused_kernels=True)
+    assert at128.flags() == "--gradient-checkpointing --fused-kernels --attn-preserving-checkpointing"
     at512 = advise(llama, 1 << 19, **one)  # measured: tiled, 17 layers offloaded, peak 125.5 GiB
     f = at512.features
     assert f.tiled_mlp and f.offload_layers * 4 <= 0.8 * 128 and at512.gpu_gib <= 0.95 * H200_GIB
