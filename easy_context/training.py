@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
            "only in the first N decoder layers (each keeps seq x hidden more)")
     a("--low-memory-rmsnorm", action="store_true",
       help="RMSNorm that saves x and a float32 rstd instead of float32 activation copies (easy_context.memory)")
+    a("--fused-kernels", action="store_true",
+      help="fused RMSNorm (implies --low-memory-rmsnorm), SwiGLU and rotary embedding: one compiled kernel per op "
+           "on CUDA (easy_context.fused)")
     a("--tiled-mlp", action="store_true", help="MLP computed in sequence tiles (easy_context.memory)")
     a("--tiled-mlp-tile-size", type=int, default=None, help="tokens per MLP tile (default: 4 x hidden_size)")
     a("--no-save-model", dest="save_model", action="store_false", help="skip the final save_pretrained")
@@ -212,10 +215,15 @@ class CausalLMWithShardedLoss(nn.Module):
 
 
 def apply_memory_features(args, model) -> None:
-    """--gradient-checkpointing, then easy_context.memory's --offload-checkpointing / --attn-preserving-checkpointing
-    (each installs its checkpoint function, turning checkpointing on) and --tiled-mlp. After the SP patch."""
+    """--gradient-checkpointing, --fused-kernels, then easy_context.memory's --offload-checkpointing /
+    --attn-preserving-checkpointing (each installs its checkpoint function, turning checkpointing on) and
+    --tiled-mlp. After the SP patch."""
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.fused_kernels:
+        from .fused import enable_fused_kernels
+
+        enable_fused_kernels(model)
     if not (args.offload_checkpointing or args.tiled_mlp or args.attn_preserving_checkpointing
             or args.low_memory_rmsnorm):
         return

@@ -29,7 +29,7 @@ STEPS, GA, SEQ = 3, 2, 64
 # loss by >1e-2.
 RTOL = 1e-4
 MEMORY_FLAGS = ("--gradient-checkpointing", "--offload-checkpointing", "--attn-preserving-checkpointing", "--tiled-mlp",
-                "--tiled-mlp-tile-size", "8", "--low-memory-rmsnorm")
+                "--tiled-mlp-tile-size", "8", "--low-memory-rmsnorm", "--fused-kernels")
 
 
 def _argv(out, mode, *extra, steps=STEPS, batch=1):

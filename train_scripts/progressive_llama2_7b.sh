@@ -22,7 +22,7 @@ stage() {  # stage <model> <out> <seq> <rope theta> <steps> <grad accum> <seed> 
         --model "$1" --output-dir "$2" --seq-length "$3" --rope-theta "$4" --max-train-steps "$5" \
         --gradient-accumulate-every "$6" --seed "$7" --parallel_mode "$8" --dataset "$9" \
         --batch-size 1 --learning-rate 2e-5 --gradient-checkpointing --checkpointing-steps 100 \
-        --low-memory-rmsnorm --attn-preserving-checkpointing  # fits every stage (python -m easy_context.advise)
+        --fused-kernels --attn-preserving-checkpointing  # fits every stage (python -m easy_context.advise)
 }
 
 stage "$BASE"                 "$OUT/7B_32K_rope_1M"    32768  1000000   1000 4 2022 data_parallel    "$DATA_64K"
