@@ -8,6 +8,7 @@ easy_context attention (cuDNN, W=1 through the registered attention), chunked lo
 plus any of (joined with "+"):
   tile[=N]   tiled MLP (tiles of N tokens; default hidden_size)
   norm       low-memory RMSNorm
+  fuse       fused RMSNorm, SwiGLU and RoPE kernels (easy_context.fused; implies norm)
   keep[=N]   attention-preserving checkpointing (no attention forward in the recompute), all or the first N layers
   off[=N]    layer inputs offloaded to pinned host memory, all or the first N layers (the rest stay on the GPU)
 e.g. ``ec+keep``, ``ec+norm+tile+keep=20+off=12``. Model FLOPs = 6*N*T + 3.5 * L * 2*T^2*d (causal attention
@@ -48,6 +49,7 @@ def build(layers, tiny=False):
 
 def configure(model, mode):
     from easy_context import apply_seq_parallel_monkey_patch
+    from easy_context.fused import enable_fused_kernels
     from easy_context.memory import (enable_attention_preserving_checkpointing, enable_low_memory_rmsnorm,
                                      enable_offloaded_checkpointing, enable_tiled_mlp)
 
@@ -58,6 +60,8 @@ def configure(model, mode):
     apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
     if f.low_memory_rmsnorm:
         enable_low_memory_rmsnorm(model)
+    if f.fused_kernels:
+        print(f"fused: {enable_fused_kernels(model)}", flush=True)
     if f.tiled_mlp:
         enable_tiled_mlp(model, tile_size=f.tile_size)
     if f.keep_layers:
@@ -111,10 +115,10 @@ def step(model, mode, seq):
     return loss.item()
 
 
-def measure(model, mode, seq, n_params, layers, progress=None):
+def measure(model, mode, seq, n_params, layers, progress=None, reps=None):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    reps = 2 if seq <= 32768 else 1
+    reps = reps or (2 if seq <= 32768 else 1)
     try:
         step(model, mode, min(seq, 16384))  # warm-up (kernel plans, library handles) for every mode alike
         model.zero_grad(set_to_none=True)
@@ -123,16 +127,19 @@ def measure(model, mode, seq, n_params, layers, progress=None):
         torch.cuda.synchronize()
         if progress:
             progress.start(mode=mode, S=seq)
-        t = time.time()
+        times = []
         for _ in range(reps):
+            t = time.time()
             loss = step(model, mode, seq)
             model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        dt = (time.time() - t) / reps
+            torch.cuda.synchronize()
+            times.append(time.time() - t)
+        dt = sum(times) / reps
         if progress:
             progress.stop()
         flops = 6 * n_params * seq + 3.5 * layers * 2 * seq * seq * 4096
-        return dict(mode=mode, S=seq, layers=layers, s_per_step=round(dt, 2), tok_per_s=round(seq / dt),
+        return dict(mode=mode, S=seq, layers=layers, s_per_step=round(dt, 2), steps_s=[round(x, 2) for x in times],
+                    tok_per_s=round(seq / dt),
                     TFLOPs=round(flops / dt / 1e12, 1), MFU=round(flops / dt / PEAK, 3), loss=round(loss, 3),
                     peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 1))
     except torch.OutOfMemoryError:
@@ -164,6 +171,7 @@ def main():
     p.add_argument("--plan", default="stock:16384,65536,131072 ec+keep:16384,65536,131072")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU/gloo: checks the script only")
+    p.add_argument("--reps", type=int, help="timed steps per length (default: 2 up to 32K tokens, else 1)")
     p.add_argument("--profile", type=int, metavar="SEQ", help="profile each mode of the plan at SEQ tokens instead")
     a = p.parse_args()
     global DEV
@@ -187,7 +195,7 @@ def main():
                 continue
             progress = Progress(model, os.environ.get("OUT") and os.path.join(os.environ["OUT"], "train_step_progress.jsonl"))
             for seq in map(int, lens.split(",")):
-                r = measure(model, mode, seq, n_params, a.layers, progress)
+                r = measure(model, mode, seq, n_params, a.layers, progress, a.reps)
                 print(json.dumps(r), flush=True)
                 rows.append(r)
                 if os.environ.get("OUT"):  # as it goes: a run cut short keeps what it measured
