@@ -144,7 +144,7 @@ class PinnedHostPool:
         self.page_lock = page_lock
         self.held_bytes = 0
         self._free: dict = {}  # (numel, dtype) -> [(buffer, event of its last copy or None)]
-        self._locked: list = []  # buffers registered with CUDA (unregistered when the pool goes)
+        self._locked: dict = {}  # data_ptr -> buffer registered with CUDA (unregistered when dropped)
 
     def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """A contiguous host buffer of ``shape``: a free one of the same size, or a new one."""
@@ -155,31 +155,43 @@ class PinnedHostPool:
             if event is not None:
                 event.synchronize()  # its copy back to the GPU (or to the host) has finished
             return buf.view(shape)
+        self._release_free()  # a new size (another sequence length): free buffers of old sizes would only pile up
         buf = torch.empty(key[0], dtype=dtype)
         if self.page_lock:
             buf = self._lock(buf)
         self.held_bytes += buf.numel() * buf.element_size()
         return buf.view(shape)
 
+    def _release_free(self) -> None:
+        for free in self._free.values():
+            for buf, event in free:
+                if event is not None:
+                    event.synchronize()
+                self._unlock(buf)
+                self.held_bytes -= buf.numel() * buf.element_size()
+        self._free.clear()
+
     def give_back(self, buf: torch.Tensor, event=None) -> None:
         self._free.setdefault((buf.numel(), buf.dtype), []).append((buf.view(-1), event))
 
     def _lock(self, buf):
-        cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
+        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
         if int(getattr(err, "value", err)) != 0:  # could not page-lock (limits): PyTorch's (rounded) pinned block
             return torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
-        self._locked.append(buf)
+        self._locked[buf.data_ptr()] = buf
         return buf
+
+    def _unlock(self, buf) -> None:
+        if self._locked.pop(buf.data_ptr(), None) is not None:
+            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
 
     def __del__(self):
         if not self._locked:
             return
         try:
             torch.cuda.synchronize()
-            cudart = torch.cuda.cudart()
-            for buf in self._locked:
-                cudart.cudaHostUnregister(buf.data_ptr())
+            for buf in list(self._locked.values()):
+                self._unlock(buf)
         except Exception:  # noqa: BLE001 - interpreter shutdown: CUDA may be gone, and the process with it
             pass
 

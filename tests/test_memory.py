@@ -192,6 +192,10 @@ def test_pinned_host_pool_reuses_exact_size_buffers():
     assert c.data_ptr() == ptr and c.shape == (3, 2) and pool.held_bytes == 24
     pool.take((2, 3), torch.float32)  # another dtype: a new buffer
     assert pool.held_bytes == 24 + 24
+    # a new size (another sequence length) drops the free buffers of other sizes instead of piling them up
+    pool.give_back(b)
+    pool.take((5,), torch.bfloat16)
+    assert pool.held_bytes == 24 + 24 - 12 + 10
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked offload needs CUDA (run on the GPU machine)")
