@@ -34,7 +34,9 @@ import time
 import torch
 from torch import nn
 
+from . import memory
 from .data import SYNTHETIC, FixedLengthCollator, load_train_dataset, shift_targets
+from .fused import enable_fused_kernels, enable_low_memory_rmsnorm
 from .sharding import SEQ_ALGOS
 
 # Built-in configurations for --model_config (no files or downloads): small Llama models for demos and tests.
@@ -216,22 +218,13 @@ class CausalLMWithShardedLoss(nn.Module):
 
 def apply_memory_features(args, model) -> None:
     """--gradient-checkpointing, --fused-kernels, then easy_context.memory's --offload-checkpointing /
-    --attn-preserving-checkpointing (each installs its checkpoint function, turning checkpointing on) and
-    --tiled-mlp. After the SP patch."""
+    --attn-preserving-checkpointing (each installs its checkpoint function, turning checkpointing on),
+    --tiled-mlp and --low-memory-rmsnorm. After the SP patch."""
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.fused_kernels:
-        from .fused import enable_fused_kernels
-
         enable_fused_kernels(model)
-    if not (args.offload_checkpointing or args.tiled_mlp or args.attn_preserving_checkpointing
-            or args.low_memory_rmsnorm):
-        return
-    try:
-        from . import memory
-    except ImportError as err:
-        raise ImportError("--offload-checkpointing/--tiled-mlp/--attn-preserving-checkpointing/--low-memory-rmsnorm need "
-                          "easy_context.memory, which this installation lacks") from err
+
     def layers(flag):  # True: every layer; N: the first N
         return None if flag is True else flag
 
@@ -244,7 +237,7 @@ def apply_memory_features(args, model) -> None:
     if args.tiled_mlp:
         memory.enable_tiled_mlp(model, tile_size=args.tiled_mlp_tile_size)
     if args.low_memory_rmsnorm:
-        memory.enable_low_memory_rmsnorm(model)
+        enable_low_memory_rmsnorm(model)
 
 
 def _mixed_precision(args) -> str | None:
