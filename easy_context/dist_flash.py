@@ -187,6 +187,6 @@ def dist_flash_attn_func(q, k, v, causal: bool = True, softmax_scale: float | No
     """
     if check:
         check_ring_inputs(q, k, v, causal, group, "dist_flash_attn", zigzag=False)
-    kernel = get_kernel(backend, q.device)
+    kernel = get_kernel(backend, q.device, q.dtype)
     scale = default_scale(q.shape[-1], softmax_scale)
     return _DistFlashAttn.apply(q, k, v, causal, scale, kernel, RingComm(group), stats)

@@ -14,10 +14,17 @@ probability of the block's keys, and ``rowsum(dout * out_final)`` is the global 
 ``causal`` means top-left aligned with ``seq_q == seq_k`` (the ring only ever asks for diagonal blocks).
 k/v may have fewer heads than q (GQA: ``heads % kv_heads == 0``); dk/dv come back with kv heads.
 
-Backends: ``cudnn`` and ``flash`` (PyTorch's fused aten ops, CUDA), ``flash_attn`` (the optional
-flash-attn package), ``math`` (pure torch, any device and dtype; float32 accumulation at least).
-``auto`` picks cudnn on sm90+, flash on other CUDA GPUs, math elsewhere; the environment variable
-``EASY_CONTEXT_ATTN_BACKEND`` overrides ``auto``.
+Backends and the input dtypes each takes:
+
+* ``cudnn``, ``flash`` (PyTorch's fused aten ops, CUDA): float16 / bfloat16;
+* ``efficient`` (PyTorch's memory-efficient aten op, CUDA): float32 / float16 / bfloat16;
+* ``flash_attn`` (the optional flash-attn package): float16 / bfloat16;
+* ``math`` (pure torch, any device and dtype; float32 accumulation at least).
+
+``auto`` picks by device and dtype: on CUDA cudnn (sm90+) or flash (older GPUs) for 16-bit inputs, efficient for
+float32, math for float64; math elsewhere. The environment variable ``EASY_CONTEXT_ATTN_BACKEND`` overrides
+``auto``. A backend named explicitly that does not take the inputs' dtype is an error naming the fix (cuDNN was
+seen to return NaN for float32 instead of refusing it).
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ import torch
 
 from .merge import _merge_eager
 
-BACKENDS = ("auto", "cudnn", "flash", "flash_attn", "math")
+BACKENDS = ("auto", "cudnn", "flash", "efficient", "flash_attn", "math")
 ENV_BACKEND = "EASY_CONTEXT_ATTN_BACKEND"
 # Causal forwards over at least this many tokens run as three calls (see split_causal); 0 (the default: no gain
 # was measured at 64K-128K on the H200, bench/RESULTS.md) turns it off.
@@ -39,10 +46,14 @@ ENV_SPLIT_CAUSAL = "EASY_CONTEXT_SPLIT_CAUSAL"
 _MATH_ROW_CHUNK = 2048
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 class Kernel(NamedTuple):
     name: str
     forward: Callable
     backward: Callable
+    dtypes: tuple = (torch.float64, torch.float32, *_HALF)  # input dtypes the kernel takes
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -143,8 +154,26 @@ def _cudnn_forward(q, k, v, causal, scale):
     return res[0], res[1].view(q.shape[0], q.shape[1], q.shape[2]).float()
 
 
+def _in_layout_of(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` (shaped like ``ref``) in the memory layout an output allocated like ``ref`` has (``empty_like``).
+
+    PyTorch caches cuDNN's backward graph by the shapes and strides of q, k and v alone (aten MHA.cpp), but builds it
+    with the strides of out and grad_out too: a second call whose out/grad_out are laid out differently for the same
+    q/k/v reuses a graph that reads them wrongly (seen on 2xH200: usp_attn(ring_degree=1) after ulysses_attn in one
+    process gave gradients with relative error 1.41). So out and grad_out always get the layout that is a function of
+    q's: a zero-copy restride when only size-one dimensions differ, a copy otherwise.
+    """
+    want = torch.empty_like(ref, device="meta").stride()
+    if x.stride() == want:
+        return x
+    if all(a == b for a, b, n in zip(x.stride(), want, x.shape) if n > 1):
+        return x.as_strided(x.shape, want)
+    return torch.empty_like(ref).copy_(x)
+
+
 def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
     n_rep = q.shape[1] // k.shape[1]
+    dout, out = _in_layout_of(dout, q), _in_layout_of(out, q)
     native = n_rep == 1 or _CUDNN_NATIVE_GQA["backward"]
     ke, ve = (k, v) if native else (_repeat_kv(k, n_rep), _repeat_kv(v, n_rep))
     b, h, sq, _ = q.shape
@@ -183,6 +212,30 @@ def _flash_backward(dout, q, k, v, out, lse, causal, scale):
     return dq, _sum_kv(dk, n_rep), _sum_kv(dv, n_rep)
 
 
+# ---------------------------------------------------------------- torch memory-efficient (aten op; takes float32)
+# Its lse comes back padded to a multiple of this many rows per head; the backward wants that padded shape back.
+_EFFICIENT_LSE_ALIGN = 32
+
+
+def _efficient_forward(q, k, v, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, True, 0.0, causal, scale=scale)
+    _PLACEHOLDERS[("efficient", q.device)] = (seed, offset, seed, offset)  # the 4-tuple shape of the others
+    return out, lse[:, :, :q.shape[2]].float()
+
+
+def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    ke, ve = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    seed, offset = _placeholders("efficient", q.device)[:2]  # read only with dropout, which is never on
+    lse = torch.nn.functional.pad(lse.float(), (0, -q.shape[2] % _EFFICIENT_LSE_ALIGN))  # (b, h, s) -> padded, copy
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, ke, ve, None, out, lse, seed, offset, 0.0, [True, True, True, False], causal, scale=scale)
+    return dq, _sum_kv(dk, n_rep), _sum_kv(dv, n_rep)
+
+
 # ---------------------------------------------------------------- flash-attn package (optional)
 def _flash_attn_module():
     try:
@@ -213,26 +266,39 @@ def _flash_attn_backward(dout, q, k, v, out, lse, causal, scale):
 
 _KERNELS = {
     "math": Kernel("math", _math_forward, _math_backward),
-    "cudnn": Kernel("cudnn", _cudnn_forward, _cudnn_backward),
-    "flash": Kernel("flash", _flash_forward, _flash_backward),
-    "flash_attn": Kernel("flash_attn", _flash_attn_forward, _flash_attn_backward),
+    "cudnn": Kernel("cudnn", _cudnn_forward, _cudnn_backward, _HALF),
+    "flash": Kernel("flash", _flash_forward, _flash_backward, _HALF),
+    "efficient": Kernel("efficient", _efficient_forward, _efficient_backward, (torch.float32, *_HALF)),
+    "flash_attn": Kernel("flash_attn", _flash_attn_forward, _flash_attn_backward, _HALF),
 }
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """Return the concrete backend name for ``backend`` (None/"auto" -> env override or device default)."""
+def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Return the concrete backend name for ``backend`` (None/"auto" -> env override or the default for the device
+    and ``dtype``, see the module docstring).
+
+    Raises:
+        ValueError: an unknown name, a CUDA backend on another device, or a backend that does not take ``dtype``.
+    """
     if backend in (None, "auto"):
         backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS} "
                          f"(argument `backend` or env {ENV_BACKEND})")
     if backend == "auto":
-        if device.type != "cuda":
+        if device.type != "cuda" or dtype == torch.float64:
             return "math"
+        if dtype == torch.float32:
+            return "efficient"
         return "cudnn" if torch.cuda.get_device_capability(device) >= (9, 0) else "flash"
-    if backend in ("cudnn", "flash", "flash_attn") and device.type != "cuda":
+    if backend != "math" and device.type != "cuda":
         raise ValueError(f"attention backend {backend!r} needs CUDA tensors, got device {device}; "
                          f"use backend='math' (or 'auto') on {device.type}")
+    if dtype is not None and dtype not in _KERNELS[backend].dtypes:
+        takes = ", ".join(str(t).removeprefix("torch.") for t in _KERNELS[backend].dtypes)
+        raise ValueError(f"attention backend {backend!r} takes {takes} inputs, got {dtype}; run the model in bfloat16 "
+                         f"(train.py: --mixed-precision bf16, or --dtype bfloat16) or choose a backend that takes "
+                         f"{dtype}: 'auto' picks one ('efficient' for float32 on CUDA), 'math' takes any")
     return backend
 
 
@@ -268,16 +334,17 @@ def split_causal(kernel: Kernel, min_len: int) -> Kernel:
         out[:, :, c:] = acc
         return out, torch.cat([lse_top.to(lse_acc.dtype), lse_acc], dim=2)
 
-    return Kernel(kernel.name, split_forward, kernel.backward)
+    return kernel._replace(forward=split_forward)
 
 
 _SPLIT_KERNELS: dict = {}
 
 
-def get_kernel(backend: str | None, device: torch.device) -> Kernel:
-    """The :class:`Kernel` (name, forward, backward) for ``backend`` on ``device``; causal forwards of at least
-    ``EASY_CONTEXT_SPLIT_CAUSAL`` tokens split (:func:`split_causal`; default off)."""
-    name = resolve_backend(backend, device)
+def get_kernel(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> Kernel:
+    """The :class:`Kernel` (name, forward, backward, dtypes) for ``backend`` on ``device`` for inputs of ``dtype``
+    (see :func:`resolve_backend`); causal forwards of at least ``EASY_CONTEXT_SPLIT_CAUSAL`` tokens split
+    (:func:`split_causal`; default off)."""
+    name = resolve_backend(backend, device, dtype)
     env = os.environ.get(ENV_SPLIT_CAUSAL, "")
     try:
         min_len = int(env) if env else 0
@@ -318,7 +385,7 @@ def local_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = 
         ``(batch, seq, heads, head_dim)``.
     """
     check_qkv(q, k, v)
-    kernel = get_kernel(backend, q.device)
+    kernel = get_kernel(backend, q.device, q.dtype)
     scale = default_scale(q.shape[-1], softmax_scale)
     out = _LocalAttn.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale, kernel)
     return out.transpose(1, 2)

@@ -149,9 +149,13 @@ def load_config(args):
     if source in BUILTIN_CONFIGS:
         kw = dict(BUILTIN_CONFIGS[source])
         config = CONFIG_MAPPING[kw.pop("model_type")](**kw)
-    elif os.path.isfile(source):
-        config = AutoConfig.from_pretrained(os.path.dirname(source) or ".") if os.path.basename(
-            source) == "config.json" else AutoConfig.from_dict(json.load(open(source)))
+    elif os.path.isfile(source):  # any JSON file of a config, whatever its name
+        with open(source) as f:
+            kw = json.load(f)
+        if "model_type" not in kw:
+            raise ValueError(f"--model_config {source}: no 'model_type' key; a transformers config.json names it "
+                             f"(e.g. \"model_type\": \"llama\")")
+        config = AutoConfig.for_model(kw.pop("model_type"), **kw)
     else:
         config = AutoConfig.from_pretrained(source)
     if args.rope_theta is not None:
@@ -240,13 +244,39 @@ def apply_memory_features(args, model) -> None:
         enable_low_memory_rmsnorm(model)
 
 
+def resolve_mixed_precision(flag: str | None, launcher: str | None, *, deepspeed: bool, cuda: bool) -> str | None:
+    """The mixed precision to run: ``--mixed-precision`` if given; else bf16 under DeepSpeed on CUDA when the
+    launcher's choice (``ACCELERATE_MIXED_PRECISION``) is unset or "no"; else the launcher's.
+
+    Why: accelerate refuses ``mixed_precision`` in a yaml next to a ``deepspeed_config_file``, and ``accelerate
+    launch`` then exports ``ACCELERATE_MIXED_PRECISION=no``, so the DeepSpeed engine ran in float32 (the shipped
+    configs' ``"bf16": {"enabled": "auto"}`` follows accelerate's choice) and the default cuDNN attention turned that
+    into NaN on 2xH200. Pass ``--mixed-precision no`` to train in float32 under DeepSpeed on purpose.
+    """
+    if flag is not None:
+        return flag
+    if deepspeed and cuda and launcher in (None, "", "no"):
+        return "bf16"
+    return launcher or None
+
+
 def _mixed_precision(args) -> str | None:
-    """--mixed-precision, else the accelerate config's; a DeepSpeed config on CUDA that names none gets bf16
-    (accelerate refuses mixed_precision in a yaml next to a deepspeed_config_file, so the shipped ones omit it)."""
-    if args.mixed_precision is not None or "ACCELERATE_MIXED_PRECISION" in os.environ:
-        return args.mixed_precision
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    return "bf16" if deepspeed and torch.cuda.is_available() and not args.cpu else None
+    return resolve_mixed_precision(
+        args.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"),
+        deepspeed=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true",
+        cuda=torch.cuda.is_available() and not args.cpu)
+
+
+def describe_precision(accelerator, model) -> str:
+    """One line saying which precision runs: accelerate's mixed precision and the dtype of the parameters the
+    forward uses (under ZeRO-3 the partitions' dtype; DeepSpeed casts the model to its engine precision)."""
+    param = next(model.parameters())
+    dtype = getattr(param, "ds_tensor", param).dtype
+    line = f"precision: mixed_precision={accelerator.mixed_precision}, parameters {str(dtype).removeprefix('torch.')}"
+    if accelerator.state.deepspeed_plugin is not None:
+        line += " (DeepSpeed engine; float32 master weights in the optimizer)" if dtype != torch.float32 else \
+            " (DeepSpeed engine in float32: --mixed-precision bf16 trains in bfloat16)"
+    return line
 
 
 def _make_scheduler(args):
@@ -363,9 +393,10 @@ def micro_batches(args, dataset, accelerator, start: int):
 
 
 def train(args) -> dict:
-    """Run the training described by ``args`` (see :func:`build_parser`); return ``{"losses", "model"}``.
+    """Run the training described by ``args`` (see :func:`build_parser`); return ``{"losses", "grad_norms", "model"}``.
 
-    ``losses`` maps each optimizer step done in this call to its logged global loss; ``model`` is the unwrapped
+    ``losses`` maps each optimizer step done in this call to its logged global loss, ``grad_norms`` to the global
+    gradient norm before clipping (when clipping is on, or under DeepSpeed); ``model`` is the unwrapped
     causal LM (weights as trained, SP attention still active).
     """
     from accelerate import Accelerator
@@ -398,6 +429,7 @@ def train(args) -> dict:
                                  num_samples=args.max_train_steps * args.batch_size * args.gradient_accumulate_every
                                  * replicas, seed=args.seed)
     wrapper, optimizer, scheduler = prepare_optimization(args, accelerator, wrapper)
+    accelerator.print(describe_precision(accelerator, wrapper))
 
     completed = 0
     if args.resume_from_checkpoint:
@@ -420,7 +452,8 @@ def train(args) -> dict:
     log_path = os.path.join(args.output_dir, LOG_FILE)
     bar = tqdm(total=args.max_train_steps, initial=completed, disable=not accelerator.is_local_main_process)
     stop_at = min(args.max_train_steps, args.stop_after_steps or args.max_train_steps)
-    losses, micro_losses, tic = {}, [], time.perf_counter()
+    losses, grad_norms, micro_losses, tic = {}, {}, [], time.perf_counter()
+    grad_norm = None
     wrapper.train()
     batches = micro_batches(args, dataset, accelerator, completed * args.gradient_accumulate_every)
     while completed < stop_at:
@@ -430,20 +463,25 @@ def train(args) -> dict:
             sp_size=args.sp_size, ring_degree=args.ring_degree)
         with accelerator.accumulate(wrapper):
             out = wrapper(prepared["local_input_ids"], prepared["local_position_ids"], prepared["local_target_ids"])
-            accelerator.backward(out.loss)
+            accelerator.backward(out.loss)  # under DeepSpeed this also steps the engine (clipping included)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(wrapper.parameters(), args.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(wrapper.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
         micro_losses.append(out.global_loss.item())
         if not accelerator.sync_gradients:
             continue
+        if hasattr(wrapper, "get_global_grad_norm"):  # DeepSpeed: the norm its step computed before clipping
+            grad_norm = wrapper.get_global_grad_norm()
         scheduler.step()  # under DeepSpeed a no-op wrapper: the engine has stepped it
         completed += 1
         loss = sum(micro_losses) / len(micro_losses)
         elapsed, tic, micro_losses = time.perf_counter() - tic, time.perf_counter(), []
         record = {"step": completed, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
                   "lr": scheduler.get_last_lr()[0], "tokens_per_second": tokens_per_step / elapsed}
+        if grad_norm is not None:  # the global gradient norm before clipping
+            record["grad_norm"] = float(grad_norm)
+            grad_norms[completed] = record["grad_norm"]
         losses[completed] = loss
         if args.report_to != "none":
             accelerator.log(record, step=completed)
@@ -460,7 +498,7 @@ def train(args) -> dict:
         save_model(accelerator, wrapper, args)
     for tracker in accelerator.trackers:  # not end_training(): that also destroys the caller's process group
         tracker.finish()
-    return {"losses": losses, "model": unwrapped}
+    return {"losses": losses, "grad_norms": grad_norms, "model": unwrapped}
 
 
 def save_model(accelerator, wrapper, args) -> None:

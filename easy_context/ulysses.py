@@ -84,7 +84,7 @@ def ulysses_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None 
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     if w > 1 and LEAN_ALL_TO_ALL.get():
         return _LeanUlyssesAttn.apply(q, k, v, causal, default_scale(q.shape[-1], softmax_scale),
-                                      get_kernel(backend, q.device), group, _ring_group or SELF_GROUP)
+                                      get_kernel(backend, q.device, q.dtype), group, _ring_group or SELF_GROUP)
     if w > 1:
         # (b, s/W, h, d) -> (b, s, h/W, d)
         q, k, v = SeqToHead.apply(q, group), SeqToHead.apply(k, group), SeqToHead.apply(v, group)

@@ -151,5 +151,5 @@ def zigzag_ring_attn_func(q, k, v, causal: bool = True, softmax_scale: float | N
     else:
         check_qkv(q, k, v)
         check_even(q, causal, group, "zigzag_ring_attn")
-    kernel = get_kernel(backend, q.device)
+    kernel = get_kernel(backend, q.device, q.dtype)
     return _ZigzagRingAttn.apply(q, k, v, causal, default_scale(q.shape[-1], softmax_scale), kernel, RingComm(group))

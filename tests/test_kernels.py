@@ -115,3 +115,37 @@ def test_bad_shapes_name_the_problem():
     k = torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         local_attn_func(q, k, k)
+
+
+def test_a_backend_is_chosen_by_dtype_and_refuses_dtypes_it_does_not_take():
+    """cuDNN returned NaN for float32 on the H200 instead of refusing it: a named backend that does not take the
+    dtype is an error naming the fix; 'auto' routes float32 to 'efficient' and float64 to 'math' on CUDA."""
+    cuda = torch.device("cuda")  # only the device type is read on these paths: no GPU needed
+    for backend in ("cudnn", "flash", "flash_attn"):
+        with pytest.raises(ValueError, match="takes float16, bfloat16 inputs, got torch.float32.*--mixed-precision bf16"):
+            resolve_backend(backend, cuda, torch.float32)
+    assert resolve_backend("efficient", cuda, torch.float32) == "efficient"
+    assert resolve_backend(None, cuda, torch.float32) == "efficient"
+    assert resolve_backend(None, cuda, torch.float64) == "math"
+    with pytest.raises(ValueError, match="efficient"):
+        resolve_backend("efficient", cuda, torch.float64)
+    assert resolve_backend("math", torch.device("cpu"), torch.float64) == "math"
+
+
+def test_cudnn_backward_inputs_get_the_layout_that_q_implies():
+    """PyTorch caches cuDNN's backward graph by q/k/v strides only, so out/grad_out must be laid out as a function
+    of q: the same layout whatever the caller passed (values unchanged), a zero-copy restride where only size-one
+    dimensions differ. (The GPU test checks the gradients themselves.)"""
+    from easy_context.kernels import _in_layout_of
+
+    q = torch.randn(2, 16, 8, 32).transpose(1, 2)  # (b, h, s, d) view of (b, s, h, d) memory
+    for x in (torch.randn(2, 8, 16, 32), torch.randn(2, 16, 8, 32).transpose(1, 2)):
+        y = _in_layout_of(x, q)
+        assert y.stride() == q.stride() and torch.equal(y, x)
+    rows = q[:, :, 4:12]  # a ring block's query rows: not dense; the layout empty_like gives, in q's dim order
+    y = _in_layout_of(torch.randn(2, 8, 8, 32), rows)
+    assert y.stride() == torch.empty_like(rows).stride()
+    one = torch.randn(1, 16, 8, 32).transpose(1, 2)
+    odd = one.as_strided(one.shape, (7, *one.stride()[1:]))  # batch of one: its stride is arbitrary
+    y = _in_layout_of(one, odd)
+    assert y.stride() == odd.stride() and y.data_ptr() == one.data_ptr()

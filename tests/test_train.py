@@ -273,3 +273,26 @@ def test_accelerate_and_deepspeed_configs():
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     training.fill_auto(ds, {"optimizer.params.betas": [0.9, 0.95], "train_micro_batch_size_per_gpu": 1})
     assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95] and ds["train_micro_batch_size_per_gpu"] == 1
+
+
+def test_deepspeed_on_cuda_defaults_to_bf16():
+    """accelerate launch exports ACCELERATE_MIXED_PRECISION=no for the shipped DeepSpeed yamls (which may not set
+    it): the engine then ran in float32 and cuDNN gave NaN. Under DeepSpeed on CUDA that means bf16 unless the
+    train.py flag says otherwise; elsewhere the launcher's choice stands."""
+    r = training.resolve_mixed_precision
+    assert r(None, "no", deepspeed=True, cuda=True) == "bf16"
+    assert r(None, None, deepspeed=True, cuda=True) == "bf16"
+    assert r("no", "no", deepspeed=True, cuda=True) == "no"  # float32 on purpose
+    assert r(None, "fp16", deepspeed=True, cuda=True) == "fp16"
+    assert r(None, "no", deepspeed=True, cuda=False) == "no"
+    assert r(None, "no", deepspeed=False, cuda=True) == "no"
+    assert r(None, "bf16", deepspeed=False, cuda=True) == "bf16"
+
+
+def test_model_config_from_any_json_file(tmp_path):
+    path = tmp_path / "heads3.json"
+    path.write_text(json.dumps(dict(model_type="llama", hidden_size=48, num_attention_heads=3, num_hidden_layers=1,
+                                    intermediate_size=64, vocab_size=100)))
+    args = training.build_parser().parse_args(["--model_config", str(path), "--init_random", "--output-dir", "x"])
+    config = training.load_config(args)
+    assert config.model_type == "llama" and config.num_attention_heads == 3
