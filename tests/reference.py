@@ -14,7 +14,7 @@ def attention_ref(q, k, v, causal=True, scale=None):
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if causal:
         n = q.shape[1]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
 
 

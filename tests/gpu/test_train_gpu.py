@@ -114,6 +114,7 @@ def _compare(got, ref, record_property):
     if None not in got["grad_norms"] and None not in ref["grad_norms"]:
         gn, rn = torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"])
         norm_err = ((gn - rn).abs() / rn).max().item()
+        record_property("grad_norms", ["%.6g" % x for x in got["grad_norms"]])
         record_property("grad_norm_rel_err", "%.1e" % norm_err)
         assert norm_err <= NORM_RTOL, f"grad norms {got['grad_norms']} vs one GPU {ref['grad_norms']}"
 
