@@ -32,8 +32,9 @@ mkdir -p "$EASY_CONTEXT_GPU_WORK"
 case $part in
   1) sel=(tests/gpu/test_kernels_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_train_gpu.py -k "not zero3 and not reload and not eval") ;;
   2) sel=(tests/gpu/test_train_gpu.py -k "zero3 or reload or eval") ;;
+  kernels) sel=(tests/gpu/test_kernels_gpu.py tests/gpu/test_attention_nccl.py) ;;  # part 1's first half alone
   all) sel=(tests/gpu) ;;
-  *) echo "usage: $0 1|2|all"; exit 2 ;;
+  *) echo "usage: $0 1|2|all|kernels"; exit 2 ;;
 esac
 checks="$logdir/acceptance_part${part}_checks.txt"
 : > "$checks"
