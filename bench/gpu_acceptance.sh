@@ -30,10 +30,10 @@ case $part in
 esac
 mkdir -p "$EASY_CONTEXT_GPU_WORK"
 case $part in
-  1) sel=(tests/gpu/test_kernels_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_train_gpu.py -k "not zero3 and not reload and not eval") ;;
+  1) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_train_gpu.py -k "not zero3 and not reload and not eval") ;;
   2) sel=(tests/gpu/test_train_gpu.py -k "zero3 or reload or eval") ;;
-  kernels) sel=(tests/gpu/test_kernels_gpu.py tests/gpu/test_attention_nccl.py) ;;  # part 1's first half alone
-  all) sel=(tests/gpu) ;;
+  kernels) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_attention_nccl.py) ;;  # part 1 less training
+  all) sel=(tests/test_memory.py tests/gpu) ;;
   *) echo "usage: $0 1|2|all|kernels"; exit 2 ;;
 esac
 checks="$logdir/acceptance_part${part}_checks.txt"

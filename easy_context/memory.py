@@ -569,13 +569,16 @@ class _TiledMLP(torch.autograd.Function):
     Forward runs the tiles under no_grad and saves only ``x``. Backward recomputes one tile at a time with grad
     and differentiates it at once. Parameter gradients: summed over tiles and returned as this Function's
     gradients for the parameters (each parameter's grad accumulator fires once per backward, as DDP expects);
-    under DeepSpeed ZeRO-3 (partitioned parameters cannot be Function inputs) they are accumulated tile by tile
-    through ZeRO's own hooks, with ``ds_grad_is_ready`` held back until the last tile, as DeepSpeed's TiledMLP does.
+    under DeepSpeed ZeRO-3 they are accumulated tile by tile through ZeRO's own hooks, with ``ds_grad_is_ready``
+    held back until the last tile, as DeepSpeed's TiledMLP does. There the parameters come in ``zero3_params`` (a
+    tuple, not Function inputs): a partitioned parameter made a Function input gets its gradient accumulator created
+    with the empty partition's shape, and the tile's Linear backward then fails ("invalid gradient ... expected shape
+    compatible with [0]", seen on 2xH200).
     """
 
     @staticmethod
-    def forward(ctx, forward_fn, tile_size, x, *params):
-        ctx.forward_fn, ctx.tile_size, ctx.params = forward_fn, tile_size, params
+    def forward(ctx, forward_fn, tile_size, zero3_params, x, *params):
+        ctx.forward_fn, ctx.tile_size, ctx.params = forward_fn, tile_size, zero3_params or params
         device_type = x.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.save_for_backward(x)
@@ -601,7 +604,11 @@ class _TiledMLP(torch.autograd.Function):
             if zero3:
                 for p in params:
                     p.ds_grad_is_ready = i == len(tiles) - 1
-                torch.autograd.backward(y_tile, dout_tile, inputs=[x_tile, *params] if x.requires_grad else params)
+                # No `inputs=`: naming the partitioned parameters there makes autograd take their gradient edges
+                # when their data is the empty partition (seen on 2xH200: "invalid gradient ... expected shape
+                # compatible with [0]"). The tile's graph reaches only x_tile (a detached leaf) and the parameters,
+                # whose gradients ZeRO's hooks collect; this is how DeepSpeed's own TiledMLP calls it.
+                torch.autograd.backward(y_tile, dout_tile)
                 if dx is not None:
                     dx.narrow(-2, offset, n).copy_(x_tile.grad)
             else:
@@ -617,10 +624,10 @@ class _TiledMLP(torch.autograd.Function):
                         dparams[j] = g if dparams[j] is None else dparams[j].add_(g)
             offset += n
         if zero3:
-            return (None, None, dx, *[None] * len(ctx.params))
+            return None, None, None, dx
         dparams = [g.to(p.dtype) if g is not None else None for g, p in zip(dparams, params)]
         it = iter(dparams)
-        return (None, None, dx, *[next(it) if p.requires_grad else None for p in ctx.params])
+        return (None, None, None, dx, *[next(it) if p.requires_grad else None for p in ctx.params])
 
 
 def _tiled_forward(self, x, *args, **kwargs):
@@ -629,7 +636,9 @@ def _tiled_forward(self, x, *args, **kwargs):
     if args or kwargs or x.shape[-2] <= tile_size:
         return forward_fn(x, *args, **kwargs)
     params = tuple(self.parameters())
-    return _TiledMLP.apply(forward_fn, tile_size, x, *params)
+    if _is_zero3(params):  # partitioned parameters must not be Function inputs (see _TiledMLP)
+        return _TiledMLP.apply(forward_fn, tile_size, params, x)
+    return _TiledMLP.apply(forward_fn, tile_size, None, x, *params)
 
 
 def enable_tiled_mlp(model, *, tile_size: int | None = None, num_tiles: int | None = None) -> int:

@@ -198,7 +198,8 @@ def test_pinned_host_pool_reuses_exact_size_buffers():
     assert pool.held_bytes == 24 + 24 - 12 + 10
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked offload needs CUDA (run on the GPU machine)")
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked offload needs CUDA (bench/gpu_acceptance.sh)")
 def test_offload_to_page_locked_memory_cuda():
     ids, tgt = (t.cuda() for t in _batch())
     base = _model().cuda()

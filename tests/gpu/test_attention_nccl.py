@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import need_gpus
+from _gpu import need_gpus
 from _dist import run_distributed
 from reference import attention_ref, rel_err
 from easy_context import SEQ_ALGOS, gather_sequence, get_attn_func, shard_sequence

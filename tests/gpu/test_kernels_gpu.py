@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import need_gpus
+from _gpu import need_gpus
 from reference import attention_ref, rel_err
 from easy_context.kernels import _KERNELS, get_kernel, local_attn_func
 

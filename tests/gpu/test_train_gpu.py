@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, need_gpus
+from _gpu import ROOT, need_gpus
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_matrix  # noqa: E402
@@ -88,9 +88,13 @@ def references(work):
 
 
 def _two_gpu(config, suite, work):
+    """Results of every configuration the launch finished (a failing one holds its error), and the launch's log."""
     run, out = _matrix(config, 2, suite, work)
-    log = _wait([run])[0]
-    return json.load(open(out)), log
+    proc, log = run
+    proc.wait(timeout=540)
+    text = open(log).read()
+    assert os.path.exists(out), f"{log} (exit {proc.returncode}), no results:\n{text[-4000:]}"
+    return json.load(open(out)), text
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +108,7 @@ def zero3_runs(work):
 
 
 def _compare(got, ref, record_property):
+    assert "error" not in got, got.get("traceback", got["error"])
     g, r = torch.tensor(got["losses"], dtype=torch.float64), torch.tensor(ref["losses"], dtype=torch.float64)
     loss_err = ((g - r).abs() / r.abs()).max().item()
     record_property("losses", ["%.5f" % x for x in got["losses"]])
@@ -128,11 +133,13 @@ def _ref_key(name):  # 2 data_parallel replicas x 1 sequence = 1 GPU x 2 sequenc
 
 @pytest.mark.parametrize("name", RUNS)
 def test_ddp_two_gpus_match_one_gpu(name, ddp_runs, references, record_property):
+    assert name in ddp_runs[0], f"the launch ended before {name!r}:\n{ddp_runs[1][-3000:]}"
     _compare(ddp_runs[0][name], references["ddp"][_ref_key(name)], record_property)
 
 
 @pytest.mark.parametrize("name", RUNS)
 def test_zero3_two_gpus_match_one_gpu(name, zero3_runs, references, record_property):
+    assert name in zero3_runs[0], f"the launch ended before {name!r}:\n{zero3_runs[1][-3000:]}"
     _compare(zero3_runs[0][name], references["zero3"][_ref_key(name)], record_property)
 
 
@@ -146,7 +153,8 @@ def test_saved_model_reloads_with_plain_transformers(zero3_runs, record_property
     gives the loss the trained (patched, partitioned) model gave on the same batch."""
     from transformers import AutoModelForCausalLM
 
-    saved = zero3_runs[0]["save"]
+    saved = zero3_runs[0].get("save") or {"error": "the launch ended before it"}
+    assert "error" not in saved, saved.get("traceback", saved["error"])
     model = AutoModelForCausalLM.from_pretrained(saved["saved_dir"], dtype=torch.bfloat16).cuda(0).eval()
     assert model.config._attn_implementation == "sdpa"
     ids = train_matrix.eval_batch(model.config.vocab_size, saved["eval_seq"]).cuda(0)

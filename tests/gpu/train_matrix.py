@@ -89,19 +89,27 @@ def main() -> None:
     for name, argv in runs.items():
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-        out = training.train(training.build_parser().parse_args(argv))
-        results[name] = {"losses": [out["losses"][s] for s in sorted(out["losses"])],
-                         "grad_norms": [out["grad_norms"].get(s) for s in sorted(out["losses"])]}
-        if name == "save":
-            results[name]["saved_dir"] = os.path.join(a.work, "zero3_saved")
-            results[name]["eval_loss"] = sp_loss(out["model"], "zigzag_ring_attn", eval_batch(MODEL["vocab_size"], a.seq))
-            results[name]["eval_seq"] = a.seq
+        try:
+            out = training.train(training.build_parser().parse_args(argv))
+        except Exception as e:  # noqa: BLE001 - recorded for the test of this configuration; the others go on
+            import traceback
+
+            results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+        else:
+            results[name] = {"losses": [out["losses"][s] for s in sorted(out["losses"])],
+                             "grad_norms": [out["grad_norms"].get(s) for s in sorted(out["losses"])]}
+            if name == "save":
+                results[name]["saved_dir"] = os.path.join(a.work, "zero3_saved")
+                results[name]["eval_loss"] = sp_loss(out["model"], "zigzag_ring_attn",
+                                                     eval_batch(MODEL["vocab_size"], a.seq))
+                results[name]["eval_seq"] = a.seq
+            del out
         print(f"[train_matrix] {name}: {results[name]}", flush=True)
-        del out
-        torch.cuda.empty_cache()
-    if int(os.environ.get("RANK", "0")) == 0:
-        with open(a.out, "w") as f:
-            json.dump(results, f, indent=1)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if int(os.environ.get("RANK", "0")) == 0:  # after every configuration: a launch cut short keeps the rest
+            with open(a.out, "w") as f:
+                json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
