@@ -12,27 +12,30 @@ for real text. Logic: easy_context/eval/needle.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
-from easy_context.sharding import SEQ_ALGOS
+from easy_context.attention import SEQ_ALGOS
+from easy_context.utils import add_flag
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="local model directory (or hub id) for from_pretrained")
-    p.add_argument("--max_context_length", type=int, default=100000)
-    p.add_argument("--min_context_length", type=int, default=1000)
-    p.add_argument("--context_interval", type=int, default=1000)
-    p.add_argument("--depth_interval", type=float, default=0.1)
-    p.add_argument("--num_samples", type=int, default=10)
-    p.add_argument("--rnd_number_digits", type=int, default=7)
-    p.add_argument("--haystack_dir", default=None, help="folder of *.txt essays (default: synthetic essays)")
-    p.add_argument("--num_distractor", type=int, default=0)
-    p.add_argument("--rope_theta", type=float, default=None)
-    p.add_argument("--parallel_mode", "--parallel-mode", default="zigzag_ring_attn", choices=SEQ_ALGOS)
-    p.add_argument("--output_dir", default=None, help="default: output/needle_<model name>")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32...")
-    p.add_argument("--seed", type=int, default=24242424)
+    a = functools.partial(add_flag, p)  # --dash-flags; the seed's --under_score spellings work too
+    a("--model", required=True, help="local model directory (or hub id) for from_pretrained")
+    a("--max-context-length", type=int, default=100000)
+    a("--min-context-length", type=int, default=1000)
+    a("--context-interval", type=int, default=1000)
+    a("--depth-interval", type=float, default=0.1)
+    a("--num-samples", type=int, default=10)
+    a("--rnd-number-digits", type=int, default=7)
+    a("--haystack-dir", default=None, help="folder of *.txt essays (default: synthetic essays)")
+    a("--num-distractor", type=int, default=0)
+    a("--rope-theta", type=float, default=None)
+    a("--seq-algo", "--parallel-mode", dest="seq_algo", default="zigzag_ring_attn", choices=SEQ_ALGOS)
+    a("--output-dir", default=None, help="default: output/needle_<model name>")
+    a("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32...")
+    a("--seed", type=int, default=24242424)
     return p.parse_args(argv)
 
 
@@ -46,13 +49,13 @@ def main(argv=None) -> dict:
                           num_samples=args.num_samples, rnd_number_digits=args.rnd_number_digits,
                           num_distractor=args.num_distractor, seed=args.seed)
     rank, world, device = init_distributed()
-    if world == 1 and args.parallel_mode != "data_parallel":  # one process: the model's own attention is the same
-        print(f"single process: running {args.parallel_mode} as data_parallel (launch with torchrun/accelerate)")
-        args.parallel_mode = "data_parallel"
+    if world == 1 and args.seq_algo != "data_parallel":  # one process: the model's own attention is the same
+        print(f"single process: running {args.seq_algo} as data_parallel (launch with torchrun/accelerate)")
+        args.seq_algo = "data_parallel"
     model_name = os.path.basename(args.model.rstrip("/"))
     output_dir = args.output_dir or os.path.join("output", f"needle_{model_name}")
-    model, tokenizer = load_model(args.model, args.parallel_mode, device, dtype=args.dtype, rope_theta=args.rope_theta)
-    result = evaluate_needle(model, tokenizer, config, seq_algo=args.parallel_mode, output_dir=output_dir,
+    model, tokenizer = load_model(args.model, args.seq_algo, device, dtype=args.dtype, rope_theta=args.rope_theta)
+    result = evaluate_needle(model, tokenizer, config, seq_algo=args.seq_algo, output_dir=output_dir,
                              device=device, haystack_dir=args.haystack_dir, model_name=model_name)
     if rank == 0:
         print(f"Average Accuracy: {result['average_accuracy']:.4f} ({len(result['cells'])} cells) -> {output_dir}")

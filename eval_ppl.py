@@ -13,30 +13,33 @@ Logic: easy_context/eval/ppl.py.
 from __future__ import annotations
 
 import argparse
+import functools
 
-from easy_context.sharding import SEQ_ALGOS
+from easy_context.attention import SEQ_ALGOS
+from easy_context.utils import add_flag
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-m", "--model", action="append", required=True, help="model directory (repeat for several)")
-    p.add_argument("-d", "--dataset", default=None)
-    p.add_argument("-s", "--subset", default=None)
-    p.add_argument("-f", "--feature", default="text")
-    p.add_argument("--split", default="test")
-    p.add_argument("--synthetic", action="store_true", help="score synthetic essays of --max-tokens tokens")
-    p.add_argument("--min-tokens", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--tokens-step", type=int, default=None, help="default: double from --min-tokens")
-    p.add_argument("--dataset-min-tokens", type=int, default=None)
-    p.add_argument("--samples", type=int, default=None)
-    p.add_argument("--truncate", action="store_true", help="one window per document (its first tokens)")
-    p.add_argument("--sliding-window", type=int, default=256)
-    p.add_argument("--parallel-mode", "--parallel_mode", default="zigzag_ring_attn", choices=SEQ_ALGOS)
-    p.add_argument("--output-file", default="output/ppl.csv")
-    p.add_argument("--rope-theta", type=float, default=None)
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32...")
-    p.add_argument("--hide-progress", action="store_true")
+    a = functools.partial(add_flag, p)  # --dash-flags; --under_score spellings work too
+    a("-m", "--model", action="append", required=True, help="model directory (repeat for several)")
+    a("-d", "--dataset", default=None)
+    a("-s", "--subset", default=None)
+    a("-f", "--feature", default="text")
+    a("--split", default="test")
+    a("--synthetic", action="store_true", help="score synthetic essays of --max-tokens tokens")
+    a("--min-tokens", type=int, default=256)
+    a("--max-tokens", type=int, default=8192)
+    a("--tokens-step", type=int, default=None, help="default: double from --min-tokens")
+    a("--dataset-min-tokens", type=int, default=None)
+    a("--samples", type=int, default=None)
+    a("--truncate", action="store_true", help="one window per document (its first tokens)")
+    a("--sliding-window", type=int, default=256)
+    a("--seq-algo", "--parallel-mode", dest="seq_algo", default="zigzag_ring_attn", choices=SEQ_ALGOS)
+    a("--output-file", default="output/ppl.csv")
+    a("--rope-theta", type=float, default=None)
+    a("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32...")
+    a("--hide-progress", action="store_true")
     return p.parse_args(argv)
 
 
@@ -47,17 +50,17 @@ def main(argv=None) -> list[tuple[str, list[float]]]:
     args = parse_args(argv)
     lengths = context_lengths(args.min_tokens, args.max_tokens, args.tokens_step)
     rank, world, device = init_distributed()
-    if world == 1 and args.parallel_mode != "data_parallel":  # one process: the model's own attention is the same
-        print(f"single process: running {args.parallel_mode} as data_parallel (launch with torchrun/accelerate)")
-        args.parallel_mode = "data_parallel"
+    if world == 1 and args.seq_algo != "data_parallel":  # one process: the model's own attention is the same
+        print(f"single process: running {args.seq_algo} as data_parallel (launch with torchrun/accelerate)")
+        args.seq_algo = "data_parallel"
     rows = []
     for path in args.model:
-        model, tokenizer = load_model(path, args.parallel_mode, device, dtype=args.dtype, rope_theta=args.rope_theta)
+        model, tokenizer = load_model(path, args.seq_algo, device, dtype=args.dtype, rope_theta=args.rope_theta)
         documents = load_documents(tokenizer, dataset=args.dataset, subset=args.subset, split=args.split,
                                    feature=args.feature, samples=args.samples, min_tokens=args.dataset_min_tokens,
                                    synthetic_tokens=args.max_tokens if args.synthetic else None)
         ppls = evaluate_perplexity(model, documents, lengths, sliding_window=args.sliding_window,
-                                   truncate=args.truncate, seq_algo=args.parallel_mode, device=device,
+                                   truncate=args.truncate, seq_algo=args.seq_algo, device=device,
                                    bos_id=tokenizer.bos_token_id, progress=not args.hide_progress, desc=path)
         if rank == 0:
             print(", ".join(f"{n}={p:.4f}" for n, p in zip(lengths, ppls)))

@@ -19,13 +19,13 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from sim import NullComm  # noqa: E402
 
-from easy_context import dist_flash, zigzag_ring  # noqa: E402
-from easy_context.kernels import _KERNELS, get_kernel, split_causal  # noqa: E402
+from easy_context.attention import dist_flash, zigzag_ring  # noqa: E402
+from easy_context.attention.kernels import KERNELS, get_kernel, split_causal  # noqa: E402
 
 # "cudnn" is the plain single call (the baseline); "cudnn_split" the three-call causal forward of
 # kernels.split_causal (opt-in via EASY_CONTEXT_SPLIT_CAUSAL); the rings use get_kernel("cudnn").
-SINGLE = {"cudnn": lambda: _KERNELS["cudnn"], "cudnn_split": lambda: split_causal(_KERNELS["cudnn"], 1),
-          "flash": lambda: _KERNELS["flash"]}
+SINGLE = {"cudnn": lambda: KERNELS["cudnn"], "cudnn_split": lambda: split_causal(KERNELS["cudnn"], 1),
+          "flash": lambda: KERNELS["flash"]}
 
 
 def timed(fn, reps):
@@ -58,8 +58,8 @@ def single(kern, q, k, v, dout, scale, reps):
 def schedule(algo, rank, w, kern, q, k, v, dout, scale, reps):
     comm = NullComm(rank, w)
     if algo == "dist_flash_attn":
-        f = lambda: dist_flash._forward(comm, q, k, v, scale, kern, None)  # noqa: E731
-        b = lambda o, l: dist_flash._backward(comm, dout, q, k, v, o, l, scale, kern, None)  # noqa: E731
+        f = lambda: dist_flash.dist_flash_forward(comm, q, k, v, scale, kern, None)  # noqa: E731
+        b = lambda o, l: dist_flash.dist_flash_backward(comm, dout, q, k, v, o, l, scale, kern, None)  # noqa: E731
     else:
         f = lambda: zigzag_ring.ring_forward(comm, q, k, v, True, scale, kern)  # noqa: E731
         b = lambda o, l: zigzag_ring.ring_backward(comm, dout, q, k, v, o, l, True, scale, kern)  # noqa: E731

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from easy_context.fused import _LowMemoryRMSNorm, _make_fused_rope, silu_mul
+from easy_context.memory.ops import low_memory_rms_norm, rope, silu_mul
 
 HIDDEN, INTERMEDIATE, HEADS, HEAD_DIM = 4096, 11008, 32, 128
 DEVICE = "cuda"
@@ -44,10 +44,16 @@ def plain_norm(x, w):
     return LlamaRMSNorm.forward(SimpleNamespace(weight=w, variance_epsilon=1e-6), x)
 
 
+def _fused_rope(q, k, cos, sin, unsqueeze_dim=1):
+    """apply_rotary_pos_emb through easy_context.memory.ops.rope (what enable_fused_rope installs)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return rope(q, cos, sin), rope(k, cos, sin)
+
+
 OPS = {  # name: (plain, fused, number of differentiable inputs)
-    "rmsnorm": (plain_norm, lambda x, w: _LowMemoryRMSNorm.apply(x, w, 1e-6), 2),
+    "rmsnorm": (plain_norm, lambda x, w: low_memory_rms_norm(x, w, 1e-6), 2),
     "swiglu": (lambda g, u: F.silu(g) * u, silu_mul, 2),
-    "rope": (apply_rotary_pos_emb, _make_fused_rope(apply_rotary_pos_emb), 2),
+    "rope": (apply_rotary_pos_emb, _fused_rope, 2),
 }
 
 

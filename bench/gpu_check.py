@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from sim import simulate  # noqa: E402
 
-from easy_context.kernels import get_kernel, local_attn_func  # noqa: E402
-from easy_context.merge import merge_into, new_accumulators  # noqa: E402
+from easy_context.attention.kernels import get_kernel, local_attn_func  # noqa: E402
+from easy_context.attention.merge import merge_into, new_accumulators  # noqa: E402
 
 
 def ref_attn(q, k, v, causal, scale):

@@ -12,9 +12,9 @@ import threading
 
 import torch
 
-from easy_context import dist_flash, zigzag_ring
-from easy_context.comm import RingComm
-from easy_context.sharding import layout, shard_sequence
+from easy_context.attention import dist_flash, zigzag_ring
+from easy_context.attention.comm import RingComm
+from easy_context.attention.registry import layout, shard_sequence
 
 
 class _Got:
@@ -88,9 +88,9 @@ def simulate(algo: str, q, k, v, dout, world: int, kernel, scale: float, causal:
     else:
         algo_sched = algo
     fwd, bwd = {"zigzag_ring_attn": (zigzag_ring.ring_forward, zigzag_ring.ring_backward),
-                "dist_flash_attn": (lambda c, q, k, v, causal, s, kern: dist_flash._forward(c, q, k, v, s, kern, None),
+                "dist_flash_attn": (lambda c, q, k, v, causal, s, kern: dist_flash.dist_flash_forward(c, q, k, v, s, kern, None),
                                     lambda c, do, q, k, v, o, l, causal, s, kern:
-                                    dist_flash._backward(c, do, q, k, v, o, l, s, kern, None))}[algo_sched]
+                                    dist_flash.dist_flash_backward(c, do, q, k, v, o, l, s, kern, None))}[algo_sched]
     shards = [[shard_sequence(algo, x, r, world) for x in (q, k, v, dout)] for r in range(world)]
 
     def fwd_rank(comm):

@@ -8,7 +8,7 @@ easy_context attention (cuDNN, W=1 through the registered attention), chunked lo
 plus any of (joined with "+"):
   tile[=N]   tiled MLP (tiles of N tokens; default hidden_size)
   norm       low-memory RMSNorm
-  fuse       fused RMSNorm, SwiGLU and RoPE kernels (easy_context.fused; implies norm)
+  fuse       fused RMSNorm, SwiGLU and RoPE kernels (easy_context.memory.ops; implies norm)
   keep[=N]   attention-preserving checkpointing (no attention forward in the recompute), all or the first N layers
   off[=N]    layer inputs offloaded to pinned host memory, all or the first N layers (the rest stay on the GPU)
 e.g. ``ec+keep``, ``ec+norm+tile+keep=20+off=12``. Model FLOPs = 6*N*T + 3.5 * L * 2*T^2*d (causal attention
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from easy_context.advise import parse_mode
+from modes import parse_mode  # bench/modes.py
 
 PEAK = 989e12
 
@@ -49,9 +49,8 @@ def build(layers, tiny=False):
 
 def configure(model, mode):
     from easy_context import apply_seq_parallel_monkey_patch
-    from easy_context.fused import enable_fused_kernels
-    from easy_context.memory import (enable_attention_preserving_checkpointing, enable_low_memory_rmsnorm,
-                                     enable_offloaded_checkpointing, enable_tiled_mlp)
+    from easy_context.memory import (enable_attention_preserving_checkpointing, enable_fused_kernels,
+                                     enable_low_memory_rmsnorm, enable_offloaded_checkpointing, enable_tiled_mlp)
 
     f = parse_mode(mode, model.config.num_hidden_layers)  # the grammar above; raises on anything else
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

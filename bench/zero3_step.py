@@ -4,7 +4,7 @@ step per length, timed in parts: forward, backward, optimizer step (DeepSpeed's 
 partitions, and the parameter write-back).
 
     accelerate launch --config_file accelerate_configs/single_node.yaml --num_processes 2 bench/zero3_step.py \
-        --lengths 131072,262144,524288 -- --parallel_mode zigzag_ring_attn --gradient-checkpointing --fused-kernels \
+        --lengths 131072,262144,524288 -- --seq-algo zigzag_ring_attn --gradient-checkpointing --fused-kernels \
         --tiled-mlp --attn-preserving-checkpointing --offload-checkpointing 17
 
 Everything after ``--`` is train.py's flags; the model is built exactly as train.py builds it (easy_context.training),
@@ -70,25 +70,23 @@ def main():
     cfg_path = os.path.join("/tmp", f"{a.model}_config.json")
     with open(cfg_path, "w") as f:
         json.dump(config, f)
-    args = training.build_parser().parse_args(
-        ["--model_config", cfg_path, "--init_random", "--output-dir", "/tmp/zero3_step", "--report-to", "none",
+    cfg = training.parse_config(
+        ["--model-config", cfg_path, "--init-random", "--output-dir", "/tmp/zero3_step", "--report-to", "none",
          *train_flags])
 
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=training._mixed_precision(args))
+    accelerator = training.make_accelerator(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     host = HostMemory() if accelerator.is_local_main_process else None
     tic = time.time()
     with torch.device(accelerator.device):  # random init on the GPU: seconds instead of minutes on the CPU
-        model = training.load_model(args, torch.bfloat16)
+        model = training.load_causal_lm(None, training.config_for(cfg), torch.bfloat16, init_random=True)
     from easy_context import apply_seq_parallel_monkey_patch
 
-    apply_seq_parallel_monkey_patch(args.parallel_mode, model, ring_degree=args.ring_degree, backend=args.attn_backend)
-    training.apply_memory_features(args, model)
-    wrapper = training.CausalLMWithShardedLoss(model, chunk_size=args.loss_chunk_size)
+    apply_seq_parallel_monkey_patch(cfg.seq_algo, model, ring_degree=cfg.ring_degree, backend=cfg.attn_backend)
+    training.apply_memory_features(cfg, model)
+    wrapper = training.CausalLMWithShardedLoss(model, chunk_size=cfg.loss_chunk_size)
     n_params = sum(p.numel() for p in model.parameters())
-    engine, _, _ = training.prepare_optimization(args, accelerator, wrapper)
+    engine, _, _ = training.prepare_optimization(cfg, accelerator, wrapper)
     accelerator.print(training.describe_precision(accelerator, engine))
     accelerator.print(f"setup {time.time() - tic:.1f} s; {n_params / 1e9:.2f} B parameters; flags: {' '.join(train_flags)}")
 
@@ -102,7 +100,7 @@ def main():
     def one_step(seq):
         ids = torch.randint(0, config["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(seq))
         tgt = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
-        p = prepare_seq_parallel_inputs(args.parallel_mode, ids, None, tgt, rank, world, accelerator.device)
+        p = prepare_seq_parallel_inputs(cfg.seq_algo, ids, None, tgt, rank, world, accelerator.device)
         sync()
         t0 = time.time()
         out = engine(p["local_input_ids"], p["local_position_ids"], p["local_target_ids"])

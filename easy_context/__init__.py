@@ -5,14 +5,9 @@ prints, no environment changes. transformers-facing helpers load on first use.
 """
 from __future__ import annotations
 
-from .algorithms import ALGORITHMS, get_attn_func
-from .dist_flash import dist_flash_attn_func
-from .kernels import local_attn_func
+from .attention import (ALGORITHMS, SEQ_ALGOS, dist_flash_attn_func, gather_sequence, get_attn_func, local_attn_func,
+                        sequence_granularity, shard_sequence, ulysses_attn_func, usp_attn_func, zigzag_ring_attn_func)
 from .loss import ShardedLoss, linear_cross_entropy_sum, sharded_cross_entropy
-from .sharding import SEQ_ALGOS, gather_sequence, sequence_granularity, shard_sequence
-from .ulysses import ulysses_attn_func
-from .usp import usp_attn_func
-from .zigzag_ring import zigzag_ring_attn_func
 
 __version__ = "0.2.0"
 
@@ -22,8 +17,8 @@ _LAZY = {
     "prepare_seq_parallel_inputs": "api",
     "prepare_dataloader": "api",
     "gather_seq_parallel_outputs": "api",
-    "SPAttentionConfig": "hf",
-    "unpatch_model_type": "hf",
+    "SPAttentionConfig": "integrations.hf",
+    "unpatch_model_type": "integrations.hf",
     "enable_offloaded_checkpointing": "memory",
     "enable_attention_preserving_checkpointing": "memory",
     "enable_tiled_mlp": "memory",

@@ -88,24 +88,6 @@ class Features:
     fused_kernels: bool = False  # speed; its memory saving (SwiGLU keeps 2 of 3 intermediates) is not modelled
 
 
-def parse_mode(mode: str, layers: int) -> Features | None:
-    """bench/train_step.py's mode grammar (``ec+norm+fuse+tile=16384+keep=20+off=12``) -> Features; None for stock."""
-    base, *parts = mode.split("+")
-    if base not in ("stock", "ec") or (base == "stock" and parts):
-        raise ValueError(f"mode {mode!r}: 'stock' or 'ec[+norm][+fuse][+tile[=N]][+keep[=N]][+off[=N]]'")
-    if base == "stock":
-        return None
-    given = {}
-    for part in parts:
-        name, _, n = part.partition("=")
-        if name not in ("norm", "fuse", "tile", "keep", "off"):
-            raise ValueError(f"mode {mode!r}: unknown feature {name!r}")
-        given[name] = int(n) if n else None
-    count = (lambda name: 0 if name not in given else layers if given[name] is None else given[name])  # noqa: E731
-    return Features(tiled_mlp="tile" in given, low_memory_rmsnorm="norm" in given, keep_layers=count("keep"),
-                    offload_layers=count("off"), tile_size=given.get("tile"), fused_kernels="fuse" in given)
-
-
 def _gradient_pileup(m: ModelShape, f: Features, unit: float, grads_per_layer: float) -> float:
     """Bytes of parameter gradients that backward has produced beyond what it has freed, at its worst.
 
@@ -216,26 +198,6 @@ def advise(m: ModelShape, seq_length: int, gpus: int, gpu_mem_gib: float, host_m
     return Plan(algo, gpus, ring, f, gpu, host + optimizer_gib, m.layers, notes)
 
 
-def check(path: str) -> list:
-    """Predicted vs measured peak GiB for the easy_context rows of a bench/train_step.py JSON-lines file."""
-    import json
-
-    out = []
-    for line in open(path):
-        r = json.loads(line)
-        if r.get("error") or "mode" not in r:
-            continue
-        m = ModelShape(**dict(PRESETS["llama-2-7b"], layers=r["layers"]))
-        f = parse_mode(r["mode"], m.layers)
-        if f is None:
-            continue
-        gpu, _ = predict_gib(m, r["S"], 1, f)
-        measured = "OOM" if r.get("oom") else f"{r['peak_GiB']:6.1f} GiB"
-        out.append((r["mode"], r["S"], r["layers"], gpu, None if r.get("oom") else r["peak_GiB"]))
-        print(f"{r['mode']:28s} S={r['S']:>7d} L={r['layers']:>2d}: predicted {gpu:6.1f} GiB, measured {measured}")
-    return out
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-config", default="llama-2-7b", help=f"preset ({', '.join(PRESETS)}) or a config path")
@@ -245,15 +207,12 @@ def main(argv=None):
     p.add_argument("--host-mem-gib", type=float, default=1024.0, help="host memory of the node (all GPUs)")
     p.add_argument("--optimizer-host-bytes", type=float, default=16.0,
                    help="host bytes per parameter for the optimizer (16: ZeRO-offloaded Adam; 0: on GPU / SGD)")
-    p.add_argument("--check", metavar="JSONL", help="compare predictions with bench/train_step.py measurements")
     a = p.parse_args(argv)
-    if a.check:
-        return check(a.check)
     m = load_shape(a.model_config)
     plan = advise(m, a.seq_length, a.gpus, a.gpu_mem_gib, a.host_mem_gib / a.gpus,
                   optimizer_host_bytes=a.optimizer_host_bytes)
     print(f"model: {a.model_config} ({m.params / 1e9:.2f} B params), {a.seq_length} tokens on {a.gpus} GPU(s)")
-    print(f"  --parallel_mode {plan.seq_algo}" + (f" --ring-degree {plan.ring_degree}" if plan.ring_degree else ""))
+    print(f"  --seq-algo {plan.seq_algo}" + (f" --ring-degree {plan.ring_degree}" if plan.ring_degree else ""))
     print(f"  memory: {plan.flags()}")
     print(f"  predicted peak: {plan.gpu_gib:.1f} GiB per GPU, {plan.host_gib:.1f} GiB host per GPU")
     for n in plan.notes:

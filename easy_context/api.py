@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import torch
 
-from .sharding import SEQ_ALGOS, check_seq_algo, gather_sequence, sequence_granularity, shard_sequence
+from .attention.registry import (SEQ_ALGOS, algorithm_options, check_seq_algo, gather_sequence, sequence_granularity,
+                                 shard_sequence)
+from .utils import check_sp_size, rank_world
 
 
 def _sp_rank_size(rank: int, world_size: int, sp_size: int | None) -> tuple[int, int]:
     """(rank within its SP group, SP group size) for global ``rank`` of ``world_size``."""
-    if sp_size is None:
-        return rank, world_size
-    if not isinstance(sp_size, int) or sp_size < 1 or world_size % sp_size:
-        raise ValueError(f"sp_size={sp_size!r} must be a positive divisor of world_size={world_size}: the world "
-                         "splits into world_size/sp_size data-parallel replicas of sp_size sequence-parallel ranks")
-    return rank % sp_size, sp_size
+    sp = check_sp_size(sp_size, world_size)
+    return rank % sp, sp
 
 
 def apply_seq_parallel_monkey_patch(seq_algo: str, model, *, sp_size: int | None = None,
@@ -52,12 +50,12 @@ def apply_seq_parallel_monkey_patch(seq_algo: str, model, *, sp_size: int | None
         as :func:`prepare_seq_parallel_inputs` does), without packed/varlen batches, and with sequences no longer
         than an active sliding window; each of these raises a clear error instead of computing something else.
     """
-    from . import hf
+    from .integrations import hf
 
     check_seq_algo(seq_algo)
     if seq_algo == "data_parallel":
         if isinstance(model, str):
-            hf._pretrained_base(model)  # still reject unsupported model types
+            hf.pretrained_base(model)  # still reject unsupported model types
         return None
     config = hf.SPAttentionConfig(seq_algo, sp_size=sp_size, ring_degree=ring_degree, backend=backend)
     if isinstance(model, str):
@@ -109,7 +107,7 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
                          "parallelism every token attends causally to all earlier tokens, so packed documents would "
                          "see each other. Pass one document per row with consecutive positions")
 
-    opts = {"ring_degree": ring_degree} if ring_degree is not None else {}
+    opts = algorithm_options(seq_algo, ring_degree=ring_degree)
     pad = 0
     if sequence_parallel:
         granularity = sequence_granularity(seq_algo, sp_world, **opts)
@@ -151,10 +149,9 @@ def gather_seq_parallel_outputs(seq_algo: str, local_outputs: torch.Tensor, *, s
     Returns:
         The full sequence along ``dim`` on every rank of the SP group.
     """
-    from .comm import get_sp_group
+    from .attention.comm import get_sp_group
 
-    check_seq_algo(seq_algo)
-    opts = {"ring_degree": ring_degree} if ring_degree is not None else {}
+    opts = algorithm_options(seq_algo, ring_degree=ring_degree)
     group = None if seq_algo == "data_parallel" else get_sp_group(sp_size)
     full = gather_sequence(seq_algo, local_outputs, group=group, dim=dim, **opts)
     return full if seq_len is None else full.narrow(dim, 0, seq_len)
@@ -168,26 +165,29 @@ def prepare_dataloader(seq_algo: str, dataloader, accelerator, *, sp_size: int |
         accelerator: the ``accelerate.Accelerator`` (device, placement and batching settings are taken from it).
         sp_size: ranks per SP group (None = the whole world: a single replica, every rank sees every batch).
     Returns:
-        ``data_parallel``: ``accelerator.prepare(dataloader)``. SP algorithms: accelerate's
-        ``prepare_data_loader`` sharded over the ``world / sp_size`` replicas (replica index
-        ``process_index // sp_size``), batches moved to ``accelerator.device``.
+        accelerate's ``prepare_data_loader`` sharded over the ``world / sp_size`` replicas (replica index
+        ``rank // sp_size``; ``data_parallel``: every rank a replica), batches moved to ``accelerator.device``.
     Notes:
         Collective when the sampler shuffles without its own generator: a seed is broadcast from rank 0 so all
         ranks shuffle identically. The returned loader is not registered with the accelerator's checkpointing
         (``save_state`` does not record its position).
     """
     check_seq_algo(seq_algo)
-    if seq_algo == "data_parallel":
-        return accelerator.prepare(dataloader)
     from accelerate.data_loader import prepare_data_loader
 
-    _, sp_world = _sp_rank_size(accelerator.process_index, accelerator.num_processes, sp_size)
+    if seq_algo == "data_parallel":
+        sp_size = 1  # every rank its own replica
+
+    # the process group's own rank/world: accelerate's state says process 0 of 1 on every rank of a DeepSpeed launch
+    # on CPU, which would give every replica the same rows
+    rank, world = rank_world((accelerator.process_index, accelerator.num_processes))
+    _, sp_world = _sp_rank_size(rank, world, sp_size)
     _share_shuffle_seed(dataloader, accelerator.device)
     return prepare_data_loader(
         dataloader,
         accelerator.device,
-        num_processes=accelerator.num_processes // sp_world,
-        process_index=accelerator.process_index // sp_world,
+        num_processes=world // sp_world,
+        process_index=rank // sp_world,
         split_batches=accelerator.split_batches,
         put_on_device=accelerator.device_placement,
         rng_types=list(accelerator.rng_types or []),

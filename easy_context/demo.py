@@ -1,7 +1,8 @@
 """A 2-process CPU demo of exact sequence parallelism: ``python -m easy_context.demo [--world 2] [--seq 4096]``.
 
-Shards one random sequence over gloo ranks, runs every algorithm forward and backward, and prints the
-largest relative error of the output and gradients against single-process float64 attention.
+Shards one random sequence over gloo ranks, runs every sequence-parallel algorithm of the registry forward and
+backward, and prints the largest relative error of the output and gradients against single-process float64
+attention.
 """
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ def _rel(a, b):
 
 
 def _run(rank, world, seq, init_file):
-    from easy_context import get_attn_func, shard_sequence
-    from easy_context.kernels import local_attn_func
+    from easy_context.attention import SP_ALGOS, get_attn_func, local_attn_func, shard_sequence
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -30,7 +30,7 @@ def _run(rank, world, seq, init_file):
     ref_in = [x.double().requires_grad_() for x in (q, k, v)]
     ref = local_attn_func(*ref_in, causal=True, backend="math")  # float64 single-process reference
     ref.backward(dout.double())
-    for algo in ("zigzag_ring_attn", "dist_flash_attn", "ulysses_attn", "usp_attn"):
+    for algo in SP_ALGOS:
         local = [shard_sequence(algo, x, rank, world).requires_grad_() for x in (q, k, v)]
         out = get_attn_func(algo)(*local, causal=True, backend="math")
         out.backward(shard_sequence(algo, dout, rank, world))

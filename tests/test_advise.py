@@ -1,9 +1,13 @@
 """The memory model against the H200 measurements it was calibrated on, and its choices."""
 import os
+import sys
 
 import pytest
 
-from easy_context.advise import Features, ModelShape, PRESETS, advise, check, parse_mode, predict_gib
+from easy_context.advise import Features, ModelShape, PRESETS, advise, predict_gib
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from modes import check, parse_mode  # noqa: E402 - bench/modes.py
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "bench", "results")
 RUNS = ("s2_run1_128k.jsonl", "s2_run1_256k.jsonl", "s2_run1_diag256_4layers.jsonl", "s2_run2_diag256_4layers.jsonl",

@@ -10,9 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import easy_context.fused as fused
+import easy_context.memory.ops.swiglu as swiglu
+from easy_context import utils
+from easy_context.memory import patch
+from easy_context.memory.ops import rope_eager
 from _models import SMALL, _assert_same, _batch, _close, _configs, _model, _run, _saved_bytes
-from easy_context.fused import enable_fused_kernels, silu_mul
+from easy_context.memory import enable_fused_kernels, silu_mul
 from easy_context.memory import enable_attention_preserving_checkpointing, enable_tiled_mlp
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -70,7 +73,7 @@ def test_rope_exact_with_gqa_and_transposed_layout():
     angles = torch.randn(2, 30, 16, generator=g, dtype=torch.float64)
     cos, sin = angles.cos(), angles.sin()
     dq, dk = torch.randn_like(q), torch.randn_like(k)
-    fused_rope = fused._make_fused_rope(apply_rotary_pos_emb)
+    fused_rope = patch._make_fused_rope(apply_rotary_pos_emb)
 
     def run(fn, q, k):
         q, k = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
@@ -88,7 +91,7 @@ def test_rope_exact_with_gqa_and_transposed_layout():
     for ours, ref, what in zip(ours16[2:], run(apply_rotary_pos_emb, q, k)[2:], ("dq", "dk")):
         _close(ours.double(), ref, f"bf16 rope {what}", BF16_RTOL)
     # anything else (an extra argument, trainable cos) goes to the original function
-    assert fused._is_standard_rope(apply_rotary_pos_emb) and not fused._is_standard_rope(lambda q, k, c, s: (q, k))
+    assert patch._is_standard_rope(apply_rotary_pos_emb) and not patch._is_standard_rope(lambda q, k, c, s: (q, k))
     with pytest.raises(TypeError):
         fused_rope(q, k, cos, sin, "unexpected")
 
@@ -136,8 +139,8 @@ def test_fused_kernels_compose(tiled_first, restore_rope, monkeypatch):
         enable_tiled_mlp(model, tile_size=12)
     enable_attention_preserving_checkpointing(model)
     calls = []
-    original = fused._silu_mul
-    monkeypatch.setattr(fused, "_silu_mul", lambda g, u: calls.append(g.shape[-2]) or original(g, u))
+    original = swiglu.silu_mul_eager
+    monkeypatch.setattr(swiglu, "silu_mul_eager", lambda g, u: calls.append(g.shape[-2]) or original(g, u))
     _assert_same(_run(model, ids, tgt), reference, f"fused + tiled (tiled first: {tiled_first}) + preserving")
     # the tiles call the fused op: forward and checkpoint recompute (no grad) and the tiles' recompute in backward
     assert calls == [12, 12, 12, 4] * 3 * SMALL["num_hidden_layers"]
@@ -153,6 +156,6 @@ def test_fused_kernels_leave_other_modules_alone(restore_rope):
 
 
 def test_on_device_is_eager_on_cpu(monkeypatch):
-    assert fused.on_device(fused._rope, torch.device("cpu")) is fused._rope
-    monkeypatch.setenv(fused.ENV_COMPILE, "0")
-    assert fused.on_device(fused._rope, torch.device("cuda")) is fused._rope
+    assert utils.compiled(rope_eager, torch.device("cpu")) is rope_eager
+    monkeypatch.setenv(utils.ENV_COMPILE, "0")
+    assert utils.compiled(rope_eager, torch.device("cuda")) is rope_eager

@@ -3,9 +3,9 @@ backward of each key block with the *merged* out/lse sums to the full backward."
 import pytest
 import torch
 
-from easy_context.kernels import (Kernel, _math_backward, _math_forward, get_kernel, local_attn_func,
-                                  resolve_backend, split_causal)
-from easy_context.merge import merge_into, new_accumulators
+from easy_context.attention.backends import math_backward as _math_backward, math_forward as _math_forward
+from easy_context.attention.kernels import Kernel, get_kernel, local_attn_func, resolve_backend, split_causal
+from easy_context.attention.merge import merge_into, new_accumulators
 from reference import attention_ref, rel_err
 
 # fp32 kernels vs float64 reference: rounding of O(seq) fp32 sums gives ~1e-7 relative error; 1e-5 leaves
@@ -105,7 +105,7 @@ def test_flash_attn_backend_missing_names_the_install():
         pytest.skip("flash-attn is installed")
     except ImportError:
         pass
-    from easy_context.kernels import _flash_attn_module
+    from easy_context.attention.backends import flash_attn_module as _flash_attn_module
     with pytest.raises(ImportError, match=r"easy-context\[flash\]"):
         _flash_attn_module()
 
@@ -136,7 +136,7 @@ def test_cudnn_backward_inputs_get_the_layout_that_q_implies():
     """PyTorch caches cuDNN's backward graph by q/k/v strides only, so out/grad_out must be laid out as a function
     of q: the same layout whatever the caller passed (values unchanged), a zero-copy restride where only size-one
     dimensions differ. (The GPU test checks the gradients themselves.)"""
-    from easy_context.kernels import _in_layout_of
+    from easy_context.attention.backends import in_layout_of as _in_layout_of
 
     q = torch.randn(2, 16, 8, 32).transpose(1, 2)  # (b, h, s, d) view of (b, s, h, d) memory
     for x in (torch.randn(2, 8, 16, 32), torch.randn(2, 16, 8, 32).transpose(1, 2)):

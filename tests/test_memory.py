@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from _dist import run_distributed
 from _models import RTOL, SEQ, SMALL, SP_RTOL, _assert_same, _batch, _close, _configs, _model, _run, _saved_bytes  # noqa: F401
-from easy_context.fused import enable_fused_kernels
+from easy_context.memory import enable_fused_kernels
 from easy_context.memory import (Checkpointer, PinnedHostPool, apply_unsloth_offloaded_gradient_checkpoint_monkey_patch,
                                  enable_attention_preserving_checkpointing, enable_low_memory_rmsnorm,
                                  enable_offloaded_checkpointing, enable_tiled_mlp)
@@ -293,7 +293,7 @@ def _zigzag_worker(rank, world):
             model.activation_checkpointing_enable()
         p = prepare_seq_parallel_inputs("zigzag_ring_attn", ids, None, tgt, rank, world, "cpu")
         calls = []
-        from easy_context import zigzag_ring
+        from easy_context.attention import zigzag_ring
         original = zigzag_ring.ring_forward
 
         def counting_ring_forward(*args, **kwargs):
@@ -327,7 +327,7 @@ def test_all_features_with_zigzag_ring_attn():
 def _all_to_all_worker(rank, world, algo):
     """Every feature with Ulysses / USP: exact, and the kept attention graph holds one output per layer (the
     lean all-to-all path saves the sequence-sharded q/k/v, which the recompute provides, not head-sharded copies)."""
-    from easy_context import memory
+    from easy_context.memory import attn_preserving as memory
     from easy_context.api import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
     from easy_context.loss import sharded_cross_entropy
 
@@ -380,7 +380,7 @@ def test_all_features_with_all_to_all_algorithms(algo, world):
 def test_attention_preserving_keeps_no_qkv_storage(monkeypatch):
     """The kept attention graph must not pin this forward's q/k/v: after the forward, the leaves of every kept
     graph point at empty storage (the recompute re-provides q/k/v), and the gradients stay exact."""
-    from easy_context import memory
+    from easy_context.memory import attn_preserving as memory
 
     entries = []
     orig = memory._PreservedAttention.forward

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from sim import simulate  # noqa: E402
 
-from easy_context.kernels import get_kernel  # noqa: E402
+from easy_context.attention.kernels import get_kernel  # noqa: E402
 from reference import attention_ref, rel_err  # noqa: E402
 
 TOL = 1e-5  # float32 vs float64, as in test_sequence_parallel.py

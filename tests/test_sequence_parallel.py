@@ -13,8 +13,8 @@ import torch
 from _dist import run_distributed
 from easy_context import (dist_flash_attn_func, gather_sequence, sequence_granularity, shard_sequence,
                           ulysses_attn_func, usp_attn_func, zigzag_ring_attn_func)
-from easy_context.dist_flash import max_blocks_per_rank
-from easy_context.sharding import SEQ_ALGOS, layout
+from easy_context.attention.dist_flash import max_blocks_per_rank
+from easy_context.attention.registry import SEQ_ALGOS, layout
 from reference import attention_ref, rel_err
 
 # float32 algorithm vs float64 reference. Ring merges re-associate the softmax sums, which changes

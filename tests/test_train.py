@@ -179,32 +179,44 @@ def test_accelerate_launch_two_processes(runs, tmp_path):
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
 
 
-def test_deepspeed_zero3_launch_matches_one_process(runs, tmp_path):
-    """The shipped ZeRO-3 config (parameters and optimizer offloaded, DeepSpeed's CPU Adam) on 2 CPU processes,
-    every memory feature on (tiled MLP and the low-memory RMSNorm with partitioned parameters): the same losses as
-    one process with torch AdamW, and a saved model gathered from the partitions."""
-    one, _ = runs
-    out = tmp_path / "zero3"
+def _deepspeed_launch(out, nproc, *argv):
+    """``accelerate launch --config_file accelerate_configs/single_node.yaml --num_processes nproc train.py ...``
+    on CPU (DS_ACCELERATOR=cpu); the logged losses."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(ROOT, "accelerate_configs", "single_node.yaml"), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), os.path.join(ROOT, "train.py"),
-           *_argv(out, "zigzag_ring_attn", *MEMORY_FLAGS)]
+           os.path.join(ROOT, "accelerate_configs", "single_node.yaml"), "--num_processes", str(nproc),
+           "--main_process_port", str(_free_port()), os.path.join(ROOT, "train.py"), *_argv(out, *argv)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "(DeepSpeed engine" in proc.stdout + proc.stderr  # really DeepSpeed, not accelerate's DDP fallback
     with open(out / training.LOG_FILE) as f:
-        log = [json.loads(line) for line in f]
-    _close([r["loss"] for r in log], one["batch1"], "DeepSpeed ZeRO-3 zigzag_ring_attn")
+        return [json.loads(line)["loss"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def deepspeed_one(tmp_path_factory):
+    """One DeepSpeed process: the reference of the ZeRO-3 launches. Under a ZeRO-3 launch transformers builds the
+    random model inside deepspeed.zero.Init (other initial weights than a plain process), the same for any number of
+    processes."""
+    return _deepspeed_launch(tmp_path_factory.mktemp("zero3_one"), 1, "data_parallel", "--no-save-model")
+
+
+def test_deepspeed_zero3_launch_matches_one_process(deepspeed_one, tmp_path):
+    """The shipped ZeRO-3 config (parameters and optimizer offloaded, DeepSpeed's CPU Adam) on 2 CPU processes,
+    every memory feature on (tiled MLP and the low-memory RMSNorm with partitioned parameters): the same losses as
+    one DeepSpeed process, and a saved model gathered from the partitions."""
+    out = tmp_path / "zero3"
+    _close(_deepspeed_launch(out, 2, "zigzag_ring_attn", *MEMORY_FLAGS), deepspeed_one,
+           "DeepSpeed ZeRO-3 zigzag_ring_attn")
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(out)  # whole weights, not ZeRO partitions
     assert sum(p.numel() for p in reloaded.parameters()) > 0 and all(p.numel() for p in reloaded.parameters())
 
 
-def test_two_node_config_as_two_local_nodes(runs, tmp_path):
+def test_two_node_config_as_two_local_nodes(deepspeed_one, tmp_path):
     """accelerate_configs/two_node.yaml as shipped (ZeRO-3, c10d rendezvous, standard multi-node launcher), run as
     two "nodes" of one CPU process each on this machine: both launchers meet, and the losses are one process's."""
-    one, _ = runs
     port = str(_free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu"}
     procs = []
@@ -224,7 +236,7 @@ def test_two_node_config_as_two_local_nodes(runs, tmp_path):
             p.kill()
     with open(tmp_path / "node0" / training.LOG_FILE) as f:
         log = [json.loads(line) for line in f]
-    _close([r["loss"] for r in log], one["batch1"], "two_node.yaml on two local 'nodes'")
+    _close([r["loss"] for r in log], deepspeed_one, "two_node.yaml on two local 'nodes'")
 
 
 # ----------------------------------------------------------------------------- no processes
@@ -232,7 +244,7 @@ def test_two_node_config_as_two_local_nodes(runs, tmp_path):
 
 def test_validation_names_the_flag():
     parse = training.build_parser().parse_args
-    with pytest.raises(ValueError, match="--init_random"):
+    with pytest.raises(ValueError, match="--init-random"):
         training.validate_args(parse(["--model_config", "tiny-llama", "--output-dir", "x"]), 1)
     with pytest.raises(ValueError, match="--sp-size"):
         training.validate_args(parse(["--model_config", "tiny-llama", "--init_random", "--sp-size", "3",
@@ -245,7 +257,7 @@ def test_validation_names_the_flag():
 def test_rope_theta_and_builtin_config():
     args = training.build_parser().parse_args(["--model_config", "tiny-llama", "--init_random", "--rope-theta",
                                                "5e6", "--seq-length", "8192", "--output-dir", "x"])
-    config = training.load_config(args)
+    config = training.config_for(training.from_namespace(args))
     assert config.rope_parameters["rope_theta"] == 5e6 and config.max_position_embeddings == 8192
 
 
@@ -293,6 +305,5 @@ def test_model_config_from_any_json_file(tmp_path):
     path = tmp_path / "heads3.json"
     path.write_text(json.dumps(dict(model_type="llama", hidden_size=48, num_attention_heads=3, num_hidden_layers=1,
                                     intermediate_size=64, vocab_size=100)))
-    args = training.build_parser().parse_args(["--model_config", str(path), "--init_random", "--output-dir", "x"])
-    config = training.load_config(args)
+    config = training.load_config(str(path))
     assert config.model_type == "llama" and config.num_attention_heads == 3

@@ -8,6 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..utils import is_zero3, rank_world
+
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """``(rank, world_size, device)``, initialising the default process group if a launcher asked for one.
@@ -45,7 +47,7 @@ def deepspeed_inference_config(dtype: torch.dtype, hidden_size: int) -> dict | N
             "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
             "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
             "zero_optimization.reduce_bucket_size": hidden_size * hidden_size}
-    from ..training import fill_auto
+    from ..training.deepspeed import fill_auto
 
     fill_auto(config, auto)
     left = [k for k, v in _flatten(config).items() if v == "auto"]
@@ -76,18 +78,14 @@ def load_model(path: str, seq_algo: str, device, *, dtype: str = "auto", rope_th
         rope_theta: override the RoPE base (the seed's ``--rope_theta``), e.g. for a model trained with a larger
             one than its config says.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..api import apply_seq_parallel_monkey_patch
+    from ..training.models import load_config
 
     if dtype == "auto":
         dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    config = AutoConfig.from_pretrained(path)
-    if rope_theta is not None:
-        if isinstance(getattr(config, "rope_parameters", None), dict):  # transformers 5
-            config.rope_parameters["rope_theta"] = rope_theta
-        else:
-            config.rope_theta = rope_theta
+    config = load_config(path, rope_theta=rope_theta, what="--model")
     ds_config = deepspeed_inference_config(getattr(torch, dtype), config.get_text_config().hidden_size)
     if ds_config is None:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, dtype),
@@ -115,17 +113,11 @@ def gathered(module: torch.nn.Module):
     """Context in which ``module``'s parameters are whole: a ZeRO-3 gather for partitioned ones (used when a weight
     is read outside its module's forward, e.g. the LM head in the chunked loss), else nothing."""
     params = list(module.parameters())
-    if not any(hasattr(p, "ds_id") for p in params):
+    if not is_zero3(params):
         return contextlib.nullcontext()
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params)
-
-
-def rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:

@@ -206,7 +206,8 @@ def answer_predictions(model, input_ids: torch.Tensor, answer_start: int, num_an
         ``(num_answer,)`` int64 on ``device``, the same on every rank.
     """
     from ..api import prepare_seq_parallel_inputs
-    from .common import all_reduce_, rank_world
+    from ..utils import rank_world
+    from .common import all_reduce_
 
     import torch.distributed as dist
 
@@ -247,7 +248,8 @@ def evaluate_needle(model, tokenizer, config: NeedleConfig, *, seq_algo: str, ou
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from .common import all_reduce_, rank_world
+    from ..utils import rank_world
+    from .common import all_reduce_
     from .haystack import load_haystack
 
     rank, world = rank_world()

@@ -50,7 +50,8 @@ def _window_nll(model, ids: list[int], scored: int, *, seq_algo: str, device, bo
     """(NLL sum, scored tokens) of one window; ``local=False``: over the SP group (collective, same on all ranks)."""
     from ..api import prepare_seq_parallel_inputs
     from ..loss import linear_cross_entropy_sum, sharded_cross_entropy
-    from .common import gathered, rank_world
+    from ..utils import rank_world
+    from .common import gathered
 
     if bos_id is not None:
         ids = [bos_id] + ids
@@ -77,7 +78,8 @@ def document_nll(model, documents: list[list[int]], *, max_length: int, sliding_
     Collective: every rank calls it with the same documents. Sequence-parallel modes run every window on all
     ranks together; ``data_parallel`` gives document ``i`` to rank ``i % world`` and sums at the end.
     """
-    from .common import all_reduce_, rank_world
+    from ..utils import rank_world
+    from .common import all_reduce_
 
     rank, world = rank_world()
     local = seq_algo == "data_parallel"
@@ -105,7 +107,7 @@ def evaluate_perplexity(model, documents: list[list[int]], lengths: list[int], *
     """Perplexity at each context length of ``lengths`` (see the module docstring)."""
     from tqdm import tqdm
 
-    from .common import rank_world
+    from ..utils import rank_world
 
     out = []
     with tqdm(total=len(lengths) * len(documents), desc=desc, disable=not progress or rank_world()[0] != 0) as bar:

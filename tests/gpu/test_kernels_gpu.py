@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from _gpu import need_gpus
 from reference import attention_ref, rel_err
-from easy_context.kernels import _KERNELS, get_kernel, local_attn_func
+from easy_context.attention.kernels import KERNELS as _KERNELS, get_kernel, local_attn_func
 
 pytestmark = need_gpus(1)
 

@@ -19,6 +19,7 @@ import torch
 
 from .comm import RingComm, check_same_across_group, dtype_code, group_rank_size
 from .kernels import Kernel, check_qkv, default_scale, get_kernel
+from .kernels import head_major as _t  # (b, s, h, d) <-> (b, h, s, d) views
 from .merge import merge_into, new_accumulators
 
 
@@ -36,11 +37,6 @@ def block_plan(rank: int, src: int, causal: bool, local_len: int):
     if src < rank:
         return full, slice(0, c), False
     return slice(c, local_len), full, False
-
-
-def _t(x):
-    # (b, s, h, d) <-> (b, h, s, d) view; kernels take the head-major view of flash-layout memory
-    return x.transpose(1, 2)
 
 
 def ring_forward(comm: RingComm, q, k, v, causal: bool, scale: float, kernel: Kernel):
@@ -120,15 +116,21 @@ def check_ring_inputs(q, k, v, causal, group, what, *, zigzag: bool = True):
                             group, q.device, what)
     check_qkv(q, k, v)
     if zigzag:
-        check_even(q, causal, group, what)
+        check_even(q.shape[1], causal, group, what)
 
 
-def check_even(q, causal, group, what):
+def check_even(local_len: int, causal, group, what):
     """A causal zigzag shard is two equal chunks: the local length must be even (local check)."""
-    if causal and q.shape[1] % 2 and group_rank_size(group)[1] > 1:
-        raise ValueError(f"{what}: the local sequence length {q.shape[1]} must be even (two zigzag chunks per "
+    if causal and local_len % 2 and group_rank_size(group)[1] > 1:
+        raise ValueError(f"{what}: the local sequence length {local_len} must be even (two zigzag chunks per "
                          f"rank); the global length must be a multiple of 2*world_size — pad the batch or use "
                          f"prepare_seq_parallel_inputs, which pads automatically")
+
+
+def ring_attn(q, k, v, causal: bool, scale: float, kernel: Kernel, group=None):
+    """The zigzag ring over ``group`` without the checks of :func:`zigzag_ring_attn_func` (a building block: USP
+    runs it inside Ulysses). A group of one is the kernel itself."""
+    return _ZigzagRingAttn.apply(q, k, v, causal, scale, kernel, RingComm(group))
 
 
 def zigzag_ring_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, group=None, *,
@@ -150,6 +152,6 @@ def zigzag_ring_attn_func(q, k, v, causal: bool = True, softmax_scale: float | N
         check_ring_inputs(q, k, v, causal, group, "zigzag_ring_attn")
     else:
         check_qkv(q, k, v)
-        check_even(q, causal, group, "zigzag_ring_attn")
-    kernel = get_kernel(backend, q.device, q.dtype)
-    return _ZigzagRingAttn.apply(q, k, v, causal, default_scale(q.shape[-1], softmax_scale), kernel, RingComm(group))
+        check_even(q.shape[1], causal, group, "zigzag_ring_attn")
+    return ring_attn(q, k, v, causal, default_scale(q.shape[-1], softmax_scale), get_kernel(backend, q.device, q.dtype),
+                     group)

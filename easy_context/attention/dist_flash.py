@@ -23,8 +23,9 @@ import torch
 
 from .comm import RingComm
 from .kernels import Kernel, default_scale, get_kernel
+from .kernels import head_major as _t  # (b, s, h, d) <-> (b, h, s, d) views
 from .merge import merge_into, new_accumulators
-from .zigzag_ring import _t, check_ring_inputs, ring_backward, ring_forward
+from .zigzag_ring import check_ring_inputs, ring_backward, ring_forward
 
 
 def _steps(world: int):
@@ -58,7 +59,7 @@ def _post(comm: RingComm, t: int, mine_kv, mine_q, n: int):
     return comm.exchange(send, (r + t) % w, recv, src)
 
 
-def _forward(comm: RingComm, q, k, v, scale: float, kernel: Kernel, stats: dict | None):
+def dist_flash_forward(comm: RingComm, q, k, v, scale: float, kernel: Kernel, stats: dict | None):
     r, w, n = comm.rank, comm.world, q.shape[1]
     out, lse = new_accumulators(_t(q))
     o, l = kernel.forward(_t(q), _t(k), _t(v), True, scale)
@@ -93,7 +94,7 @@ def _forward(comm: RingComm, q, k, v, scale: float, kernel: Kernel, stats: dict 
     return out, lse
 
 
-def _backward(comm: RingComm, dout, q, k, v, out, lse, scale: float, kernel: Kernel, stats: dict | None):
+def dist_flash_backward(comm: RingComm, dout, q, k, v, out, lse, scale: float, kernel: Kernel, stats: dict | None):
     r, w, n = comm.rank, comm.world, q.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
@@ -146,7 +147,7 @@ class _DistFlashAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, kernel, comm, stats):
         if causal:
-            out, lse = _forward(comm, q, k, v, scale, kernel, stats)
+            out, lse = dist_flash_forward(comm, q, k, v, scale, kernel, stats)
         else:
             out, lse = ring_forward(comm, q, k, v, False, scale, kernel)
         out = out.transpose(1, 2).to(q.dtype)
@@ -159,7 +160,7 @@ class _DistFlashAttn(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
         if ctx.causal:
-            grads = _backward(ctx.comm, dout, q, k, v, out, lse, ctx.scale, ctx.kernel, ctx.stats)
+            grads = dist_flash_backward(ctx.comm, dout, q, k, v, out, lse, ctx.scale, ctx.kernel, ctx.stats)
         else:
             grads = ring_backward(ctx.comm, dout, q, k, v, out, lse, False, ctx.scale, ctx.kernel)
         return (*grads, None, None, None, None, None)

@@ -30,12 +30,20 @@ _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_
 _RESERVED_SUBSTRINGS = {"flash": "fa", "sdpa": "sdp", "flex": "flx"}
 
 
+def safe_attn_name(name: str) -> str:
+    """``name`` with the substrings transformers treats specially (flash, sdpa, flex) spelled otherwise, so a name
+    registered with AttentionInterface is taken as a plain custom implementation."""
+    for bad, good in _RESERVED_SUBSTRINGS.items():
+        name = name.replace(bad, good)
+    return name
+
+
 @dataclass(frozen=True)
 class SPAttentionConfig:
     """What the registered attention needs; one registered name per distinct configuration.
 
     Args:
-        seq_algo: one of :data:`easy_context.sharding.SEQ_ALGOS` other than ``"data_parallel"``.
+        seq_algo: a sequence-parallel algorithm of the registry (``easy_context.attention.SP_ALGOS``).
         sp_size: ranks per sequence-parallel group (consecutive ranks); None = the whole world.
         ring_degree: ``usp_attn`` only: ranks in the ring dimension.
         backend: local kernel backend passed to the algorithm (None = the core's default / env choice).
@@ -47,17 +55,14 @@ class SPAttentionConfig:
     backend: str | None = None
 
     def __post_init__(self):
-        from .sharding import SEQ_ALGOS, check_seq_algo
+        from ..attention.registry import SP_ALGOS, algorithm_options, get_attn_func
 
-        check_seq_algo(self.seq_algo)
-        if self.seq_algo == "data_parallel":
-            sp_algos = ", ".join(a for a in SEQ_ALGOS if a != "data_parallel")
-            raise ValueError("data_parallel uses the model's own attention; there is nothing to register "
-                             f"(sequence-parallel algorithms: {sp_algos})")
+        if get_attn_func(self.seq_algo) is None:
+            raise ValueError(f"{self.seq_algo} uses the model's own attention; there is nothing to register "
+                             f"(sequence-parallel algorithms: {', '.join(SP_ALGOS)})")
         if self.sp_size is not None and (not isinstance(self.sp_size, int) or self.sp_size < 1):
             raise ValueError(f"sp_size must be a positive int or None, got {self.sp_size!r}")
-        if self.ring_degree is not None and self.seq_algo != "usp_attn":
-            raise ValueError(f"ring_degree is a usp_attn option; {self.seq_algo} does not take it")
+        algorithm_options(self.seq_algo, ring_degree=self.ring_degree)
 
     @property
     def name(self) -> str:
@@ -69,10 +74,7 @@ class SPAttentionConfig:
             parts.append(f"ring{self.ring_degree}")
         if self.backend is not None:
             parts.append(str(self.backend))
-        name = "_".join(parts)
-        for bad, good in _RESERVED_SUBSTRINGS.items():
-            name = name.replace(bad, good)
-        return name
+        return safe_attn_name("_".join(parts))
 
     @property
     def options(self) -> dict:
@@ -100,8 +102,8 @@ def make_attention(config: SPAttentionConfig) -> Callable:
     """The function registered with AttentionInterface for ``config`` (see :func:`register_attention`)."""
     import torch.distributed as dist
 
-    from .algorithms import get_attn_func
-    from .comm import get_sp_group
+    from ..attention.comm import get_sp_group
+    from ..attention.registry import get_attn_func
 
     attn_func = get_attn_func(config.seq_algo)
     options = config.options
@@ -181,7 +183,7 @@ def patch_model(model, config: SPAttentionConfig):
 _ORIGINAL_POST_INIT: dict[type, Callable | None] = {}
 
 
-def _pretrained_base(model_type: str) -> type:
+def pretrained_base(model_type: str) -> type:
     """``LlamaPreTrainedModel`` for ``"llama"``: the base class shared by every model class of the type."""
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
@@ -203,7 +205,7 @@ def patch_model_type(model_type: str, config: SPAttentionConfig) -> str:
     ("sdpa", "flash_attention_2", ...) is validated by transformers as usual and then replaced by ours; other
     model types and models created before are untouched. Calling it again replaces the previous choice.
     """
-    base = _pretrained_base(model_type)
+    base = pretrained_base(model_type)
     name = register_attention(config)
     if base not in _ORIGINAL_POST_INIT:
         _ORIGINAL_POST_INIT[base] = base.__dict__.get("post_init")
@@ -221,7 +223,7 @@ def patch_model_type(model_type: str, config: SPAttentionConfig) -> str:
 
 def unpatch_model_type(model_type: str) -> None:
     """Undo :func:`patch_model_type` for models created from now on (existing models keep their attention)."""
-    base = _pretrained_base(model_type)
+    base = pretrained_base(model_type)
     if base not in _ORIGINAL_POST_INIT:
         return
     original = _ORIGINAL_POST_INIT.pop(base)
@@ -233,7 +235,7 @@ def unpatch_model_type(model_type: str) -> None:
 
 def patched_attn_implementation(model_type: str) -> str | None:
     """The attention name that new ``model_type`` models get, or None if the type is not patched."""
-    return getattr(_pretrained_base(model_type).__dict__.get("post_init"), "easy_context_attn_implementation", None)
+    return getattr(pretrained_base(model_type).__dict__.get("post_init"), "easy_context_attn_implementation", None)
 
 
 def is_sequence_parallel(model) -> bool:
@@ -242,4 +244,5 @@ def is_sequence_parallel(model) -> bool:
 
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "SPAttentionConfig", "register_attention", "patch_model", "patch_model_type",
-           "unpatch_model_type", "patched_attn_implementation", "is_sequence_parallel", "no_mask", "make_attention"]
+           "unpatch_model_type", "patched_attn_implementation", "is_sequence_parallel", "no_mask", "make_attention",
+           "pretrained_base", "safe_attn_name"]

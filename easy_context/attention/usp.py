@@ -12,9 +12,9 @@ ranks of one position split the heads evenly.
 from __future__ import annotations
 
 from .comm import get_usp_groups
-from .kernels import default_scale
-from .ulysses import ulysses_attn_func
-from .zigzag_ring import check_ring_inputs, zigzag_ring_attn_func
+from .kernels import default_scale, get_kernel
+from .ulysses import head_parallel_attn
+from .zigzag_ring import check_ring_inputs
 
 
 def usp_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, group=None, *,
@@ -24,8 +24,8 @@ def usp_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = No
     Args:
         q: ``(batch, local_seqlen, nheads, head_dim)``; k, v: ``(batch, local_seqlen, nheads_kv, head_dim)``.
         ring_degree: ranks in the ring dimension (must divide the group size; default: see
-            :func:`easy_context.comm.usp_degrees`). The Ulysses degree is ``group size / ring_degree`` and
-            must divide the query heads. Use the same value for sharding (``shard_sequence``).
+            :func:`easy_context.attention.comm.usp_degrees`). The Ulysses degree is ``group size / ring_degree``
+            and must divide the query heads. Use the same value for sharding (``shard_sequence``).
         causal, softmax_scale, group, backend, check: as :func:`zigzag_ring_attn_func`.
     Returns:
         ``(batch, local_seqlen, nheads, head_dim)``.
@@ -33,11 +33,5 @@ def usp_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = No
     if check:  # over the whole group, before the sub-group collectives, so a mismatch fails everywhere
         check_ring_inputs(q, k, v, causal, group, "usp_attn", zigzag=False)
     uly_group, ring_group, _, _ = get_usp_groups(group, ring_degree)
-    scale = default_scale(q.shape[-1], softmax_scale)
-
-    def ring(qh, kh, vh):
-        # (b, 2c, h/U, d) zigzag shard of ring position g with this rank's heads
-        return zigzag_ring_attn_func(qh, kh, vh, causal, scale, ring_group, backend=backend, check=False)
-
-    return ulysses_attn_func(q, k, v, causal, scale, uly_group, backend=backend, check=False, _inner=ring,
-                             _ring_group=ring_group)
+    return head_parallel_attn(q, k, v, causal, default_scale(q.shape[-1], softmax_scale),
+                              get_kernel(backend, q.device, q.dtype), uly_group, ring_group)

@@ -7,10 +7,10 @@ single-process (W=1).
 """
 from __future__ import annotations
 
-import contextvars
-
 import torch
 import torch.distributed as dist
+
+from ..utils import check_sp_size
 
 # ---------------------------------------------------------------- group helpers
 
@@ -53,11 +53,8 @@ def get_sp_group(sp_size: int | None = None):
         ValueError: ``sp_size`` does not divide the world size.
     """
     rank, world = group_rank_size(None)
-    if sp_size is None or sp_size == world:
+    if check_sp_size(sp_size, world) == world:
         return None
-    if sp_size < 1 or world % sp_size:
-        raise ValueError(f"sp_size={sp_size} must divide the world size {world}; the world is split into "
-                         f"world/sp_size data-parallel replicas of sp_size sequence-parallel ranks")
     key = (world, sp_size)
     if key not in _SP_GROUPS:
         mine = None
@@ -198,14 +195,6 @@ class RingComm:
 
 # ---------------------------------------------------------------- Ulysses all-to-all
 
-# Set while a kept attention graph is being built (easy_context.memory's attention-preserving checkpointing):
-# Ulysses then saves its sequence-sharded inputs, which the recompute provides again, and re-runs the
-# all-to-alls in backward, instead of keeping the head-sharded q/k/v/out for the whole step (4 more
-# seq x hidden units per layer).
-LEAN_ALL_TO_ALL: contextvars.ContextVar = contextvars.ContextVar("easy_context_lean_all_to_all", default=False)
-
-
-
 def _a2a(x: torch.Tensor, group) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, unlike empty_like of a view
@@ -213,24 +202,25 @@ def _a2a(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def _seq_to_head(x: torch.Tensor, group) -> torch.Tensor:
+def _all_to_all_4d(x: torch.Tensor, group, scatter: int, gather: int) -> torch.Tensor:
+    """``(b, s, h, d)``: split dim ``scatter`` into W groups sent one to each rank, and concatenate what the ranks
+    send along dim ``gather`` (in rank order)."""
     w = group_rank_size(group)[1]
-    b, s, h, d = x.shape
-    # (b, s/W, h, d) -> (W, b, s/W, h/W, d): split heads into W groups, group index first for the a2a
-    x = x.reshape(b, s, w, h // w, d).permute(2, 0, 1, 3, 4)
-    y = _a2a(x, group)  # now dim 0 indexes the source rank = the sequence chunk
-    # (W, b, s/W, h/W, d) -> (b, W*s/W, h/W, d): chunks in rank order = contiguous sequence order
-    return y.permute(1, 0, 2, 3, 4).reshape(b, w * s, h // w, d)
+    # (b, s, h, d) -> (W, ...): the W groups of the scattered dim first, the layout all_to_all_single splits
+    front = x.unflatten(scatter, (w, x.shape[scatter] // w)).movedim(scatter, 0)
+    y = _a2a(front, group)  # dim 0 now indexes the source rank = the position along the gathered dim
+    # (W, ...) -> W next to the gathered dim, merged into it: rank order = sequence (or head) order
+    return y.movedim(0, gather).flatten(gather, gather + 1)
 
 
-def _head_to_seq(x: torch.Tensor, group) -> torch.Tensor:
-    w = group_rank_size(group)[1]
-    b, s, h, d = x.shape
-    # (b, s, h/W, d) -> (W, b, s/W, h/W, d): split the sequence into W chunks, chunk index first
-    x = x.reshape(b, w, s // w, h, d).permute(1, 0, 2, 3, 4)
-    y = _a2a(x, group)  # dim 0 now indexes the source rank = the head group
-    # (W, b, s/W, h/W, d) -> (b, s/W, W*h/W, d)
-    return y.permute(1, 2, 0, 3, 4).reshape(b, s // w, w * h, d)
+def seq_to_head(x: torch.Tensor, group) -> torch.Tensor:
+    """``(b, s/W, h, d)`` sequence shard -> ``(b, s, h/W, d)``: the whole sequence for this rank's heads."""
+    return _all_to_all_4d(x, group, scatter=2, gather=1)
+
+
+def head_to_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """``(b, s, h/W, d)`` -> ``(b, s/W, h, d)``: back to this rank's sequence shard with every head."""
+    return _all_to_all_4d(x, group, scatter=1, gather=2)
 
 
 class SeqToHead(torch.autograd.Function):
@@ -239,11 +229,11 @@ class SeqToHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _seq_to_head(x, group)
+        return seq_to_head(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _head_to_seq(g, ctx.group), None
+        return head_to_seq(g, ctx.group), None
 
 
 class HeadToSeq(torch.autograd.Function):
@@ -252,8 +242,8 @@ class HeadToSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _head_to_seq(x, group)
+        return head_to_seq(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _seq_to_head(g, ctx.group), None
+        return seq_to_head(g, ctx.group), None

@@ -1,0 +1,221 @@
+"""The local attention backends: each a ``forward(q, k, v, causal, scale) -> (out, lse)`` and a
+``backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)`` over ``(batch, heads, seq, head_dim)`` tensors
+(see kernels.py for the contract and the table that names them).
+
+math (pure torch, any device and dtype), cuDNN / flash / memory-efficient (PyTorch's fused aten ops, CUDA), and the
+optional flash-attn package.
+"""
+from __future__ import annotations
+
+import torch
+
+# Rows of q processed at once by the math kernel: bounds its score matrix to rows x seq_k.
+_MATH_ROW_CHUNK = 2048
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    # (b, hkv, s, d) -> (b, hkv * n_rep, s, d), each kv head repeated for its query-head group
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def sum_kv(dx: torch.Tensor, n_rep: int) -> torch.Tensor:
+    # (b, hkv * n_rep, s, d) -> (b, hkv, s, d): gradient of repeat_kv
+    if n_rep == 1:
+        return dx
+    b, h, s, d = dx.shape
+    return dx.view(b, h // n_rep, n_rep, s, d).sum(2)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- math (pure torch, any device)
+def _math_scores(q, k, scale, causal, row0):
+    # q: (b, h, r, d) rows [row0, row0 + r) of the block; k: (b, h, sk, d) -> scores (b, h, r, sk)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        rows = torch.arange(row0, row0 + q.shape[2], device=q.device).unsqueeze(1)
+        cols = torch.arange(k.shape[2], device=q.device).unsqueeze(0)
+        s = s.masked_fill(cols > rows, float("-inf"))
+    return s
+
+
+def math_forward(q, k, v, causal, scale):
+    acc = acc_dtype(q.dtype)
+    n_rep = q.shape[1] // k.shape[1]
+    qa, ka, va = q.to(acc), repeat_kv(k.to(acc), n_rep), repeat_kv(v.to(acc), n_rep)
+    outs, lses = [], []
+    for r0 in range(0, q.shape[2], _MATH_ROW_CHUNK):
+        s = _math_scores(qa[:, :, r0:r0 + _MATH_ROW_CHUNK], ka, scale, causal, r0)
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.matmul(torch.exp(s - lse.unsqueeze(-1)), va))
+        lses.append(lse)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2).float() if acc != torch.float64 else torch.cat(lses, 2)
+
+
+def math_backward(dout, q, k, v, out, lse, causal, scale):
+    acc = acc_dtype(q.dtype)
+    n_rep = q.shape[1] // k.shape[1]
+    qa, ka, va = q.to(acc), repeat_kv(k.to(acc), n_rep), repeat_kv(v.to(acc), n_rep)
+    doa, oa, la = dout.to(acc), out.to(acc), lse.to(acc)
+    dq = torch.empty_like(qa)
+    dk = torch.zeros_like(ka)
+    dv = torch.zeros_like(va)
+    for r0 in range(0, q.shape[2], _MATH_ROW_CHUNK):
+        r1 = r0 + _MATH_ROW_CHUNK
+        p = torch.exp(_math_scores(qa[:, :, r0:r1], ka, scale, causal, r0) - la[:, :, r0:r1].unsqueeze(-1))
+        do = doa[:, :, r0:r1]
+        dv += torch.matmul(p.transpose(-1, -2), do)
+        dp = torch.matmul(do, va.transpose(-1, -2))
+        delta = (do * oa[:, :, r0:r1]).sum(-1, keepdim=True)
+        ds = p * (dp - delta)
+        dq[:, :, r0:r1] = torch.matmul(ds, ka) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), qa[:, :, r0:r1]) * scale
+    return dq.to(q.dtype), sum_kv(dk, n_rep).to(k.dtype), sum_kv(dv, n_rep).to(v.dtype)
+
+
+# ---------------------------------------------------------------- cuDNN (aten op, sm80+, best on sm90)
+# The cuDNN and flash backward ops take the forward's philox seed/offset and cum_seq placeholders. Without dropout and
+# for dense inputs their values are unused, but the op wants tensors of the kind the forward returns, so
+# the last forward's placeholders are kept per device and reused (small, not sized by any input).
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholders(op: str, device):
+    if (op, device) not in _PLACEHOLDERS:
+        empty = torch.empty(0, device=device, dtype=torch.int64)
+        _PLACEHOLDERS[(op, device)] = (empty, empty, empty, empty)
+    return _PLACEHOLDERS[(op, device)]
+
+
+# Whether the cuDNN ops take fewer kv heads directly (GQA without copying K/V). The forward was seen to
+# on cuDNN 9.19; the backward is tried once per process and falls back to repeated heads if refused.
+_CUDNN_NATIVE_GQA = {"forward": True, "backward": True}
+
+
+def cudnn_forward(q, k, v, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1 and not _CUDNN_NATIVE_GQA["forward"]:
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    try:
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale)
+    except RuntimeError:
+        if n_rep == 1 or not _CUDNN_NATIVE_GQA["forward"]:
+            raise
+        _CUDNN_NATIVE_GQA["forward"] = False
+        return cudnn_forward(q, k, v, causal, scale)
+    _PLACEHOLDERS[("cudnn", q.device)] = (res[6], res[7], res[2], res[3])  # seed, offset, cum_seq_q/k
+    # lse comes back as (b, h, s, 1); keep the (b, h, s) float32 convention
+    return res[0], res[1].view(q.shape[0], q.shape[1], q.shape[2]).float()
+
+
+def in_layout_of(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` (shaped like ``ref``) in the memory layout an output allocated like ``ref`` has (``empty_like``).
+
+    PyTorch caches cuDNN's backward graph by the shapes and strides of q, k and v alone (aten MHA.cpp), but builds it
+    with the strides of out and grad_out too: a second call whose out/grad_out are laid out differently for the same
+    q/k/v reuses a graph that reads them wrongly (seen on 2xH200: usp_attn(ring_degree=1) after ulysses_attn in one
+    process gave gradients with relative error 1.41). So out and grad_out always get the layout that is a function of
+    q's: a zero-copy restride when only size-one dimensions differ, a copy otherwise.
+    """
+    want = torch.empty_like(ref, device="meta").stride()
+    if x.stride() == want:
+        return x
+    if all(a == b for a, b, n in zip(x.stride(), want, x.shape) if n > 1):
+        return x.as_strided(x.shape, want)
+    return torch.empty_like(ref).copy_(x)
+
+
+def cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    dout, out = in_layout_of(dout, q), in_layout_of(out, q)
+    native = n_rep == 1 or _CUDNN_NATIVE_GQA["backward"]
+    ke, ve = (k, v) if native else (repeat_kv(k, n_rep), repeat_kv(v, n_rep))
+    b, h, sq, _ = q.shape
+    seed, offset, cum_q, cum_k = _placeholders("cudnn", q.device)
+    lse4 = lse.reshape(b, h, sq, 1).contiguous()
+    try:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, ke, ve, out, lse4, seed, offset, None, cum_q, cum_k, sq, ke.shape[2], 0.0, causal,
+            scale=scale)
+    except RuntimeError:
+        if n_rep == 1 or not native:
+            raise
+        _CUDNN_NATIVE_GQA["backward"] = False
+        return cudnn_backward(dout, q, k, v, out, lse, causal, scale)
+    if native and n_rep > 1 and dk.shape[1] != k.shape[1]:  # returned per query head: sum the groups
+        dk, dv = sum_kv(dk, n_rep), sum_kv(dv, n_rep)
+    return dq, (dk if native else sum_kv(dk, n_rep)), (dv if native else sum_kv(dv, n_rep))
+
+
+# ---------------------------------------------------------------- torch flash (aten op, sm80+)
+def flash_forward(q, k, v, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    _PLACEHOLDERS[("flash", q.device)] = (res[6], res[7], res[2], res[3])  # seed, offset, cum_seq_q/k
+    return res[0], res[1].float()
+
+
+def flash_backward(dout, q, k, v, out, lse, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    ke, ve = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    seed, offset, cum_q, cum_k = _placeholders("flash", q.device)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout, q, ke, ve, out, lse.contiguous(), cum_q, cum_k, q.shape[2], ke.shape[2], 0.0, causal,
+        seed, offset, scale=scale)
+    return dq, sum_kv(dk, n_rep), sum_kv(dv, n_rep)
+
+
+# ---------------------------------------------------------------- torch memory-efficient (aten op; takes float32)
+# Its lse comes back padded to a multiple of this many rows per head; the backward wants that padded shape back.
+_EFFICIENT_LSE_ALIGN = 32
+
+
+def efficient_forward(q, k, v, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, True, 0.0, causal, scale=scale)
+    _PLACEHOLDERS[("efficient", q.device)] = (seed, offset, seed, offset)  # the 4-tuple shape of the others
+    return out, lse[:, :, :q.shape[2]].float()
+
+
+def efficient_backward(dout, q, k, v, out, lse, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    ke, ve = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    seed, offset = _placeholders("efficient", q.device)[:2]  # read only with dropout, which is never on
+    lse = torch.nn.functional.pad(lse.float(), (0, -q.shape[2] % _EFFICIENT_LSE_ALIGN))  # (b, h, s) -> padded, copy
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, ke, ve, None, out, lse, seed, offset, 0.0, [True, True, True, False], causal, scale=scale)
+    return dq, sum_kv(dk, n_rep), sum_kv(dv, n_rep)
+
+
+# ---------------------------------------------------------------- flash-attn package (optional)
+def flash_attn_module():
+    try:
+        from flash_attn import flash_attn_interface  # noqa: PLC0415 - optional dependency
+    except ImportError as e:
+        raise ImportError("backend 'flash_attn' needs the flash-attn package: pip install 'easy-context[flash]' "
+                          "(or use backend='cudnn'/'flash', which need only PyTorch)") from e
+    return flash_attn_interface
+
+
+def flash_attn_forward(q, k, v, causal, scale):
+    fa = flash_attn_module()
+    # flash-attn wants (b, s, h, d); our (b, h, s, d) views of that layout transpose back for free
+    out, lse, _ = fa.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                      softmax_scale=scale, causal=causal, return_attn_probs=True)
+    return out.transpose(1, 2), lse.float()
+
+
+def flash_attn_backward(dout, q, k, v, out, lse, causal, scale):
+    fa = flash_attn_module()
+    t = (lambda x: x.transpose(1, 2))  # noqa: E731
+    dq, dk, dv = (torch.empty_like(t(x)) for x in (q, k, v))
+    # flash-attn >= 2.6 signature (dropout 0, no window, no softcap, no alibi, deterministic off)
+    fa.flash_attn_backward(t(dout), t(q), t(k), t(v), t(out), lse.contiguous(), dq, dk, dv, 0.0, scale,
+                            causal, -1, -1, 0.0, None, False, None)
+    return t(dq), t(dk), t(dv)

@@ -1,0 +1,200 @@
+"""Local (single-device) attention kernels behind one small interface.
+
+Every backend works on ``(batch, heads, seq, head_dim)`` tensors (views of the flash-attn layout are
+fine) and offers
+
+* ``forward(q, k, v, causal, scale) -> (out, lse)``: ``out`` in q's dtype, ``lse`` float32
+  ``(batch, heads, seq_q)``, natural-log log-sum-exp of the scaled scores of each query row;
+* ``backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)``.
+
+``backward`` is called by the ring algorithms with the *final* (merged over all key blocks) ``out`` and
+``lse``, not the ones this block produced. That is exact: ``exp(s - lse_final)`` is the global softmax
+probability of the block's keys, and ``rowsum(dout * out_final)`` is the global softmax Jacobian term.
+
+``causal`` means top-left aligned with ``seq_q == seq_k`` (the ring only ever asks for diagonal blocks).
+k/v may have fewer heads than q (GQA: ``heads % kv_heads == 0``); dk/dv come back with kv heads.
+
+Backends and the input dtypes each takes:
+
+* ``cudnn``, ``flash`` (PyTorch's fused aten ops, CUDA): float16 / bfloat16;
+* ``efficient`` (PyTorch's memory-efficient aten op, CUDA): float32 / float16 / bfloat16;
+* ``flash_attn`` (the optional flash-attn package): float16 / bfloat16;
+* ``math`` (pure torch, any device and dtype; float32 accumulation at least).
+
+``auto`` picks by device and dtype: on CUDA cudnn (sm90+) or flash (older GPUs) for 16-bit inputs, efficient for
+float32, math for float64; math elsewhere. The environment variable ``EASY_CONTEXT_ATTN_BACKEND`` overrides
+``auto``. A backend named explicitly that does not take the inputs' dtype is an error naming the fix (cuDNN was
+seen to return NaN for float32 instead of refusing it).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, NamedTuple
+
+import torch
+
+from . import backends as B
+from .merge import merge_eager
+
+BACKENDS = ("auto", "cudnn", "flash", "efficient", "flash_attn", "math")
+ENV_BACKEND = "EASY_CONTEXT_ATTN_BACKEND"
+# Causal forwards over at least this many tokens run as three calls (see split_causal); 0 (the default: no gain
+# was measured at 64K-128K on the H200, bench/RESULTS.md) turns it off.
+ENV_SPLIT_CAUSAL = "EASY_CONTEXT_SPLIT_CAUSAL"
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class Kernel(NamedTuple):
+    name: str
+    forward: Callable
+    backward: Callable
+    dtypes: tuple = (torch.float64, torch.float32, *_HALF)  # input dtypes the kernel takes
+
+
+KERNELS = {
+    "math": Kernel("math", B.math_forward, B.math_backward),
+    "cudnn": Kernel("cudnn", B.cudnn_forward, B.cudnn_backward, _HALF),
+    "flash": Kernel("flash", B.flash_forward, B.flash_backward, _HALF),
+    "efficient": Kernel("efficient", B.efficient_forward, B.efficient_backward, (torch.float32, *_HALF)),
+    "flash_attn": Kernel("flash_attn", B.flash_attn_forward, B.flash_attn_backward, _HALF),
+}
+
+
+def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Return the concrete backend name for ``backend`` (None/"auto" -> env override or the default for the device
+    and ``dtype``, see the module docstring).
+
+    Raises:
+        ValueError: an unknown name, a CUDA backend on another device, or a backend that does not take ``dtype``.
+    """
+    if backend in (None, "auto"):
+        backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS} "
+                         f"(argument `backend` or env {ENV_BACKEND})")
+    if backend == "auto":
+        if device.type != "cuda" or dtype == torch.float64:
+            return "math"
+        if dtype == torch.float32:
+            return "efficient"
+        return "cudnn" if torch.cuda.get_device_capability(device) >= (9, 0) else "flash"
+    if backend != "math" and device.type != "cuda":
+        raise ValueError(f"attention backend {backend!r} needs CUDA tensors, got device {device}; "
+                         f"use backend='math' (or 'auto') on {device.type}")
+    if dtype is not None and dtype not in KERNELS[backend].dtypes:
+        takes = ", ".join(str(t).removeprefix("torch.") for t in KERNELS[backend].dtypes)
+        raise ValueError(f"attention backend {backend!r} takes {takes} inputs, got {dtype}; run the model in bfloat16 "
+                         f"(train.py: --mixed-precision bf16, or --dtype bfloat16) or choose a backend that takes "
+                         f"{dtype}: 'auto' picks one ('efficient' for float32 on CUDA), 'math' takes any")
+    return backend
+
+
+def split_causal(kernel: Kernel, min_len: int) -> Kernel:
+    """``kernel`` whose causal forwards over ``>= min_len`` queries run as three calls merged in float32.
+
+    Queries ``[0, s/2)`` attend causally to keys ``[0, s/2)``; queries ``[s/2, s)`` attend to keys ``[0, s/2)``
+    without a mask and causally to ``[s/2, s)``. Half the work moves into a non-causal call, which cuDNN runs
+    faster than long causal ones at 256K (bench/RESULTS.md: one causal call 518 TFLOP/s, the rings' blocks
+    580-608). The result is the same attention (merged ``out``/``lse`` in float32); backward is one call with
+    the merged ``out``/``lse``, as in the rings (it gains nothing from splitting). Measured on one H200: 0.97x
+    forward at 64K and no step-time gain at 128K, so it is off unless ``EASY_CONTEXT_SPLIT_CAUSAL`` asks.
+    """
+    if min_len <= 0:
+        return kernel
+    forward = kernel.forward
+
+    def split_forward(q, k, v, causal, scale):
+        s = q.shape[2]
+        if not causal or s < min_len or s % 2:
+            return forward(q, k, v, causal, scale)
+        c = s // 2
+        b, h, _, d = q.shape
+        out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # flash layout in memory
+        top, lse_top = forward(q[:, :, :c], k[:, :, :c], v[:, :, :c], True, scale)
+        out[:, :, :c] = top
+        del top
+        below, lse_below = forward(q[:, :, c:], k[:, :, :c], v[:, :, :c], False, scale)
+        acc, lse_acc = below.to(B.acc_dtype(q.dtype)), lse_below.to(B.acc_dtype(q.dtype))
+        del below
+        diag, lse_diag = forward(q[:, :, c:], k[:, :, c:], v[:, :, c:], True, scale)
+        merge_eager(acc, lse_acc, diag, lse_diag)  # eager: a first-call torch.compile stalled a 128K step 11 s
+        out[:, :, c:] = acc
+        return out, torch.cat([lse_top.to(lse_acc.dtype), lse_acc], dim=2)
+
+    return kernel._replace(forward=split_forward)
+
+
+_SPLIT_KERNELS: dict = {}
+
+
+def get_kernel(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> Kernel:
+    """The :class:`Kernel` (name, forward, backward, dtypes) for ``backend`` on ``device`` for inputs of ``dtype``
+    (see :func:`resolve_backend`); causal forwards of at least ``EASY_CONTEXT_SPLIT_CAUSAL`` tokens split
+    (:func:`split_causal`; default off)."""
+    name = resolve_backend(backend, device, dtype)
+    env = os.environ.get(ENV_SPLIT_CAUSAL, "")
+    try:
+        min_len = int(env) if env else 0
+    except ValueError:
+        raise ValueError(f"{ENV_SPLIT_CAUSAL}={env!r}: expected a token count (0 turns splitting off)") from None
+    if min_len <= 0:
+        return KERNELS[name]
+    if (name, min_len) not in _SPLIT_KERNELS:
+        _SPLIT_KERNELS[(name, min_len)] = split_causal(KERNELS[name], min_len)
+    return _SPLIT_KERNELS[(name, min_len)]
+
+
+def head_major(x: torch.Tensor) -> torch.Tensor:
+    """``(b, s, h, d)`` <-> ``(b, h, s, d)`` view: the kernels take the head-major view of flash-layout memory."""
+    return x.transpose(1, 2)
+
+
+def default_scale(head_dim: int, softmax_scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+
+
+class _LocalAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, kernel):
+        out, lse = kernel.forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.kernel = causal, scale, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.kernel.backward(dout.contiguous().view_as(dout), q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def local_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, *, backend: str | None = None):
+    """Single-device attention with our kernels, flash-attn layout.
+
+    Args:
+        q: ``(batch, seq, heads, head_dim)``; k, v: ``(batch, seq, kv_heads, head_dim)``.
+    Returns:
+        ``(batch, seq, heads, head_dim)``.
+    """
+    check_qkv(q, k, v)
+    kernel = get_kernel(backend, q.device, q.dtype)
+    scale = default_scale(q.shape[-1], softmax_scale)
+    out = _LocalAttn.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale, kernel)
+    return out.transpose(1, 2)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Validate flash-layout q/k/v shapes locally (no communication); raise ValueError naming the fix."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (batch, seq, heads, head_dim); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, seq and head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]}) for GQA")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")

@@ -1,0 +1,108 @@
+"""Checkpoints and the final model: accelerate state (DeepSpeed's own under ZeRO-3) plus the optimizer step under
+``<output-dir>/checkpoints/step_<k>``, finding the newest, and ``save_pretrained`` of the trained weights."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+
+from ..utils import rank_world
+
+CHECKPOINT_PREFIX = "step_"
+STATE_FILE = "trainer_state.json"
+
+
+def _files(path: str) -> dict:
+    """``{relative path: size}`` of every file under ``path``."""
+    out = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, path)] = os.path.getsize(full)
+    return out
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why ``path`` is not a complete checkpoint (None: it is): no state file, or a file missing or of another size
+    than when it was written."""
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state = json.load(f)
+        int(state["completed_steps"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"no valid {STATE_FILE} ({type(e).__name__})"
+    for name, size in state.get("files", {}).items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full) or os.path.getsize(full) != size:
+            return f"{name} is missing or truncated"
+    return None
+
+
+def latest_checkpoint(output_dir: str) -> str:
+    """The newest complete checkpoint under ``output_dir/checkpoints`` (incomplete ones are skipped with a warning).
+
+    Raises:
+        FileNotFoundError: there is none.
+    """
+    root = os.path.join(output_dir, "checkpoints")
+    steps = sorted(((int(m.group(1)), d) for d in (os.listdir(root) if os.path.isdir(root) else [])
+                    if (m := re.fullmatch(CHECKPOINT_PREFIX + r"(\d+)", d))), reverse=True)
+    for _, name in steps:
+        path = os.path.join(root, name)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        warnings.warn(f"--resume-from-checkpoint latest: skipping incomplete checkpoint {path}: {problem}")
+    raise FileNotFoundError(f"--resume-from-checkpoint latest: no complete checkpoint under {root}")
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int) -> str:
+    """accelerate state (+ DeepSpeed's) and the optimizer step, under ``output_dir/checkpoints/step_<step>``.
+
+    Atomic: everything is written under ``step_<step>.tmp``; rank 0 then writes the state file (the step and every
+    file's size) and renames the folder. A run killed while saving leaves only a ``.tmp`` folder, which resuming
+    never reads, and the previous checkpoint intact.
+    """
+    path = os.path.join(output_dir, "checkpoints", f"{CHECKPOINT_PREFIX}{step}")
+    tmp = path + ".tmp"
+    rank0 = rank_world()[0] == 0
+    if rank0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)  # a save that was killed earlier
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if rank0:
+        files = _files(tmp)
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump({"completed_steps": step, "files": files}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def save_model(accelerator, wrapper, cfg) -> None:
+    """``save_pretrained`` into ``--output-dir`` (ZeRO-3 weights gathered); the tokenizer of ``--model`` if any."""
+    accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(wrapper)  # collective under ZeRO-3
+    model = accelerator.unwrap_model(wrapper).model
+    if rank_world()[0] == 0 and state is not None:  # ZeRO-3 gathers the full state on global rank 0
+        # the wrapper's keys are "model.<causal LM key>"; the attention choice is not saved (reloads as sdpa)
+        model.save_pretrained(cfg.output_dir, state_dict={k.removeprefix("model."): v for k, v in state.items()})
+        if not cfg.init_random:
+            try:
+                from transformers import AutoTokenizer
+
+                AutoTokenizer.from_pretrained(cfg.model).save_pretrained(cfg.output_dir)
+            except (OSError, ValueError):
+                pass  # a model without a tokenizer: nothing to copy
+    accelerator.wait_for_everyone()
+    accelerator.print(f"saved the model to {cfg.output_dir}")
+
+
+__all__ = ["CHECKPOINT_PREFIX", "STATE_FILE", "checkpoint_problem", "latest_checkpoint", "save_checkpoint", "save_model"]

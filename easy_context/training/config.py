@@ -1,0 +1,191 @@
+"""train.py's configuration: every flag as a typed field of :class:`TrainConfig`, the command line that builds it,
+and the checks that reject inconsistent flags before anything is loaded (each error names the flag to change).
+
+Flag style: ``--dash-words``; the seed's spellings (``--parallel_mode``, ``--model_config``, ``--init_random``) and
+underscore forms of every flag are accepted too. ``--seq-algo`` is the library's name for the algorithm;
+``--parallel_mode`` / ``--parallel-mode`` are aliases.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+from dataclasses import dataclass, fields
+
+from ..attention.registry import SEQ_ALGOS, algorithm_options, get_attn_func
+from ..utils import add_flag, check_sp_size
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything one training run needs (see ``python train.py --help`` for each field's flag)."""
+
+    output_dir: str
+    seq_algo: str = "zigzag_ring_attn"
+    # model
+    model: str | None = None
+    model_config: str | None = None
+    init_random: bool = False
+    vocab_size: int | None = None
+    dtype: str = "auto"
+    cpu: bool = False
+    mixed_precision: str | None = None
+    rope_theta: float | None = None
+    # data
+    dataset: str = "synthetic"
+    seq_length: int = 16384
+    # optimisation
+    batch_size: int = 1
+    gradient_accumulate_every: int = 1
+    learning_rate: float = 2e-5
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    max_train_steps: int = 400
+    seed: int = 42
+    # parallelism
+    sp_size: int | None = None
+    ring_degree: int | None = None
+    attn_backend: str | None = None
+    loss_chunk_size: int = 4096
+    # memory features (True: every decoder layer; an int n: the first n)
+    gradient_checkpointing: bool = False
+    offload_checkpointing: bool | int = False
+    attn_preserving_checkpointing: bool | int = False
+    low_memory_rmsnorm: bool = False
+    fused_kernels: bool = False
+    tiled_mlp: bool = False
+    tiled_mlp_tile_size: int | None = None
+    # logs and checkpoints
+    report_to: str = "tensorboard"
+    project_name: str = "easy_context"
+    checkpointing_steps: int = 0
+    resume_from_checkpoint: str | None = None
+    stop_after_steps: int | None = None
+    save_model: bool = True
+
+    def __post_init__(self):
+        """Checks that need no process group; raise ValueError naming the flag."""
+        if self.seq_algo not in SEQ_ALGOS:
+            raise ValueError(f"--seq-algo {self.seq_algo!r}: choose one of {', '.join(SEQ_ALGOS)}")
+        if self.model is None and self.model_config is None:
+            raise ValueError("pass --model (path or hub id) or --model-config with --init-random")
+        if self.model_config is not None and not self.init_random:
+            raise ValueError("--model-config builds a model from a configuration: add --init-random (or use --model)")
+        if self.vocab_size is not None and not self.init_random:
+            raise ValueError("--vocab-size only applies with --init-random")
+        if get_attn_func(self.seq_algo) is None and self.sp_size not in (None, 1):
+            raise ValueError("--sp-size is for the sequence-parallel algorithms; data_parallel has no SP group")
+        try:
+            algorithm_options(self.seq_algo, ring_degree=self.ring_degree)
+        except ValueError as e:
+            raise ValueError(f"--{str(e).replace('_', '-')}") from None
+        for flag in ("seq_length", "batch_size", "gradient_accumulate_every", "max_train_steps"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+
+    @property
+    def parallel_mode(self) -> str:
+        """The seed's name of :attr:`seq_algo`."""
+        return self.seq_algo
+
+    def check_world(self, world_size: int) -> None:
+        """Checks against the number of processes; raise ValueError naming the flag."""
+        if self.sp_size is not None:
+            try:
+                check_sp_size(self.sp_size, world_size)
+            except ValueError:
+                raise ValueError(f"--sp-size {self.sp_size} must divide the number of processes {world_size}") from None
+
+    @property
+    def sp_degree(self) -> int | None:
+        """Ranks per sequence-parallel group, None = the whole world (1 for data_parallel)."""
+        return 1 if get_attn_func(self.seq_algo) is None else self.sp_size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Long-context full fine-tuning with exact sequence parallelism. "
+                                "Launch with `accelerate launch --config_file accelerate_configs/<cfg>.yaml train.py`.")
+    a = functools.partial(add_flag, p)
+    a("--seq-algo", "--parallel-mode", dest="seq_algo", choices=SEQ_ALGOS, default="zigzag_ring_attn",
+          help="sequence-parallel algorithm (--parallel_mode: the seed's name)")
+    a("--model", default=None, help="local folder or hub id of a causal LM (weights loaded unless --init-random)")
+    a("--model-config", dest="model_config", default=None,
+          help="with --init-random: a built-in name (tiny-llama, small-llama), a config JSON file or folder, or a hub id")
+    a("--init-random", dest="init_random", action="store_true",
+          help="random weights from --model-config (or --model's config)")
+    a("--vocab-size", type=int, default=None, help="override the config's vocab size (--init-random only)")
+    a("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+          help="model weights; auto = bfloat16 on GPU, float32 on CPU")
+    a("--cpu", action="store_true", help="run on CPU with gloo even if GPUs exist (automatic without CUDA)")
+    a("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
+          help="default: the accelerate config's; under DeepSpeed on CUDA bf16 unless this says otherwise")
+    a("--dataset", default="synthetic", help="'synthetic', a save_to_disk folder, a json/jsonl/parquet/arrow "
+          "file or a hub id, with an input_ids column (see prepare_data.py)")
+    a("--seq-length", type=int, default=16384)
+    a("--rope-theta", type=float, default=None, help="RoPE base (default: the model's)")
+    a("--batch-size", type=int, default=1, help="sequences per DP replica per micro-batch")
+    a("--gradient-accumulate-every", type=int, default=1)
+    a("--learning-rate", type=float, default=2e-5)
+    a("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant")
+    a("--warmup-steps", type=int, default=0)
+    a("--weight-decay", type=float, default=0.0)
+    a("--adam-betas", type=float, nargs=2, default=(0.9, 0.95))
+    a("--adam-eps", type=float, default=1e-8)
+    a("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    a("--max-train-steps", type=int, default=400, help="optimizer steps")
+    a("--sp-size", type=int, default=None, help="ranks per sequence-parallel group (default: the whole world)")
+    a("--ring-degree", type=int, default=None, help="usp_attn: ring dimension of the SP group")
+    a("--attn-backend", default=None, help="local attention kernel (auto, cudnn, flash, efficient, flash_attn, "
+          "math)")
+    a("--loss-chunk-size", type=int, default=4096, help="tokens per chunk of the fused LM-head cross-entropy")
+    a("--output-dir", required=True)
+    a("--seed", type=int, default=42)
+    a("--report-to", choices=("tensorboard", "wandb", "none"), default="tensorboard",
+          help="wandb runs offline with WANDB_MODE=offline")
+    a("--project-name", default="easy_context")
+    a("--checkpointing-steps", type=int, default=0, help="save accelerate state every N optimizer steps (0: never)")
+    a("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output-dir/checkpoints")
+    a("--stop-after-steps", type=int, default=None,
+          help="exit after this optimizer step without saving the model, as if the job were killed (tests resume)")
+    a("--gradient-checkpointing", action="store_true")
+    a("--offload-checkpointing", nargs="?", type=int, const=True, default=False, metavar="N",
+          help="gradient checkpointing with the layer inputs kept in host memory (easy_context.memory); with N, only "
+               "the first N decoder layers' (partial offload, when host memory is short)")
+    a("--attn-preserving-checkpointing", nargs="?", type=int, const=True, default=False, metavar="N",
+          help="gradient checkpointing whose recompute reuses the attention output (easy_context.memory); with N, "
+               "only in the first N decoder layers (each keeps seq x hidden more)")
+    a("--low-memory-rmsnorm", action="store_true",
+          help="RMSNorm that saves x and a float32 rstd instead of float32 activation copies (easy_context.memory)")
+    a("--fused-kernels", action="store_true",
+          help="fused RMSNorm (implies --low-memory-rmsnorm), SwiGLU and rotary embedding: one compiled kernel per op "
+               "on CUDA (easy_context.memory.ops)")
+    a("--tiled-mlp", action="store_true", help="MLP computed in sequence tiles (easy_context.memory)")
+    a("--tiled-mlp-tile-size", type=int, default=None, help="tokens per MLP tile (default: 4 x hidden_size)")
+    a("--no-save-model", dest="save_model", action="store_false", help="skip the final save_pretrained")
+    return p
+
+
+def from_namespace(ns: argparse.Namespace | TrainConfig) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed flags (a TrainConfig is returned as it is)."""
+    if isinstance(ns, TrainConfig):
+        return ns
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: (tuple(v) if k == "adam_betas" else v) for k, v in vars(ns).items() if k in names})
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """The :class:`TrainConfig` of train.py's command line (``argv``; None: ``sys.argv``)."""
+    return from_namespace(build_parser().parse_args(argv))
+
+
+def validate_args(args, world_size: int) -> TrainConfig:
+    """Every check of :class:`TrainConfig` and :meth:`TrainConfig.check_world` for parsed flags; the config."""
+    cfg = from_namespace(args)
+    cfg.check_world(world_size)
+    return cfg
+
+
+__all__ = ["TrainConfig", "build_parser", "parse_config", "from_namespace", "validate_args"]
