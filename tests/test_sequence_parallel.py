@@ -4,6 +4,7 @@ One process group per world size runs all cases (process start costs seconds on 
 builds the full q/k/v from a shared seed, computes the float64 reference itself, shards, runs the
 algorithm in float32, and asserts that its slice of the output and of dq/dk/dv matches.
 """
+import inspect
 import math
 import zlib
 
@@ -14,7 +15,7 @@ from _dist import run_distributed
 from easy_context import (dist_flash_attn_func, gather_sequence, sequence_granularity, shard_sequence,
                           ulysses_attn_func, usp_attn_func, zigzag_ring_attn_func)
 from easy_context.attention.dist_flash import max_blocks_per_rank
-from easy_context.attention.registry import SEQ_ALGOS, layout
+from easy_context.attention.registry import ALGORITHMS, SEQ_ALGOS, algorithm_options, layout
 from reference import attention_ref, rel_err
 
 # float32 algorithm vs float64 reference. Ring merges re-associate the softmax sums, which changes
@@ -22,12 +23,11 @@ from reference import attention_ref, rel_err
 # any schedule bug (a missing or doubled block, a wrong mask) shows up as >1e-2.
 TOL = 1e-5
 
-FUNCS = {
-    "zigzag_ring_attn": zigzag_ring_attn_func,
-    "dist_flash_attn": dist_flash_attn_func,
-    "ulysses_attn": ulysses_attn_func,
-    "usp_attn": usp_attn_func,
-}
+# Every sequence-parallel algorithm of the registry: adding one there puts it under every test of this file.
+FUNCS = {name: algo.attn_func for name, algo in ALGORITHMS.items() if algo.attn_func is not None}
+# Values to try for each option an algorithm declares (besides its default), by world size. A new option needs an
+# entry here (test_every_option_has_test_values fails until it has one).
+OPTION_VALUES = {"ring_degree": lambda world: [world, 1] if world > 2 else [1]}
 
 
 def _cases(world):
@@ -35,14 +35,36 @@ def _cases(world):
     shapes = [(1, 4, 4, 16), (2, 4, 2, 24), (1, 8, 2, 24), (1, 4, 1, 8)]
     cases = []
     for algo in FUNCS:
+        opts_list = [{}] + [{key: value} for key in ALGORITHMS[algo].options for value in OPTION_VALUES[key](world)]
         for causal in (True, False):
             for b, h, hkv, d in shapes:
-                opts_list = [{}]
-                if algo == "usp_attn" and world == 4:
-                    opts_list = [{}, {"ring_degree": 4}, {"ring_degree": 1}]
                 for opts in opts_list:
                     cases.append((algo, causal, b, h, hkv, d, opts))
     return cases
+
+
+def test_every_option_has_test_values():
+    declared = {key for algo in ALGORITHMS.values() for key in algo.options}
+    assert declared <= set(OPTION_VALUES), f"add test values for {declared - set(OPTION_VALUES)} to OPTION_VALUES"
+
+
+def test_registry_entries_are_consistent():
+    """Every entry: the attention function takes the common arguments and its options, the layout gives every
+    rank the same number of chunks, and an option another algorithm owns is refused naming the owner."""
+    for name, algo in ALGORITHMS.items():
+        assert algo.name == name and algo.summary
+        if algo.attn_func is not None:
+            params = inspect.signature(algo.attn_func).parameters
+            for arg in ("q", "k", "v", "causal", "softmax_scale", "group", "backend", "check", *algo.options):
+                assert arg in params, (name, arg)
+        for world in (1, 2, 4, 8):
+            n, chunks = layout(name, world)
+            assert len(chunks) == world and len({len(c) for c in chunks}) == 1, (name, world)
+    for key in OPTION_VALUES:
+        owners = [n for n, a in ALGORITHMS.items() if key in a.options]
+        for name in set(ALGORITHMS) - set(owners):
+            with pytest.raises(ValueError, match=f"{key} is a {'/'.join(owners)} option"):
+                algorithm_options(name, **{key: 2})
 
 
 def _run_case(rank, world, algo, causal, b, h, hkv, d, opts, group=None):
