@@ -3,8 +3,9 @@
 # -> 512K): Llama-2-7B on one node of 8 80GB GPUs, DeepSpeed ZeRO-3 with parameter + optimizer offload, lr 2e-5,
 # RoPE base raised with the length, each stage starting from the previous stage's saved model.
 # Short stages fit one GPU's sequence (data_parallel); 256K+ shard the sequence over the 8 GPUs (zigzag ring).
-# The step counts are the seed's (chosen by its author to fit a schedule, not tuned). Needs ~1.5 TB CPU RAM
-# for the offloaded optimizer state plus 8 full bf16 copies loaded before partitioning (zero3_init_flag false).
+# The step counts are the seed's (chosen by its author to fit a schedule, not tuned). Host RAM: the offloaded
+# optimizer state (~16 bytes per parameter, ~108 GB for 7B) and parameters; under a ZeRO-3 launch transformers
+# builds the model inside deepspeed.zero.Init, so each process holds only its partition of the weights.
 #   bash train_scripts/progressive_llama2_7b.sh
 # Datasets: packed input_ids rows at least as long as the stage's --seq-length (the seed's hub sets by default;
 # make your own with prepare_data.py). Add --report-to wandb (WANDB_MODE=offline works) to follow the loss.
@@ -20,7 +21,7 @@ OUT=${OUT:-output}
 stage() {  # stage <model> <out> <seq> <rope theta> <steps> <grad accum> <seed> <mode> <dataset>
     accelerate launch --config_file accelerate_configs/single_node.yaml train.py \
         --model "$1" --output-dir "$2" --seq-length "$3" --rope-theta "$4" --max-train-steps "$5" \
-        --gradient-accumulate-every "$6" --seed "$7" --parallel_mode "$8" --dataset "$9" \
+        --gradient-accumulate-every "$6" --seed "$7" --seq-algo "$8" --dataset "$9" \
         --batch-size 1 --learning-rate 2e-5 --gradient-checkpointing --checkpointing-steps 100 \
         --fused-kernels --attn-preserving-checkpointing  # fits every stage (python -m easy_context.advise)
 }

@@ -13,7 +13,7 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 MODEL=${MODEL:-meta-llama/Llama-3.1-8B}
 DATA=${DATA:?set DATA to a packed input_ids dataset with rows of >= 131072 tokens (prepare_data.py)}
 accelerate launch --config_file accelerate_configs/single_node.yaml --num_processes 1 train.py \
-    --parallel_mode zigzag_ring_attn \
+    --seq-algo zigzag_ring_attn \
     --model "$MODEL" --dataset "$DATA" \
     --seq-length 131072 --rope-theta 4000000 \
     --batch-size 1 --gradient-accumulate-every 8 \
