@@ -223,27 +223,24 @@ def head_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return _all_to_all_4d(x, group, scatter=1, gather=2)
 
 
-class SeqToHead(torch.autograd.Function):
-    """``(b, s/W, h, d)`` sequence-sharded -> ``(b, s, h/W, d)`` head-sharded (backward: the inverse)."""
+class _AllToAll4D(torch.autograd.Function):
+    """:func:`_all_to_all_4d` with its inverse (the dims swapped) as backward."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return seq_to_head(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return head_to_seq(g, ctx.group), None
-
-
-class HeadToSeq(torch.autograd.Function):
-    """``(b, s, h/W, d)`` head-sharded -> ``(b, s/W, h, d)`` sequence-sharded (backward: the inverse)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return head_to_seq(x, group)
+    def forward(ctx, x, group, scatter, gather):
+        ctx.args = (group, gather, scatter)
+        return _all_to_all_4d(x, group, scatter, gather)
 
     @staticmethod
     def backward(ctx, g):
-        return seq_to_head(g, ctx.group), None
+        return _all_to_all_4d(g, *ctx.args), None, None, None
+
+
+def seq_to_head_autograd(x: torch.Tensor, group) -> torch.Tensor:
+    """:func:`seq_to_head`, differentiable (backward: :func:`head_to_seq` of the gradient)."""
+    return _AllToAll4D.apply(x, group, 2, 1)
+
+
+def head_to_seq_autograd(x: torch.Tensor, group) -> torch.Tensor:
+    """:func:`head_to_seq`, differentiable (backward: :func:`seq_to_head` of the gradient)."""
+    return _AllToAll4D.apply(x, group, 1, 2)

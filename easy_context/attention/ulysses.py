@@ -18,7 +18,8 @@ import contextvars
 
 import torch
 
-from .comm import SELF_GROUP, HeadToSeq, RingComm, SeqToHead, group_rank_size, head_to_seq, seq_to_head
+from .comm import (SELF_GROUP, RingComm, group_rank_size, head_to_seq, head_to_seq_autograd, seq_to_head,
+                   seq_to_head_autograd)
 from .kernels import Kernel, check_qkv, default_scale, get_kernel
 from .zigzag_ring import check_even, check_ring_inputs, ring_attn, ring_backward, ring_forward
 
@@ -95,10 +96,10 @@ def head_parallel_attn(q, k, v, causal: bool, scale: float, kernel: Kernel, grou
         return _LeanUlyssesAttn.apply(q, k, v, causal, scale, kernel, group, ring_group)
     if w > 1:
         # (b, s/W, h, d) -> (b, s, h/W, d)
-        q, k, v = SeqToHead.apply(q, group), SeqToHead.apply(k, group), SeqToHead.apply(v, group)
+        q, k, v = (seq_to_head_autograd(x, group) for x in (q, k, v))
     out = ring_attn(q, k, v, causal, scale, kernel, ring_group)
     # (b, s, h/W, d) -> (b, s/W, h, d)
-    return HeadToSeq.apply(out, group) if w > 1 else out
+    return head_to_seq_autograd(out, group) if w > 1 else out
 
 
 def ulysses_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, group=None, *,
