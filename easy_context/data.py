@@ -3,7 +3,9 @@
 The format (the seed's): a ``datasets.Dataset`` with a column ``input_ids`` whose rows are token-id lists at least
 ``seq_length`` long, normally exactly ``seq_length`` (packed chunks). ``train.py`` takes the first ``seq_length``
 tokens of a row as the input, the same tokens shifted left by one as targets (the last target is -100: it has no
-next token in the row) and ``position_ids = 0..seq_length-1``. Other columns are ignored.
+next token in the row) and ``position_ids = 0..seq_length-1``. An optional ``labels`` column (Hugging Face's
+convention: one per input token, -100 where no loss is taken, e.g. prompt tokens) replaces ``input_ids`` as the
+source of the targets. Other columns are ignored.
 
 Packing (``python -m easy_context.data`` / ``prepare_data.py``): each document is tokenised without special tokens
 and framed as ``[BOS] + tokens + [EOS]`` (either can be switched off); the framed documents are concatenated into
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+import shutil
 
 import torch
+
+from .utils import check_source
 
 SYNTHETIC = "synthetic"
 
@@ -91,18 +95,29 @@ def load_train_dataset(spec: str, *, seq_length: int, vocab_size: int | None = N
         raise ValueError(f"dataset {spec!r} has no 'input_ids' column (columns: {data.column_names}); tokenise "
                          "and pack a text corpus with `python prepare_data.py --input ... --tokenizer ... "
                          "--seq-length ...`")
-    data = data.select_columns(["input_ids"])
-    if len(data) and len(data[0]["input_ids"]) < seq_length:
+    data = data.select_columns([c for c in ("input_ids", "labels") if c in data.column_names])
+    if not len(data):
+        raise ValueError(f"dataset {spec!r} has no rows")
+    if len(data[0]["input_ids"]) < seq_length:
         raise ValueError(f"dataset {spec!r} rows have {len(data[0]['input_ids'])} tokens but --seq-length is "
                          f"{seq_length}; pass a smaller --seq-length or re-pack with prepare_data.py --seq-length")
+    if "labels" in data.column_names and len(data[0]["labels"]) != len(data[0]["input_ids"]):
+        raise ValueError(f"dataset {spec!r}: a row's labels ({len(data[0]['labels'])}) and input_ids "
+                         f"({len(data[0]['input_ids'])}) differ in length; labels are per input token (-100: no loss)")
     return data
 
 
 class FixedLengthCollator:
-    """``rows -> (batch, seq_length)`` int64 ``input_ids``: each row cut to its first ``seq_length`` tokens."""
+    """``rows -> {"input_ids": (batch, seq_length) int64[, "labels": same]}``: each row cut to its first
+    ``seq_length`` tokens; a ``labels`` column (the Hugging Face convention: per input token, -100 where no loss,
+    the model shifts) comes along.
 
-    def __init__(self, seq_length: int):
-        self.seq_length = seq_length
+    Raises:
+        ValueError: a row shorter than ``seq_length``, or a token id outside ``[0, vocab_size)``.
+    """
+
+    def __init__(self, seq_length: int, vocab_size: int | None = None):
+        self.seq_length, self.vocab_size = seq_length, vocab_size
 
     def __call__(self, rows):
         ids = [row["input_ids"][:self.seq_length] for row in rows]
@@ -110,7 +125,16 @@ class FixedLengthCollator:
         if short:
             raise ValueError(f"a row has {short[0]} tokens, fewer than --seq-length {self.seq_length}; re-pack the "
                              "dataset with prepare_data.py --seq-length or pass a smaller --seq-length")
-        return {"input_ids": torch.tensor(ids, dtype=torch.long)}
+        batch = {"input_ids": torch.tensor(ids, dtype=torch.long)}
+        if self.vocab_size is not None:
+            low, high = int(batch["input_ids"].min()), int(batch["input_ids"].max())
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"token id {high if high >= self.vocab_size else low} is outside the model's "
+                                 f"vocabulary (vocab_size={self.vocab_size}): the data was tokenised for another "
+                                 "model; re-tokenise it with this model's tokenizer (prepare_data.py --tokenizer)")
+        if "labels" in rows[0]:
+            batch["labels"] = torch.tensor([row["labels"][:self.seq_length] for row in rows], dtype=torch.long)
+        return batch
 
 
 def shift_targets(input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -153,6 +177,11 @@ def prepare_corpus(input_path: str, tokenizer_path: str, seq_length: int, output
     from datasets import Dataset, load_dataset, load_from_disk
     from transformers import AutoTokenizer
 
+    if seq_length < 2:
+        raise ValueError(f"--seq-length {seq_length}: a training sample needs at least 2 tokens")
+    if not os.path.exists(input_path):
+        raise FileNotFoundError(f"--input {input_path}: no such file or folder")
+    check_source(tokenizer_path, "--tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     bos = tokenizer.bos_token_id if add_bos else None
     eos = tokenizer.eos_token_id if add_eos else None
@@ -187,8 +216,17 @@ def prepare_corpus(input_path: str, tokenizer_path: str, seq_length: int, output
     def chunks():
         yield from pack_documents((row["tokens"] for row in tokens), seq_length, bos_id=bos, eos_id=eos)
 
-    with tempfile.TemporaryDirectory() as cache:  # from_generator's arrow cache: not left in ~/.cache
-        Dataset.from_generator(chunks, cache_dir=cache).save_to_disk(output_dir)
+    # Written under <output_dir>.tmp (from_generator's arrow cache inside it, not in ~/.cache) and renamed when
+    # complete: a killed run leaves only the .tmp folder, which the next run removes first.
+    tmp = output_dir.rstrip(os.sep) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        Dataset.from_generator(chunks, cache_dir=os.path.join(tmp, "cache")).save_to_disk(os.path.join(tmp, "data"))
+        if os.path.exists(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(os.path.join(tmp, "data"), output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return load_from_disk(output_dir)
 
 

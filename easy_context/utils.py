@@ -51,6 +51,38 @@ def compiled(fn, device: torch.device, env: str = ENV_COMPILE):
     return _COMPILED[fn]
 
 
+def check_source(source: str, what: str) -> None:
+    """A path that looks local (absolute, ./, ../, ~, or whose first folder exists) must exist; hub ids pass.
+
+    Raises:
+        FileNotFoundError: naming the path and the flag (instead of a hub lookup error about an invalid repo id).
+    """
+    looks_local = source.startswith(("/", "./", "../", "~")) or (
+        os.sep in source.rstrip(os.sep) and os.path.isdir(source.split(os.sep)[0]))
+    if looks_local and not os.path.exists(os.path.expanduser(source)):
+        raise FileNotFoundError(f"{what} {source}: no such file or folder")
+
+
+def exit_with_parent() -> None:
+    """End this process (SIGTERM) when its parent dies, e.g. the ``accelerate launch`` / torchrun process that
+    started it was killed: workers must not go on training and writing checkpoints unseen (Linux; elsewhere
+    nothing)."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    parent = os.getppid()
+    libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def add_flag(parser, *names: str, **kwargs):
     """``parser.add_argument`` under each name and the underscore spelling of each ``--dash-name`` (the scripts'
     one style is dashes; the seed's ``--under_score`` spellings keep working)."""
@@ -58,4 +90,5 @@ def add_flag(parser, *names: str, **kwargs):
     return parser.add_argument(*dict.fromkeys(spellings), **kwargs)
 
 
-__all__ = ["ENV_COMPILE", "rank_world", "check_sp_size", "is_zero3", "compiled", "add_flag"]
+__all__ = ["ENV_COMPILE", "rank_world", "check_sp_size", "is_zero3", "compiled", "check_source", "exit_with_parent",
+           "add_flag"]

@@ -14,5 +14,5 @@ accelerate launch --config_file accelerate_configs/cpu_2proc.yaml train.py \
     --batch-size 1 --gradient-accumulate-every 1 \
     --learning-rate 3e-3 \
     --max-train-steps 20 \
-    --output-dir output/cpu_demo \
+    --output-dir output/cpu_demo --overwrite-output-dir \
     "$@"

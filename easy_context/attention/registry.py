@@ -12,7 +12,8 @@ import torch
 from . import layouts
 from .comm import group_rank_size
 from .dist_flash import dist_flash_attn_func
-from .ulysses import ulysses_attn_func
+from .comm import usp_degrees
+from .ulysses import ulysses_attn_func, ulysses_kv_replication
 from .usp import usp_attn_func
 from .zigzag_ring import zigzag_ring_attn_func
 
@@ -28,6 +29,9 @@ class Algorithm:
             model's own attention over the whole sequence).
         layout: ``layout(world_size, **options) -> (n_chunks, chunks_of_rank)`` (layouts.py).
         options: keyword options the algorithm and its layout take beyond the common ones (each None = default).
+        check_heads: ``check_heads(heads, kv_heads, world_size, **options)`` raises ValueError when the algorithm
+            cannot split a model's attention heads over the group (None: any head count works); run before any
+            weights are loaded.
         summary: one line for listings.
     """
 
@@ -35,7 +39,16 @@ class Algorithm:
     attn_func: Optional[Callable]
     layout: Callable[..., layouts.Chunks]
     options: tuple[str, ...] = ()
+    check_heads: Optional[Callable] = None
     summary: str = ""
+
+
+def _ulysses_heads(heads: int, kv_heads: int, world_size: int) -> None:
+    ulysses_kv_replication(heads, kv_heads, world_size)
+
+
+def _usp_heads(heads: int, kv_heads: int, world_size: int, *, ring_degree: int | None = None) -> None:
+    ulysses_kv_replication(heads, kv_heads, usp_degrees(world_size, ring_degree)[1])
 
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
@@ -43,9 +56,9 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
               summary="K/V ring over zigzag chunks (r, 2W-1-r): every step the same causal work"),
     Algorithm("dist_flash_attn", dist_flash_attn_func, layouts.contiguous,
               summary="LightSeq: contiguous chunks, idle ranks compute for busy ones"),
-    Algorithm("ulysses_attn", ulysses_attn_func, layouts.contiguous,
+    Algorithm("ulysses_attn", ulysses_attn_func, layouts.contiguous, check_heads=_ulysses_heads,
               summary="DeepSpeed-Ulysses: all-to-all from sequence to head shards and back"),
-    Algorithm("usp_attn", usp_attn_func, layouts.usp, options=("ring_degree",),
+    Algorithm("usp_attn", usp_attn_func, layouts.usp, options=("ring_degree",), check_heads=_usp_heads,
               summary="Ulysses inside groups of W/ring_degree ranks, zigzag ring across them"),
     Algorithm("data_parallel", None, layouts.whole, summary="no sequence parallelism: the model's own attention"),
 )}
@@ -81,6 +94,14 @@ def algorithm_options(seq_algo: str, **options) -> dict:
             takers = [a.name for a in ALGORITHMS.values() if key in a.options]
             raise ValueError(f"{key} is a {'/'.join(takers) or 'unknown'} option; {seq_algo} does not take it")
     return given
+
+
+def check_heads(seq_algo: str, heads: int, kv_heads: int, world_size: int, **options) -> None:
+    """Raise ValueError (naming the fix) when ``seq_algo`` cannot split ``heads`` / ``kv_heads`` over
+    ``world_size`` ranks; nothing for algorithms that take any head count."""
+    algo = get_algorithm(seq_algo)
+    if algo.check_heads is not None and world_size > 1:
+        algo.check_heads(heads, kv_heads, world_size, **algorithm_options(seq_algo, **options))
 
 
 def layout(seq_algo: str, world_size: int, **options) -> layouts.Chunks:
@@ -133,4 +154,4 @@ def gather_sequence(seq_algo: str, x_local: torch.Tensor, group=None, dim: int =
 
 
 __all__ = ["Algorithm", "ALGORITHMS", "SEQ_ALGOS", "SP_ALGOS", "check_seq_algo", "get_algorithm", "get_attn_func",
-           "algorithm_options", "layout", "sequence_granularity", "shard_sequence", "gather_sequence"]
+           "algorithm_options", "check_heads", "layout", "sequence_granularity", "shard_sequence", "gather_sequence"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
@@ -104,15 +105,29 @@ def document_nll(model, documents: list[list[int]], *, max_length: int, sliding_
 def evaluate_perplexity(model, documents: list[list[int]], lengths: list[int], *, sliding_window: int = 256,
                         truncate: bool = False, seq_algo: str = "data_parallel", device="cpu",
                         bos_id: int | None = None, progress: bool = True, desc: str = "ppl") -> list[float]:
-    """Perplexity at each context length of ``lengths`` (see the module docstring)."""
+    """Perplexity at each context length of ``lengths`` (see the module docstring), over the documents with at least
+    that many tokens (NaN, with a warning, where there is none)."""
     from tqdm import tqdm
 
     from ..utils import rank_world
 
     out = []
-    with tqdm(total=len(lengths) * len(documents), desc=desc, disable=not progress or rank_world()[0] != 0) as bar:
+    rank0 = rank_world()[0] == 0
+    with tqdm(total=len(lengths) * len(documents), desc=desc, disable=not progress or not rank0) as bar:
         for max_length in lengths:
-            nll, count = document_nll(model, documents, max_length=max_length, sliding_window=sliding_window,
+            # only documents that fill the context: a shorter one would be scored with less context (and the same
+            # number would come back for every longer length)
+            span = max_length - (bos_id is not None)
+            long_enough = [d for d in documents if len(d) >= span]
+            if len(long_enough) < len(documents) and rank0:
+                warnings.warn(f"context {max_length}: {len(documents) - len(long_enough)} of {len(documents)} documents "
+                              f"have fewer than {span} tokens and are not scored at this length"
+                              + ("; no document is long enough: perplexity NaN" if not long_enough else ""))
+            bar.update(len(documents) - len(long_enough))
+            if not long_enough:
+                out.append(float("nan"))
+                continue
+            nll, count = document_nll(model, long_enough, max_length=max_length, sliding_window=sliding_window,
                                       truncate=truncate, seq_algo=seq_algo, device=device, bos_id=bos_id,
                                       progress=bar)
             out.append(math.exp(nll / max(count, 1)))

@@ -26,6 +26,15 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # continuous causal sequence, so such a batch would be silently wrong.
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k", "max_length_q", "max_length_k")
 
+# Arguments transformers passes to attention functions that change nothing the SP kernels compute. Any other argument
+# with a value (Gemma2's softcap, gpt-oss's s_aux sinks, ...) is refused by name instead of being dropped.
+_IGNORED_KWARGS = frozenset({"position_ids", "use_cache", "output_attentions", "output_router_logits",
+                             "output_hidden_states", "cache_position", "past_key_values", "past_key_value",
+                             "layer_idx", "return_dict"})
+_UNSUPPORTED_HINTS = {"softcap": "attention logit soft-capping (Gemma2's config.attn_logit_softcapping)",
+                      "s_aux": "attention sinks (gpt-oss)", "sinks": "attention sinks",
+                      "head_mask": "a head mask", "alibi": "ALiBi biases"}
+
 # transformers runs extra checks (and kernel loading) on implementation names containing these substrings.
 _RESERVED_SUBSTRINGS = {"flash": "fa", "sdpa": "sdp", "flex": "flx"}
 
@@ -118,6 +127,13 @@ def make_attention(config: SPAttentionConfig) -> Callable:
         if any(kwargs.get(k) is not None for k in _VARLEN_KWARGS):
             raise ValueError(f"{config.name}: packed/varlen batches (cu_seq_lens, e.g. DataCollatorWithFlattening) "
                              "are not supported under sequence parallelism; use one sequence per row")
+        unsupported = sorted(k for k, v in kwargs.items() if k not in _IGNORED_KWARGS and k not in _VARLEN_KWARGS
+                             and v is not None and v is not False)
+        if unsupported:
+            what = ", ".join(f"{k} ({_UNSUPPORTED_HINTS[k]})" if k in _UNSUPPORTED_HINTS else k for k in unsupported)
+            raise ValueError(f"{config.name}: {type(module).__name__} passes attention arguments the "
+                             f"sequence-parallel kernels do not implement: {what}. Ignoring them would compute "
+                             f"another model; train this model with seq_algo='data_parallel'")
         if dropout:
             raise ValueError(f"{config.name}: attention dropout ({dropout}) is not supported; set "
                              "config.attention_dropout=0.0")
@@ -129,6 +145,8 @@ def make_attention(config: SPAttentionConfig) -> Callable:
                                "torchrun, or use seq_algo='data_parallel'")
         group = get_sp_group(config.sp_size)
         seq_len = query.shape[2] * dist.get_world_size(group)
+        if getattr(module, "layer_idx", 0) == 0:  # once per forward
+            check_global_positions(kwargs.get("position_ids"), query.shape[2], config, group)
         # HF semantics: a query attends to at most `sliding_window` keys (itself included); a window that covers
         # the whole (padded) sequence changes nothing, a shorter one the SP kernels cannot apply.
         if sliding_window is not None and seq_len > sliding_window:
@@ -144,6 +162,30 @@ def make_attention(config: SPAttentionConfig) -> Callable:
 
     sequence_parallel_attention.__qualname__ = f"sequence_parallel_attention[{config.name}]"
     return sequence_parallel_attention
+
+
+def check_global_positions(position_ids, local_len: int, config: SPAttentionConfig, group) -> None:
+    """Raise on every rank of ``group`` when some rank's ``position_ids`` are ``0..local_len-1`` although its shard
+    does not start the sequence: the model was called without the global positions (transformers then numbers
+    each shard from 0 and RoPE is silently wrong). One small all-reduce."""
+    import torch
+    import torch.distributed as dist
+
+    from ..attention.registry import shard_sequence
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if position_ids is None or world == 1:
+        return
+    local = torch.arange(local_len, device=position_ids.device)
+    expected = shard_sequence(config.seq_algo, local.new_tensor(range(local_len * world))[None], rank, world,
+                              **config.options)[0]
+    wrong = torch.tensor([float(not torch.equal(expected, local) and bool((position_ids == local).all()))],
+                         device=position_ids.device if dist.get_backend(group) == "nccl" else "cpu")
+    dist.all_reduce(wrong, op=dist.ReduceOp.MAX, group=group)
+    if wrong.item():
+        raise ValueError(f"{config.name}: the model got local positions 0..{local_len - 1} on a rank whose shard does "
+                         "not start the sequence: pass position_ids=prepared['local_position_ids'] from "
+                         "prepare_seq_parallel_inputs (the global positions of this rank's tokens)")
 
 
 def register_attention(config: SPAttentionConfig) -> str:
@@ -245,4 +287,4 @@ def is_sequence_parallel(model) -> bool:
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "SPAttentionConfig", "register_attention", "patch_model", "patch_model_type",
            "unpatch_model_type", "patched_attn_implementation", "is_sequence_parallel", "no_mask", "make_attention",
-           "pretrained_base", "safe_attn_name"]
+           "pretrained_base", "safe_attn_name", "check_global_positions"]

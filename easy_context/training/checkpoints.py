@@ -8,10 +8,13 @@ import re
 import shutil
 import warnings
 
+import torch.distributed as dist
+
 from ..utils import rank_world
 
 CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
+LOG_FILE = "train_log.jsonl"
 
 
 def _files(path: str) -> dict:
@@ -58,7 +61,38 @@ def latest_checkpoint(output_dir: str) -> str:
     raise FileNotFoundError(f"--resume-from-checkpoint latest: no complete checkpoint under {root}")
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int) -> str:
+def prepare_output_dir(cfg) -> None:
+    """Create ``--output-dir``, refusing one that holds an earlier run (its log, checkpoints or saved model) unless
+    the run is resumed (``--resume-from-checkpoint``) or ``--overwrite-output-dir`` deletes them first: otherwise a
+    later ``--resume-from-checkpoint latest`` would continue the old run and the log would mix both.
+
+    Raises:
+        ValueError: a used folder without either flag. FileNotFoundError: a resume whose checkpoint does not exist.
+    """
+    out = cfg.output_dir
+    earlier = [n for n in (LOG_FILE, "checkpoints", "config.json") if os.path.exists(os.path.join(out, n))]
+    if cfg.resume_from_checkpoint:
+        if cfg.resume_from_checkpoint != "latest" and not os.path.isdir(cfg.resume_from_checkpoint):
+            raise FileNotFoundError(f"--resume-from-checkpoint {cfg.resume_from_checkpoint}: no such folder")
+    elif earlier and not cfg.overwrite_output_dir:
+        raise ValueError(f"--output-dir {out} holds an earlier run ({', '.join(earlier)}): pass "
+                         "--resume-from-checkpoint latest to continue it, --overwrite-output-dir to start afresh "
+                         "(its log and checkpoints are deleted), or another --output-dir")
+    barrier = dist.barrier if dist.is_available() and dist.is_initialized() else (lambda: None)
+    barrier()  # every rank has looked before rank 0 deletes anything
+    if rank_world()[0] == 0:
+        if earlier and cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+            for name in (LOG_FILE, "checkpoints"):
+                path = os.path.join(out, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+        os.makedirs(out, exist_ok=True)
+    barrier()
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, keep: int | None = None) -> str:
     """accelerate state (+ DeepSpeed's) and the optimizer step, under ``output_dir/checkpoints/step_<step>``.
 
     Atomic: everything is written under ``step_<step>.tmp``; rank 0 then writes the state file (the step and every
@@ -71,17 +105,26 @@ def save_checkpoint(accelerator, output_dir: str, step: int) -> str:
     if rank0 and os.path.exists(tmp):
         shutil.rmtree(tmp)  # a save that was killed earlier
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if rank0:
-        files = _files(tmp)
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump({"completed_steps": step, "files": files}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+    try:
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()
+        if rank0:
+            files = _files(tmp)
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump({"completed_steps": step, "files": files}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"saving the checkpoint of step {step} to {tmp} failed ({e}); the earlier checkpoints are "
+                      "intact: free space and resume with --resume-from-checkpoint latest") from e
+    if rank0 and keep:
+        root = os.path.dirname(path)
+        steps = sorted(int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(CHECKPOINT_PREFIX + r"(\d+)", d)))
+        for old in steps[:-keep]:
+            shutil.rmtree(os.path.join(root, f"{CHECKPOINT_PREFIX}{old}"), ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
 
@@ -105,4 +148,4 @@ def save_model(accelerator, wrapper, cfg) -> None:
     accelerator.print(f"saved the model to {cfg.output_dir}")
 
 
-__all__ = ["CHECKPOINT_PREFIX", "STATE_FILE", "checkpoint_problem", "latest_checkpoint", "save_checkpoint", "save_model"]
+__all__ = ["CHECKPOINT_PREFIX", "STATE_FILE", "LOG_FILE", "prepare_output_dir", "checkpoint_problem", "latest_checkpoint", "save_checkpoint", "save_model"]

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 from dataclasses import dataclass, fields
 
 from ..attention.registry import SEQ_ALGOS, algorithm_options, get_attn_func
-from ..utils import add_flag, check_sp_size
+from ..utils import add_flag, check_source, check_sp_size
 
 
 @dataclass(kw_only=True)
@@ -62,6 +63,8 @@ class TrainConfig:
     report_to: str = "tensorboard"
     project_name: str = "easy_context"
     checkpointing_steps: int = 0
+    checkpoints_total_limit: int | None = None
+    overwrite_output_dir: bool = False
     resume_from_checkpoint: str | None = None
     stop_after_steps: int | None = None
     save_model: bool = True
@@ -82,9 +85,20 @@ class TrainConfig:
             algorithm_options(self.seq_algo, ring_degree=self.ring_degree)
         except ValueError as e:
             raise ValueError(f"--{str(e).replace('_', '-')}") from None
-        for flag in ("seq_length", "batch_size", "gradient_accumulate_every", "max_train_steps"):
+        for flag in ("batch_size", "gradient_accumulate_every", "max_train_steps"):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+        if self.seq_length < 2:
+            raise ValueError(f"--seq-length {self.seq_length}: a training sequence needs at least 2 tokens (one input "
+                             "and its next-token target)")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError("--checkpoints-total-limit must be >= 1 (checkpoints to keep)")
+        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            raise ValueError(f"--report-to {self.report_to}: the {self.report_to} package is not installed; "
+                             f"pip install {self.report_to} (or 'easy-context[{self.report_to}]'), or --report-to none")
+        for flag, source in (("--model", self.model), ("--model-config", self.model_config)):
+            if source is not None:
+                check_source(source, flag)
 
     @property
     def parallel_mode(self) -> str:
@@ -147,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
           help="wandb runs offline with WANDB_MODE=offline")
     a("--project-name", default="easy_context")
     a("--checkpointing-steps", type=int, default=0, help="save accelerate state every N optimizer steps (0: never)")
+    a("--checkpoints-total-limit", type=int, default=None, help="keep only the newest N checkpoints")
+    a("--overwrite-output-dir", action="store_true",
+      help="start afresh in an --output-dir that holds an earlier run (its log and checkpoints are deleted)")
     a("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output-dir/checkpoints")
     a("--stop-after-steps", type=int, default=None,
           help="exit after this optimizer step without saving the model, as if the job were killed (tests resume)")

@@ -30,19 +30,19 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 
+from ..attention.registry import check_heads
 from ..data import FixedLengthCollator, load_train_dataset, shift_targets
-from ..utils import rank_world
-from .checkpoints import STATE_FILE, latest_checkpoint, save_checkpoint, save_model
+from ..utils import exit_with_parent, rank_world
+from .checkpoints import LOG_FILE, STATE_FILE, latest_checkpoint, prepare_output_dir, save_checkpoint, save_model
 from .config import TrainConfig, from_namespace, parse_config
 from .deepspeed import describe_precision, mixed_precision_of, prepare_optimization
 from .models import CausalLMWithShardedLoss, apply_memory_features, config_for, load_causal_lm
 
-LOG_FILE = "train_log.jsonl"
-
-
-def micro_batches(cfg: TrainConfig, dataset, accelerator, start: int):
-    """Endless ``(batch, seq)`` micro-batches in the documented order, skipping the first ``start`` of them."""
+def micro_batches(cfg: TrainConfig, dataset, accelerator, start: int, vocab_size: int | None = None):
+    """Endless micro-batches (``input_ids`` ``(batch, seq)``, ``labels`` if the data has them) in the documented
+    order, skipping the first ``start`` of them; token ids are checked against ``vocab_size``."""
     from torch.utils.data import DataLoader, RandomSampler
 
     from ..api import prepare_dataloader
@@ -51,7 +51,7 @@ def micro_batches(cfg: TrainConfig, dataset, accelerator, start: int):
     while True:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                            collate_fn=FixedLengthCollator(cfg.seq_length))
+                            collate_fn=FixedLengthCollator(cfg.seq_length, vocab_size))
         loader = prepare_dataloader(cfg.seq_algo, loader, accelerator, sp_size=cfg.sp_size)
         if len(loader) == 0:
             raise ValueError(f"the dataset has {len(dataset)} rows: fewer than one batch per data-parallel replica")
@@ -112,22 +112,35 @@ def train(cfg: TrainConfig) -> dict:
     cfg = from_namespace(cfg)
     accelerator = make_accelerator(cfg)
     rank, world = rank_world((accelerator.process_index, accelerator.num_processes))
+    # every check that needs no weights comes first: flags, processes, output folder, model shape, data
     cfg.check_world(world)
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    if cfg.sp_degree != 1 and not dist.is_initialized():
+        raise ValueError(f"--seq-algo {cfg.seq_algo} shards each sequence over a process group, and this is a single "
+                         "process without one: launch with `accelerate launch --config_file "
+                         "accelerate_configs/<config>.yaml train.py ...` (or torchrun), or pass --seq-algo "
+                         "data_parallel to train in one process")
+    prepare_output_dir(cfg)
+    config = config_for(cfg)
+    sp = cfg.sp_degree or world
+    check_heads(cfg.seq_algo, config.num_attention_heads,
+                getattr(config, "num_key_value_heads", None) or config.num_attention_heads, sp,
+                ring_degree=cfg.ring_degree)
+    replicas = world // sp
+    tokens_per_step = cfg.batch_size * cfg.seq_length * cfg.gradient_accumulate_every * replicas
+    dataset = load_train_dataset(cfg.dataset, seq_length=cfg.seq_length, vocab_size=config.vocab_size,
+                                 num_samples=cfg.max_train_steps * cfg.batch_size * cfg.gradient_accumulate_every
+                                 * replicas, seed=cfg.seed)
+    if len(dataset) < cfg.batch_size * replicas:
+        raise ValueError(f"the dataset has {len(dataset)} rows: fewer than one batch ({cfg.batch_size} rows) for each "
+                         f"of the {replicas} data-parallel replicas")
     set_seed(cfg.seed)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         cfg.dtype, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    model = load_causal_lm(cfg.model, config_for(cfg), dtype, init_random=cfg.init_random)
+    model = load_causal_lm(cfg.model, config, dtype, init_random=cfg.init_random)
     apply_seq_parallel_monkey_patch(cfg.seq_algo, model, sp_size=cfg.sp_size, ring_degree=cfg.ring_degree,
                                     backend=cfg.attn_backend)
     apply_memory_features(cfg, model)
     wrapper = CausalLMWithShardedLoss(model, chunk_size=cfg.loss_chunk_size)
-    sp = cfg.sp_degree or world
-    replicas = world // sp
-    tokens_per_step = cfg.batch_size * cfg.seq_length * cfg.gradient_accumulate_every * replicas
-    dataset = load_train_dataset(cfg.dataset, seq_length=cfg.seq_length, vocab_size=model.config.vocab_size,
-                                 num_samples=cfg.max_train_steps * cfg.batch_size * cfg.gradient_accumulate_every
-                                 * replicas, seed=cfg.seed)
     wrapper, optimizer, scheduler = prepare_optimization(cfg, accelerator, wrapper)
     accelerator.print(describe_precision(accelerator, wrapper))
     completed = _resume(cfg, accelerator) if cfg.resume_from_checkpoint else 0
@@ -142,11 +155,12 @@ def train(cfg: TrainConfig) -> dict:
     losses, grad_norms, micro_losses, tic = {}, {}, [], time.perf_counter()
     grad_norm = None
     wrapper.train()
-    batches = micro_batches(cfg, dataset, accelerator, completed * cfg.gradient_accumulate_every)
+    batches = micro_batches(cfg, dataset, accelerator, completed * cfg.gradient_accumulate_every, config.vocab_size)
     while completed < stop_at:
-        ids = next(batches)["input_ids"]
+        batch = next(batches)
+        ids = batch["input_ids"]
         prepared = prepare_seq_parallel_inputs(
-            cfg.seq_algo, ids, None, shift_targets(ids), rank, world, accelerator.device,
+            cfg.seq_algo, ids, None, shift_targets(batch.get("labels", ids)), rank, world, accelerator.device,
             sp_size=cfg.sp_size, ring_degree=cfg.ring_degree)
         with accelerator.accumulate(wrapper):
             out = wrapper(prepared["local_input_ids"], prepared["local_position_ids"], prepared["local_target_ids"])
@@ -163,6 +177,9 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.step()  # under DeepSpeed a no-op wrapper: the engine has stepped it
         completed += 1
         loss = sum(micro_losses) / len(micro_losses)
+        if not math.isfinite(loss):  # the same global value on every rank: all stop together
+            raise FloatingPointError(f"step {completed}: the loss is {loss}; lower --learning-rate, train in bf16 "
+                                     "rather than fp16 (--mixed-precision bf16), or check the data (targets all -100?)")
         elapsed, tic, micro_losses = time.perf_counter() - tic, time.perf_counter(), []
         record = {"step": completed, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
                   "lr": scheduler.get_last_lr()[0], "tokens_per_second": tokens_per_step / elapsed}
@@ -177,7 +194,7 @@ def train(cfg: TrainConfig) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", ppl=f"{record['ppl']:.2f}", tok_s=f"{record['tokens_per_second']:.0f}")
         if cfg.checkpointing_steps and completed % cfg.checkpointing_steps == 0:
-            save_checkpoint(accelerator, cfg.output_dir, completed)
+            save_checkpoint(accelerator, cfg.output_dir, completed, keep=cfg.checkpoints_total_limit)
     bar.close()
     unwrapped = accelerator.unwrap_model(wrapper).model
     if completed >= cfg.max_train_steps and cfg.save_model:
@@ -188,12 +205,22 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def main(argv=None) -> None:
-    """``train.py``: parse the flags, train, then take down the process group accelerate created."""
-    import torch.distributed as dist
+    """``train.py``: parse the flags, train, then take down the process group accelerate created.
 
-    train(parse_config(argv))
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    A bad flag, model or dataset ends the process with one line on standard error (from rank 0 only) and exit
+    status 2, instead of a traceback per rank; the process also ends when its launcher dies (Linux)."""
+    import sys
+
+    exit_with_parent()
+    try:
+        train(parse_config(argv))
+    except (ValueError, FileNotFoundError) as e:
+        if rank_world()[0] == 0:
+            print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 __all__ = ["LOG_FILE", "make_accelerator", "micro_batches", "train", "main"]

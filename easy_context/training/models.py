@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import memory
+from ..utils import check_source
 
 # Built-in configurations for --model-config (no files or downloads): small Llama models for demos and tests.
 BUILTIN_CONFIGS = {
@@ -54,7 +55,7 @@ def load_config(source: str, *, rope_theta: float | None = None, vocab_size: int
                              f"(e.g. \"model_type\": \"llama\")")
         config = AutoConfig.for_model(kw.pop("model_type"), **kw)
     else:
-        check_model_source(source, what)
+        check_source(source, what)
         config = AutoConfig.from_pretrained(source)
     if rope_theta is not None:
         set_rope_theta(config, rope_theta)
@@ -65,18 +66,6 @@ def load_config(source: str, *, rope_theta: float | None = None, vocab_size: int
     if getattr(config, "attention_dropout", 0.0):
         config.attention_dropout = 0.0  # the SP kernels have no dropout
     return config
-
-
-def check_model_source(source: str, what: str = "--model") -> None:
-    """A path that looks local (absolute, ./, ../, ~ or an existing parent folder) must exist; hub ids pass.
-
-    Raises:
-        FileNotFoundError: naming the path and the flag (instead of a hub lookup error about an invalid repo id).
-    """
-    looks_local = source.startswith(("/", "./", "../", "~")) or os.sep in source.rstrip(os.sep) and \
-        os.path.isdir(source.split(os.sep)[0])
-    if looks_local and not os.path.exists(os.path.expanduser(source)):
-        raise FileNotFoundError(f"{what} {source}: no such file or folder")
 
 
 def config_for(cfg):
@@ -160,5 +149,5 @@ def apply_memory_features(cfg, model) -> None:
         memory.enable_low_memory_rmsnorm(model)
 
 
-__all__ = ["BUILTIN_CONFIGS", "set_rope_theta", "load_config", "config_for", "check_model_source", "load_causal_lm",
+__all__ = ["BUILTIN_CONFIGS", "set_rope_theta", "load_config", "config_for", "load_causal_lm",
            "CausalLMWithShardedLoss", "apply_memory_features"]
