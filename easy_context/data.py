@@ -69,6 +69,8 @@ def load_any(spec: str, *, split: str = "train"):
         return data[split] if isinstance(data, DatasetDict) else data
     ext = os.path.splitext(spec)[1].lower()
     if os.path.isfile(spec):
+        if os.path.getsize(spec) == 0:
+            raise ValueError(f"dataset file {spec} is empty")
         if ext not in _FILE_BUILDERS:
             raise ValueError(f"{spec}: unknown file type {ext!r}; use one of {', '.join(_FILE_BUILDERS)}")
         return load_dataset(_FILE_BUILDERS[ext], data_files=spec, split="train")

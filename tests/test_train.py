@@ -299,11 +299,3 @@ def test_deepspeed_on_cuda_defaults_to_bf16():
     assert r(None, "no", deepspeed=True, cuda=False) == "no"
     assert r(None, "no", deepspeed=False, cuda=True) == "no"
     assert r(None, "bf16", deepspeed=False, cuda=True) == "bf16"
-
-
-def test_model_config_from_any_json_file(tmp_path):
-    path = tmp_path / "heads3.json"
-    path.write_text(json.dumps(dict(model_type="llama", hidden_size=48, num_attention_heads=3, num_hidden_layers=1,
-                                    intermediate_size=64, vocab_size=100)))
-    config = training.load_config(str(path))
-    assert config.model_type == "llama" and config.num_attention_heads == 3

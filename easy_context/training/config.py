@@ -83,8 +83,9 @@ class TrainConfig:
             raise ValueError("--sp-size is for the sequence-parallel algorithms; data_parallel has no SP group")
         try:
             algorithm_options(self.seq_algo, ring_degree=self.ring_degree)
-        except ValueError as e:
-            raise ValueError(f"--{str(e).replace('_', '-')}") from None
+        except ValueError as e:  # "ring_degree is a usp_attn option; ..." -> the flag's name
+            key, rest = str(e).split(" ", 1)
+            raise ValueError(f"--{key.replace('_', '-')} {rest}") from None
         for flag in ("batch_size", "gradient_accumulate_every", "max_train_steps"):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -152,7 +153,7 @@ def train(cfg: TrainConfig) -> dict:
     log_path = os.path.join(cfg.output_dir, LOG_FILE)
     bar = tqdm(total=cfg.max_train_steps, initial=completed, disable=rank != 0)
     stop_at = min(cfg.max_train_steps, cfg.stop_after_steps or cfg.max_train_steps)
-    losses, grad_norms, micro_losses, tic = {}, {}, [], time.perf_counter()
+    losses, grad_norms, micro_losses, step_tokens, tic = {}, {}, [], 0, time.perf_counter()
     grad_norm = None
     wrapper.train()
     batches = micro_batches(cfg, dataset, accelerator, completed * cfg.gradient_accumulate_every, config.vocab_size)
@@ -170,6 +171,7 @@ def train(cfg: TrainConfig) -> dict:
             optimizer.step()
             optimizer.zero_grad()
         micro_losses.append(out.global_loss.item())
+        step_tokens += int(out.num_tokens)
         if not accelerator.sync_gradients:
             continue
         if hasattr(wrapper, "get_global_grad_norm"):  # DeepSpeed: the norm its step computed before clipping
@@ -179,7 +181,11 @@ def train(cfg: TrainConfig) -> dict:
         loss = sum(micro_losses) / len(micro_losses)
         if not math.isfinite(loss):  # the same global value on every rank: all stop together
             raise FloatingPointError(f"step {completed}: the loss is {loss}; lower --learning-rate, train in bf16 "
-                                     "rather than fp16 (--mixed-precision bf16), or check the data (targets all -100?)")
+                                     "rather than fp16 (--mixed-precision bf16), or check the data")
+        if step_tokens == 0 and rank == 0:
+            warnings.warn(f"step {completed}: no target token in the whole batch (every label is -100): nothing was "
+                          "learned from it")
+        step_tokens = 0
         elapsed, tic, micro_losses = time.perf_counter() - tic, time.perf_counter(), []
         record = {"step": completed, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
                   "lr": scheduler.get_last_lr()[0], "tokens_per_second": tokens_per_step / elapsed}

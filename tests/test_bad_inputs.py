@@ -1,0 +1,342 @@
+"""Every bad input of the new-user trial (issue: clear errors, nothing lost), one row each: the reproduction and the
+error text or exact result it must give. A hang fails instead of stalling CI: subprocesses and process groups run
+under timeouts, and everything else runs in this process and raises before any collective.
+
+Rows that need ranks share one 2-rank gloo group; the rest run in this process (train.py's loop in data_parallel
+mode needs no group) or as one short subprocess where the launcher itself is the point.
+"""
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+from _dist import run_distributed
+from easy_context import training
+from easy_context.training.checkpoints import STATE_FILE, checkpoint_problem, latest_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = ["--model-config", "tiny-llama", "--init-random", "--seq-length", "32", "--report-to", "none",
+         "--learning-rate", "1e-3"]
+TINY = [*MODEL, "--max-train-steps", "1", "--seq-algo", "data_parallel", "--no-save-model"]
+
+
+def _train(*argv):
+    """train.py's loop in this process (data_parallel: no process group), accelerate's singletons reset."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return training.train(training.parse_config(list(argv)))
+
+
+def _log(out):
+    with open(os.path.join(out, training.LOG_FILE)) as f:
+        return [json.loads(line) for line in f]
+
+
+def _tiny_model(model_type, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=64, **extra)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+# ----------------------------------------------------------------------------- 1: attention arguments we lack
+@pytest.mark.parametrize("model_type, extra, name", [
+    ("gemma2", {}, "softcap"),
+    ("gpt_oss", dict(num_local_experts=2, num_experts_per_tok=1), "s_aux"),
+])
+def test_1_attention_arguments_the_kernels_lack_are_refused_by_name(model_type, extra, name):
+    from easy_context import apply_seq_parallel_monkey_patch
+
+    model = _tiny_model(model_type, **extra)
+    apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
+    with pytest.raises(ValueError, match=f"do not implement: .*{name}.*data_parallel"):
+        model(torch.randint(0, 64, (1, 8)))
+
+
+# ----------------------------------------------------------------------------- 2: prepare_data --seq-length 0
+@pytest.mark.parametrize("length", ["0", "-5", "1"])
+def test_2_prepare_data_rejects_a_length_below_two_before_any_work(length, tmp_path):
+    from easy_context.data import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world " * 50)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        main(["--input", str(corpus), "--tokenizer", str(tmp_path / "nowhere"), "--seq-length", length,
+              "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_2b_prepare_data_names_a_missing_tokenizer_or_input(tmp_path):
+    from easy_context.data import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world")
+    with pytest.raises(FileNotFoundError, match="--tokenizer ./no/such/tokenizer: no such file"):
+        main(["--input", str(corpus), "--tokenizer", "./no/such/tokenizer", "--seq-length", "8", "--output-dir",
+              str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="--input"):
+        main(["--input", str(tmp_path / "none.txt"), "--tokenizer", "x", "--seq-length", "8", "--output-dir",
+              str(tmp_path / "o")])
+
+
+# ----------------------------------------------------------------------------- 3: no position_ids under SP
+def _positions_worker(rank, world):
+    from easy_context import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    out = {}
+    for algo in ("zigzag_ring_attn", "ulysses_attn"):  # ulysses: rank 0's shard does start at 0
+        m = copy.deepcopy(model)
+        apply_seq_parallel_monkey_patch(algo, m)
+        p = prepare_seq_parallel_inputs(algo, torch.randint(0, 64, (1, 16)), None, None, rank, world, "cpu")
+        try:
+            m(p["local_input_ids"])  # no position_ids: transformers would number the shard from 0
+            out[algo] = "no error"
+        except ValueError as e:
+            out[algo] = str(e)
+        m(p["local_input_ids"], position_ids=p["local_position_ids"])  # the right call still works
+    return out
+
+
+def test_3_forward_without_global_positions_raises_on_every_rank():
+    for per_rank in run_distributed(_positions_worker, 2):
+        for algo, msg in per_rank.items():
+            assert "local_position_ids" in msg, (algo, msg)
+
+
+# ----------------------------------------------------------------------------- 4, 15: output folder, checkpoints
+def test_4_a_used_output_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
+    out = str(tmp_path / "run")
+    _train(*TINY, "--output-dir", out)
+    with pytest.raises(ValueError, match="holds an earlier run .*--resume-from-checkpoint latest.*--overwrite-output-dir"):
+        _train(*TINY, "--output-dir", out)
+    assert len(_log(out)) == 1  # nothing appended by the refused run
+    _train(*TINY, "--output-dir", out, "--overwrite-output-dir", "--max-train-steps", "2")
+    assert [r["step"] for r in _log(out)] == [1, 2]  # the old run's log is gone
+
+
+def test_15_checkpoints_total_limit_keeps_the_newest(tmp_path):
+    out = tmp_path / "ckpt"
+    _train(*TINY, "--output-dir", str(out), "--max-train-steps", "3", "--checkpointing-steps", "1",
+           "--checkpoints-total-limit", "2")
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_2", "step_3"]
+    assert checkpoint_problem(str(out / "checkpoints" / "step_3")) is None
+
+
+# ----------------------------------------------------------------------------- 5: incomplete checkpoints
+def _fake_checkpoint(root, step, *, state=True, truncate=False):
+    path = root / f"step_{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"x" * 100)
+    if state:
+        (path / STATE_FILE).write_text(json.dumps({"completed_steps": step, "files": {"model.safetensors": 100}}))
+    if truncate:
+        (path / "model.safetensors").write_bytes(b"x" * 10)
+    return path
+
+
+def test_5_latest_skips_incomplete_checkpoints_with_a_warning(tmp_path):
+    root = tmp_path / "checkpoints"
+    good = _fake_checkpoint(root, 2)
+    _fake_checkpoint(root, 3, truncate=True)
+    _fake_checkpoint(root, 4, state=False)
+    (root / "step_5").mkdir()  # empty
+    (root / "step_6.tmp").mkdir()  # a save that was killed: never a candidate
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert latest_checkpoint(str(tmp_path)) == str(good)
+    text = " ".join(str(w.message) for w in caught)
+    assert "step_5" in text and "step_4" in text and "truncated" in text
+    (good / STATE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        latest_checkpoint(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- 6, 8, 12, 13: flags and paths
+def test_6_a_config_file_of_any_name_loads(tmp_path):
+    path = tmp_path / "heads3.json"
+    path.write_text(json.dumps(dict(model_type="llama", hidden_size=48, num_attention_heads=3, num_hidden_layers=1,
+                                    intermediate_size=64, vocab_size=100)))
+    assert training.load_config(str(path)).num_attention_heads == 3
+
+
+@pytest.mark.parametrize("argv, error, match", [
+    (["--model", "/no/such/path"], FileNotFoundError, "--model /no/such/path: no such file or folder"),
+    (["--model-config", "./missing/config.json", "--init-random"], FileNotFoundError, "--model-config ./missing"),
+    (["--model-config", "tiny-llama", "--init-random", "--seq-length", "1"], ValueError, "at least 2 tokens"),
+    (["--model-config", "tiny-llama", "--init-random", "--ring-degree", "2"], ValueError,
+     "--ring-degree is a usp_attn option"),
+    (["--model-config", "tiny-llama"], ValueError, "--init-random"),
+])
+def test_8_12_bad_flags_fail_before_anything_is_created(argv, error, match, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(error, match=match):
+        training.parse_config([*argv, "--output-dir", str(out), "--report-to", "none"])
+    assert not out.exists()
+
+
+def test_13_report_to_wandb_without_wandb(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    with pytest.raises(ValueError, match="pip install wandb.*--report-to none"):
+        training.parse_config(["--model-config", "tiny-llama", "--init-random", "--report-to", "wandb",
+                               "--output-dir", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- 7, 9: data
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def test_7_a_labels_column_is_honoured(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 32), generator=g).tolist()
+    plain = _jsonl(tmp_path / "plain.jsonl", [{"input_ids": r} for r in ids])
+    same = _jsonl(tmp_path / "same.jsonl", [{"input_ids": r, "labels": r} for r in ids])
+    masked = _jsonl(tmp_path / "masked.jsonl", [{"input_ids": r, "labels": [-100] * 32} for r in ids])
+    half = _jsonl(tmp_path / "half.jsonl", [{"input_ids": r, "labels": [-100] * 16 + r[16:]} for r in ids])
+    run = {name: _train(*TINY, "--dataset", data, "--output-dir", str(tmp_path / name))["losses"][1]
+           for name, data in (("plain", plain), ("same", same), ("half", half))}
+    assert run["same"] == run["plain"]  # labels equal to the inputs: the same targets
+    assert run["half"] != run["plain"]  # prompt tokens masked: another token mean
+    with pytest.warns(UserWarning, match="no target token in the whole batch"):  # every label masked: no loss
+        _train(*TINY, "--dataset", masked, "--output-dir", str(tmp_path / "masked"))
+
+
+def test_9_token_ids_outside_the_vocabulary_name_the_mismatch(tmp_path):
+    data = _jsonl(tmp_path / "big.jsonl", [{"input_ids": [1] * 31 + [300]}, {"input_ids": [2] * 32}])
+    with pytest.raises(ValueError, match="token id 300 is outside the model's vocabulary .vocab_size=256"):
+        _train(*TINY, "--dataset", data, "--output-dir", str(tmp_path / "o"), "--batch-size", "2")
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        _train(*TINY, "--dataset", str(data), "--output-dir", str(tmp_path / "o"))
+
+
+# ----------------------------------------------------------------------------- 10, 11, 16: launching
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
+def test_10_plain_python_with_a_sequence_parallel_algorithm(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *MODEL, "--seq-algo", "zigzag_ring_attn",
+                           "--output-dir", str(tmp_path / "o")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--seq-algo data_parallel" in proc.stderr and "accelerate launch" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_11_a_flag_error_under_accelerate_launch_is_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(ROOT, "accelerate_configs", "cpu_2proc.yaml"), "--main_process_port", _port(),
+           os.path.join(ROOT, "train.py"), *MODEL, "--seq-algo", "zigzag_ring_attn", "--sp-size", "3",
+           "--output-dir", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count("train.py: error: --sp-size 3 must divide the number of processes 2") == 1, out[-3000:]
+    assert "Traceback" not in out.split("train.py: error")[0]  # no worker traceback before the message
+
+
+def test_11b_heads_the_algorithm_cannot_split_fail_before_loading(tmp_path):
+    from easy_context.attention.registry import check_heads
+
+    with pytest.raises(ValueError, match="3 query heads are not divisible by the Ulysses degree 2"):
+        check_heads("ulysses_attn", 3, 3, 2)
+    check_heads("zigzag_ring_attn", 3, 3, 2)  # a ring takes any head count
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_16_workers_end_when_the_launcher_is_killed(tmp_path):
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(ROOT, "accelerate_configs", "cpu_2proc.yaml"), "--main_process_port", _port(),
+           os.path.join(ROOT, "train.py"), *MODEL, "--max-train-steps", "100000", "--seq-algo", "zigzag_ring_attn",
+           "--output-dir", str(out)]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 150
+        while not (out / training.LOG_FILE).exists() and time.time() < deadline:  # training has started
+            time.sleep(0.5)
+        assert (out / training.LOG_FILE).exists(), "training did not start"
+        workers = _descendants(launcher.pid)
+        assert workers, "no worker processes found"
+        os.kill(launcher.pid, signal.SIGKILL)  # only the launcher
+        launcher.wait()
+        deadline = time.time() + 30
+        while any(_alive(p) for p in workers) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not any(_alive(p) for p in workers), "workers outlived their launcher"
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _descendants(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- 14: eval_ppl short documents
+def test_14_perplexity_skips_lengths_no_document_fills(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from easy_context.eval.ppl import evaluate_perplexity
+    from easy_context.eval.tiny import save_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_model(str(tmp_path / "tiny"))).eval()
+    docs = [list(range(2, 40)), list(range(2, 80))]
+    with pytest.warns(UserWarning, match="1 of 2 documents have fewer than 64 tokens"):
+        ppl = evaluate_perplexity(model, docs, [32, 64, 128], truncate=True, progress=False)
+    assert ppl[0] == ppl[0] and ppl[1] == ppl[1] and ppl[1] != ppl[0]
+    assert ppl[2] != ppl[2]  # NaN: no document has 128 tokens
