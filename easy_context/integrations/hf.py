@@ -177,8 +177,8 @@ def check_global_positions(position_ids, local_len: int, config: SPAttentionConf
     if position_ids is None or world == 1:
         return
     local = torch.arange(local_len, device=position_ids.device)
-    expected = shard_sequence(config.seq_algo, local.new_tensor(range(local_len * world))[None], rank, world,
-                              **config.options)[0]
+    expected = shard_sequence(config.seq_algo, torch.arange(local_len * world, device=local.device)[None], rank,
+                              world, **config.options)[0]
     wrong = torch.tensor([float(not torch.equal(expected, local) and bool((position_ids == local).all()))],
                          device=position_ids.device if dist.get_backend(group) == "nccl" else "cpu")
     dist.all_reduce(wrong, op=dist.ReduceOp.MAX, group=group)
