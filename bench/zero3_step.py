@@ -85,7 +85,8 @@ def main():
     apply_seq_parallel_monkey_patch(cfg.seq_algo, model, ring_degree=cfg.ring_degree, backend=cfg.attn_backend)
     training.apply_memory_features(cfg, model)
     wrapper = training.CausalLMWithShardedLoss(model, chunk_size=cfg.loss_chunk_size)
-    n_params = sum(p.numel() for p in model.parameters())
+    # under a ZeRO-3 launch the model is built inside deepspeed.zero.Init: each parameter is already a partition
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     engine, _, _ = training.prepare_optimization(cfg, accelerator, wrapper)
     accelerator.print(training.describe_precision(accelerator, engine))
     accelerator.print(f"setup {time.time() - tic:.1f} s; {n_params / 1e9:.2f} B parameters; flags: {' '.join(train_flags)}")
