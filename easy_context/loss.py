@@ -132,7 +132,7 @@ def sharded_cross_entropy(hidden_states: torch.Tensor, weight: torch.Tensor, tar
             ``model.model(...).last_hidden_state``); weight/bias: the LM head (``model.lm_head.weight``).
         targets: ``(batch, local_seq)`` this rank's already-shifted targets, ``ignore_index`` where no loss.
         group: ranks whose valid tokens form the average. None (default) = the whole world: the token mean over
-            the global DP x SP batch. Pass the SP group (``easy_context.comm.get_sp_group(sp_size)``) for the mean
+            the global DP x SP batch. Pass the SP group (``easy_context.attention.comm.get_sp_group(sp_size)``) for the mean
             of per-replica token means.
         chunk_size, use_liger: see :func:`linear_cross_entropy_sum`.
     Returns:

@@ -1,4 +1,4 @@
-"""easy_context/fused.py: the SwiGLU and rotary Functions against float64 autograd of the plain formulas (the
+"""easy_context/memory/ops + patch.py: the SwiGLU and rotary Functions against float64 autograd of the plain formulas (the
 RMSNorm Function is tested in test_memory.py), and enable_fused_kernels on tiny HF decoders against the plain model
 (loss and every parameter gradient), alone and with tiled MLP / attention preservation. On CPU the bodies run
 eagerly; the compiled CUDA kernels are checked by bench/fused_check.py.

@@ -1,4 +1,4 @@
-"""easy_context/memory.py: offloaded checkpointing, attention-preserving checkpointing and tiled MLP on tiny fp32 HF
+"""easy_context/memory/ (checkpointing, attn_preserving, tiled_mlp): offloaded checkpointing, attention-preserving checkpointing and tiled MLP on tiny fp32 HF
 decoders, each against the plain model with gradient checkpointing off (loss and every parameter gradient), plus a
 measurable effect per feature; one 2-rank run composes all three with zigzag_ring_attn.
 """

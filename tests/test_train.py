@@ -1,4 +1,4 @@
-"""train.py / easy_context/training.py: every parallel mode trains to the same loss curve as one process, resume
+"""train.py / easy_context/training/: every parallel mode trains to the same loss curve as one process, resume
 reproduces the uninterrupted curve, the saved model reloads with the same logits, and a real `accelerate launch`.
 
 Process starts dominate on a 2-core box: one 1-rank and one 2-rank gloo group run all in-process trainings (the
