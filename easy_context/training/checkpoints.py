@@ -27,6 +27,12 @@ def _files(path: str) -> dict:
     return out
 
 
+def _steps(root: str) -> list[int]:
+    """The steps of the ``step_<k>`` folders under ``root``, newest first (``.tmp`` folders are not checkpoints)."""
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted((int(m.group(1)) for d in names if (m := re.fullmatch(CHECKPOINT_PREFIX + r"(\d+)", d))), reverse=True)
+
+
 def checkpoint_problem(path: str) -> str | None:
     """Why ``path`` is not a complete checkpoint (None: it is): no state file, or a file missing or of another size
     than when it was written."""
@@ -50,10 +56,8 @@ def latest_checkpoint(output_dir: str) -> str:
         FileNotFoundError: there is none.
     """
     root = os.path.join(output_dir, "checkpoints")
-    steps = sorted(((int(m.group(1)), d) for d in (os.listdir(root) if os.path.isdir(root) else [])
-                    if (m := re.fullmatch(CHECKPOINT_PREFIX + r"(\d+)", d))), reverse=True)
-    for _, name in steps:
-        path = os.path.join(root, name)
+    for step in _steps(root):
+        path = os.path.join(root, f"{CHECKPOINT_PREFIX}{step}")
         problem = checkpoint_problem(path)
         if problem is None:
             return path
@@ -122,8 +126,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int | None = 
                       "intact: free space and resume with --resume-from-checkpoint latest") from e
     if rank0 and keep:
         root = os.path.dirname(path)
-        steps = sorted(int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(CHECKPOINT_PREFIX + r"(\d+)", d)))
-        for old in steps[:-keep]:
+        for old in _steps(root)[keep:]:
             shutil.rmtree(os.path.join(root, f"{CHECKPOINT_PREFIX}{old}"), ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
