@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from easy_context import (dist_flash_attn_func, gather_sequence, sequence_granularity, shard_sequence,
-                          ulysses_attn_func, usp_attn_func, zigzag_ring_attn_func)
+from easy_context import gather_sequence, sequence_granularity, shard_sequence, ulysses_attn_func, zigzag_ring_attn_func
 from easy_context.attention.dist_flash import max_blocks_per_rank
 from easy_context.attention.registry import ALGORITHMS, SEQ_ALGOS, algorithm_options, layout
 from reference import attention_ref, rel_err
