@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from .attention.registry import (SEQ_ALGOS, algorithm_options, check_seq_algo, gather_sequence, sequence_granularity,
-                                 shard_sequence)
+from .attention.dist_flash import DOCUMENTS_UNSUPPORTED
+from .attention.documents import check_positions
+from .attention.registry import (SEQ_ALGOS, algorithm_options, check_seq_algo, gather_sequence, get_algorithm,
+                                 sequence_granularity, shard_sequence)
 from .utils import check_sp_size, rank_world
 
 
@@ -47,7 +49,8 @@ def apply_seq_parallel_monkey_patch(seq_algo: str, model, *, sp_size: int | None
         TypeError: a model object whose attention does not go through ``AttentionInterface``.
     Notes:
         Under SP the model must be called without ``attention_mask`` padding (use right-padding with -100 targets,
-        as :func:`prepare_seq_parallel_inputs` does), without packed/varlen batches, and with sequences no longer
+        as :func:`prepare_seq_parallel_inputs` does), with packed rows given as position ids that restart at 0 (not
+        flash-attn varlen arguments), and with sequences no longer
         than an active sliding window; each of these raises a clear error instead of computing something else.
     """
     from .integrations import hf
@@ -72,7 +75,9 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
 
     Args:
         input_ids: ``(batch, seq)`` the full sequences (same on every rank of the SP group).
-        position_ids: ``(batch or 1, seq)`` positions, consecutive (no restarts), or None for ``0..seq-1``.
+        position_ids: ``(batch or 1, seq)`` positions, or None for ``0..seq-1``. Packed rows: positions restart at 0
+            at each document start (transformers' convention); with the patched model each token then attends only
+            within its document (every algorithm but ``dist_flash_attn``, which raises).
         target_ids: ``(batch, seq)`` already-shifted targets (target of t = token t+1), ``ignore_index`` where no
             loss; or None.
         rank, world_size: this process's global rank and the world size (``accelerator.process_index`` /
@@ -87,8 +92,8 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
         ``ignore_index``. Causal attention makes the padding invisible to the real tokens, so results are exact.
         ``data_parallel`` returns the full (unpadded) tensors.
     Raises:
-        ValueError: unknown ``seq_algo``, ``sp_size`` not dividing ``world_size``, mismatched shapes, or
-            ``position_ids`` that restart (packed documents: the SP kernels would attend across them).
+        ValueError: unknown ``seq_algo``, ``sp_size`` not dividing ``world_size``, mismatched shapes, positions that
+            neither count up by one nor restart at 0, or packed rows for ``dist_flash_attn``.
     """
     check_seq_algo(seq_algo)
     sp_rank, sp_world = _sp_rank_size(rank, world_size, sp_size)
@@ -102,10 +107,10 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
     if target_ids is not None and target_ids.shape != input_ids.shape:
         raise ValueError(f"target_ids {tuple(target_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
     sequence_parallel = seq_algo != "data_parallel" and sp_world > 1
-    if sequence_parallel and seq > 1 and bool((position_ids.diff(dim=1) != 1).any()):
-        raise ValueError("position_ids restart or jump inside the sequence (packed documents?): under sequence "
-                         "parallelism every token attends causally to all earlier tokens, so packed documents would "
-                         "see each other. Pass one document per row with consecutive positions")
+    if sequence_parallel:
+        check_positions(position_ids)
+        if not get_algorithm(seq_algo).documents and bool((position_ids[:, 1:] == 0).any()):
+            raise ValueError(DOCUMENTS_UNSUPPORTED)
 
     opts = algorithm_options(seq_algo, ring_degree=ring_degree)
     pad = 0

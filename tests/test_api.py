@@ -80,8 +80,15 @@ def test_prepare_inputs_errors():
     with pytest.raises(ValueError, match="unknown seq_algo"):
         prepare_seq_parallel_inputs("ring", ids, None, None, 0, 4, "cpu")
     packed = torch.cat([torch.arange(8), torch.arange(8)])[None]
-    with pytest.raises(ValueError, match="packed documents"):
-        prepare_seq_parallel_inputs("ulysses_attn", ids, packed, None, 0, 4, "cpu")
+    # packed rows shard like any row (the patched attention reads the documents from the positions) ...
+    out = prepare_seq_parallel_inputs("ulysses_attn", ids, packed, None, 1, 4, "cpu")
+    assert torch.equal(out["local_position_ids"], packed[:, 4:8])
+    # ... except for dist_flash_attn, and positions must restart at 0
+    with pytest.raises(ValueError, match="dist_flash_attn does not support packed documents"):
+        prepare_seq_parallel_inputs("dist_flash_attn", ids, packed, None, 0, 4, "cpu")
+    with pytest.raises(ValueError, match="position 3 follows 7 at token 8"):
+        prepare_seq_parallel_inputs("zigzag_ring_attn", ids, packed + (packed == 0) * 3 * (torch.arange(16) > 0),
+                                    None, 0, 4, "cpu")
     # data_parallel runs the model's own attention, which does honour packed positions
     out = prepare_seq_parallel_inputs("data_parallel", ids, packed, None, 0, 4, "cpu")
     assert torch.equal(out["local_position_ids"], packed)

@@ -172,8 +172,13 @@ def max_blocks_per_rank(world_size: int) -> int:
     return 1 + (world_size - 1) // 2 + (1 if world_size % 2 == 0 else 0)
 
 
+DOCUMENTS_UNSUPPORTED = ("dist_flash_attn does not support packed documents (position ids that restart / cu_seqlens): "
+                         "its helper schedule balances dense causal work only. Use zigzag_ring_attn, ulysses_attn or "
+                         "usp_attn for packed rows")
+
+
 def dist_flash_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, group=None, *,
-                         backend: str | None = None, stats: dict | None = None, check: bool = True):
+                         backend: str | None = None, stats: dict | None = None, check: bool = True, cu_seqlens=None):
     """Exact attention over a contiguously sharded sequence with LightSeq-style load balancing.
 
     Args:
@@ -183,9 +188,13 @@ def dist_flash_attn_func(q, k, v, causal: bool = True, softmax_scale: float | No
         stats: optional dict; receives ``forward_blocks`` / ``backward_blocks``, the kernel calls this rank
             made (at most :func:`max_blocks_per_rank` when causal), and ``forward_work``, its work in units
             of one full chunk-by-chunk block (``W / 2`` on every rank: perfectly balanced).
+        cu_seqlens: packed documents are not supported by this schedule: a clear error (use zigzag_ring_attn,
+            ulysses_attn or usp_attn).
     Returns:
         ``(batch, local_seqlen, nheads, head_dim)``.
     """
+    if cu_seqlens is not None:
+        raise ValueError(DOCUMENTS_UNSUPPORTED)
     if check:
         check_ring_inputs(q, k, v, causal, group, "dist_flash_attn", zigzag=False)
     kernel = get_kernel(backend, q.device, q.dtype)

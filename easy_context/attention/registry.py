@@ -33,6 +33,7 @@ class Algorithm:
             cannot split a model's attention heads over the group (None: any head count works); run before any
             weights are loaded.
         summary: one line for listings.
+        documents: the attention function takes ``cu_seqlens`` (packed documents, documents.py).
     """
 
     name: str
@@ -41,6 +42,7 @@ class Algorithm:
     options: tuple[str, ...] = ()
     check_heads: Optional[Callable] = None
     summary: str = ""
+    documents: bool = True
 
 
 def _ulysses_heads(heads: int, kv_heads: int, world_size: int) -> None:
@@ -55,7 +57,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("zigzag_ring_attn", zigzag_ring_attn_func, layouts.zigzag,
               summary="K/V ring over zigzag chunks (r, 2W-1-r): every step the same causal work"),
     Algorithm("dist_flash_attn", dist_flash_attn_func, layouts.contiguous,
-              summary="LightSeq: contiguous chunks, idle ranks compute for busy ones"),
+              summary="LightSeq: contiguous chunks, idle ranks compute for busy ones", documents=False),
     Algorithm("ulysses_attn", ulysses_attn_func, layouts.contiguous, check_heads=_ulysses_heads,
               summary="DeepSpeed-Ulysses: all-to-all from sequence to head shards and back"),
     Algorithm("usp_attn", usp_attn_func, layouts.usp, options=("ring_degree",), check_heads=_usp_heads,

@@ -20,6 +20,7 @@ import torch
 
 from .comm import (SELF_GROUP, RingComm, group_rank_size, head_to_seq, head_to_seq_autograd, seq_to_head,
                    seq_to_head_autograd)
+from .documents import Documents, normalize as normalize_docs
 from .kernels import Kernel, check_qkv, default_scale, get_kernel
 from .zigzag_ring import check_even, check_ring_inputs, ring_attn, ring_backward, ring_forward
 
@@ -62,62 +63,66 @@ class _LeanUlyssesAttn(torch.autograd.Function):
     re-runs the all-to-alls in backward (inside :func:`lean_all_to_all`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, kernel, group, ring_group):
+    def forward(ctx, q, k, v, causal, scale, kernel, group, ring_group, docs):
         comm = RingComm(ring_group)
         heads = [seq_to_head(x, group) for x in (q, k, v)]  # (b, s, h/W, d)
-        out_h, lse = ring_forward(comm, *heads, causal, scale, kernel)
+        out_h, lse = ring_forward(comm, *heads, causal, scale, kernel, docs)
         out = head_to_seq(out_h.transpose(1, 2).to(q.dtype), group)  # (b, s/W, h, d)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, kernel, group, comm)
+        ctx.args = (causal, scale, kernel, group, comm, docs)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, kernel, group, comm = ctx.args
+        causal, scale, kernel, group, comm, docs = ctx.args
         qh, kh, vh, out_h, dout_h = (seq_to_head(x, group) for x in (q, k, v, out, dout.contiguous()))
-        grads = ring_backward(comm, dout_h, qh, kh, vh, out_h, lse, causal, scale, kernel)
-        return (*(head_to_seq(g, group) for g in grads), None, None, None, None, None)
+        grads = ring_backward(comm, dout_h, qh, kh, vh, out_h, lse, causal, scale, kernel, docs)
+        return (*(head_to_seq(g, group) for g in grads), None, None, None, None, None, None)
 
 
-def head_parallel_attn(q, k, v, causal: bool, scale: float, kernel: Kernel, group, ring_group=SELF_GROUP):
+def head_parallel_attn(q, k, v, causal: bool, scale: float, kernel: Kernel, group, ring_group=SELF_GROUP,
+                       docs: Documents | None = None):
     """Ulysses over ``group`` around the zigzag ring over ``ring_group``; no cross-rank checks (callers do them).
 
     ``(b, s/U, h, d)`` per rank -> all-to-all -> ``(b, s, h/U, d)``: this rank's heads over the sequence of its ring
-    position -> the zigzag ring over ``ring_group`` (a group of one: the kernel) -> all-to-all back.
+    position -> the zigzag ring over ``ring_group`` (a group of one: the kernel; one call per document with
+    ``docs``, the boundaries over the global sequence) -> all-to-all back.
     """
     w = group_rank_size(group)[1]
     rep = ulysses_kv_replication(q.shape[2], k.shape[2], w)
     if rep > 1:
         # (b, s/W, hkv, d) -> (b, s/W, W, d): kv head j serves query heads [j*h/hkv, (j+1)*h/hkv)
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-    check_even(q.shape[1] * w, causal, ring_group, "usp_attn")  # the ring position's zigzag shard
+    check_even(q.shape[1] * w, causal or docs is not None, ring_group, "usp_attn")  # the ring position's zigzag shard
     if w > 1 and _LEAN.get():
-        return _LeanUlyssesAttn.apply(q, k, v, causal, scale, kernel, group, ring_group)
+        return _LeanUlyssesAttn.apply(q, k, v, causal, scale, kernel, group, ring_group, docs)
     if w > 1:
         # (b, s/W, h, d) -> (b, s, h/W, d)
         q, k, v = (seq_to_head_autograd(x, group) for x in (q, k, v))
-    out = ring_attn(q, k, v, causal, scale, kernel, ring_group)
+    out = ring_attn(q, k, v, causal, scale, kernel, ring_group, docs)
     # (b, s, h/W, d) -> (b, s/W, h, d)
     return head_to_seq_autograd(out, group) if w > 1 else out
 
 
 def ulysses_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, group=None, *,
-                      backend: str | None = None, check: bool = True):
+                      backend: str | None = None, check: bool = True, cu_seqlens=None):
     """Exact attention over a contiguously sharded sequence by head all-to-all (DeepSpeed-Ulysses).
 
     Args:
         q: ``(batch, local_seqlen, nheads, head_dim)``; k, v: ``(batch, local_seqlen, nheads_kv, head_dim)``.
-        causal, softmax_scale, group, backend, check: as :func:`zigzag_ring_attn_func`.
+        causal, softmax_scale, group, backend, check, cu_seqlens: as :func:`zigzag_ring_attn_func`. Every rank
+            attends over the whole sequence for its heads, so packed documents cost each rank the same.
     Returns:
         ``(batch, local_seqlen, nheads, head_dim)``.
     Raises:
         ValueError: heads not divisible by the group size (see :func:`ulysses_kv_replication`), or ranks that
         disagree on shapes.
     """
+    docs = normalize_docs(cu_seqlens, q.shape[0], q.shape[1] * group_rank_size(group)[1], "ulysses_attn")
     if check:
-        check_ring_inputs(q, k, v, causal, group, "ulysses_attn", zigzag=False)
+        check_ring_inputs(q, k, v, causal, group, "ulysses_attn", zigzag=False, docs=docs)
     else:
         check_qkv(q, k, v)
     return head_parallel_attn(q, k, v, causal, default_scale(q.shape[-1], softmax_scale),
-                              get_kernel(backend, q.device, q.dtype), group)
+                              get_kernel(backend, q.device, q.dtype), group, docs=docs)

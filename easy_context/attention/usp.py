@@ -11,14 +11,15 @@ ranks of one position split the heads evenly.
 """
 from __future__ import annotations
 
-from .comm import get_usp_groups
+from .comm import get_usp_groups, group_rank_size
+from .documents import normalize as normalize_docs
 from .kernels import default_scale, get_kernel
 from .ulysses import head_parallel_attn
 from .zigzag_ring import check_ring_inputs
 
 
 def usp_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, group=None, *,
-                  ring_degree: int | None = None, backend: str | None = None, check: bool = True):
+                  ring_degree: int | None = None, backend: str | None = None, check: bool = True, cu_seqlens=None):
     """Exact attention over a USP-sharded sequence (Ulysses x zigzag ring).
 
     Args:
@@ -26,12 +27,13 @@ def usp_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = No
         ring_degree: ranks in the ring dimension (must divide the group size; default: see
             :func:`easy_context.attention.comm.usp_degrees`). The Ulysses degree is ``group size / ring_degree``
             and must divide the query heads. Use the same value for sharding (``shard_sequence``).
-        causal, softmax_scale, group, backend, check: as :func:`zigzag_ring_attn_func`.
+        causal, softmax_scale, group, backend, check, cu_seqlens: as :func:`zigzag_ring_attn_func`.
     Returns:
         ``(batch, local_seqlen, nheads, head_dim)``.
     """
+    docs = normalize_docs(cu_seqlens, q.shape[0], q.shape[1] * group_rank_size(group)[1], "usp_attn")
     if check:  # over the whole group, before the sub-group collectives, so a mismatch fails everywhere
-        check_ring_inputs(q, k, v, causal, group, "usp_attn", zigzag=False)
+        check_ring_inputs(q, k, v, causal, group, "usp_attn", zigzag=False, docs=docs)
     uly_group, ring_group, _, _ = get_usp_groups(group, ring_degree)
     return head_parallel_attn(q, k, v, causal, default_scale(q.shape[-1], softmax_scale),
-                              get_kernel(backend, q.device, q.dtype), uly_group, ring_group)
+                              get_kernel(backend, q.device, q.dtype), uly_group, ring_group, docs)

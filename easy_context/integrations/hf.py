@@ -8,6 +8,9 @@ an implementation registered here. Nothing in the decoder is copied or replaced:
   function that hands the local q/k/v shard to the algorithm's kernel with the right process group, and a mask
   function that builds no mask at all (returns None): causality over the global sequence is the kernel's job,
   and the zigzag/USP position-id jumps must never become an ``S x S`` "packed documents" mask.
+* packed rows (position ids that restart at 0 at each document start): at layer 0 of every forward the ranks
+  all-gather their position ids once, find the documents of the global row (:func:`global_documents`) and pass
+  them to the algorithm as ``cu_seqlens``; every token then attends only within its document.
 * :func:`patch_model` switches one loaded model to that name with the public ``set_attn_implementation``.
 * :func:`patch_model_type` (the seed form, before the model exists) makes every model of a model type built
   afterwards (``from_pretrained``, ``from_config`` or the constructor, whatever ``attn_implementation`` it
@@ -22,8 +25,8 @@ from typing import Callable
 # Model types of the string (seed) form; any decoder routed through AttentionInterface works as an object.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
-# Padding-free varlen arguments (DataCollatorWithFlattening / packed flash-attn): the SP kernels attend over one
-# continuous causal sequence, so such a batch would be silently wrong.
+# Padding-free varlen arguments of flash-attn (DataCollatorWithFlattening(return_flash_attn_kwargs=True)): they describe
+# the local shard, not the global row, so they are refused; packed rows are read from the position ids instead.
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k", "max_length_q", "max_length_k")
 
 # Arguments transformers passes to attention functions that change nothing the SP kernels compute. Any other argument
@@ -116,6 +119,9 @@ def make_attention(config: SPAttentionConfig) -> Callable:
 
     attn_func = get_attn_func(config.seq_algo)
     options = config.options
+    # The documents of the current forward, found at layer 0 and reused by the later layers (and their recompute)
+    # that get the same position_ids tensor.
+    current = {"position_ids": None, "docs": None}
 
     def sequence_parallel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                                     sliding_window=None, is_causal=None, **kwargs):
@@ -125,8 +131,10 @@ def make_attention(config: SPAttentionConfig) -> Callable:
             raise ValueError(f"{config.name}: a prepared (4-D) attention mask cannot be honoured under sequence "
                              "parallelism; the kernels apply the causal mask over the global sequence themselves")
         if any(kwargs.get(k) is not None for k in _VARLEN_KWARGS):
-            raise ValueError(f"{config.name}: packed/varlen batches (cu_seq_lens, e.g. DataCollatorWithFlattening) "
-                             "are not supported under sequence parallelism; use one sequence per row")
+            raise ValueError(f"{config.name}: flash-attn varlen arguments (cu_seq_lens, max_length) are not taken under "
+                             "sequence parallelism: pass packed rows as position_ids that restart at 0 at each document "
+                             "(DataCollatorWithFlattening without return_flash_attn_kwargs, or prepare_data.py "
+                             "--packing documents); prepare_seq_parallel_inputs shards them")
         unsupported = sorted(k for k, v in kwargs.items() if k not in _IGNORED_KWARGS and k not in _VARLEN_KWARGS
                              and v is not None and v is not False)
         if unsupported:
@@ -145,8 +153,16 @@ def make_attention(config: SPAttentionConfig) -> Callable:
                                "torchrun, or use seq_algo='data_parallel'")
         group = get_sp_group(config.sp_size)
         seq_len = query.shape[2] * dist.get_world_size(group)
-        if getattr(module, "layer_idx", 0) == 0:  # once per forward
-            check_global_positions(kwargs.get("position_ids"), query.shape[2], config, group)
+        position_ids = kwargs.get("position_ids")
+        if getattr(module, "layer_idx", 0) == 0:  # once per forward (every rank runs layer 0 at the same point)
+            current["docs"] = global_documents(position_ids, query.shape[2], config, group)
+            current["position_ids"] = position_ids
+        elif position_ids is not current["position_ids"]:
+            raise RuntimeError(f"{config.name}: layer {module.layer_idx} got other position_ids than layer 0 of the "
+                               "same forward; the documents of a packed row are read once per forward at layer 0")
+        docs = current["docs"]
+        if docs is not None and len(docs) == 1 and query.shape[0] > 1:
+            docs = docs * query.shape[0]  # position_ids (1, s) shared by the batch rows
         # HF semantics: a query attends to at most `sliding_window` keys (itself included); a window that covers
         # the whole (padded) sequence changes nothing, a shorter one the SP kernels cannot apply.
         if sliding_window is not None and seq_len > sliding_window:
@@ -156,36 +172,60 @@ def make_attention(config: SPAttentionConfig) -> Callable:
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         # (b, h, s_local, d) -> (b, s_local, h, d): views, the flash-attn layout of the core
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        extra = {} if docs is None else {"cu_seqlens": docs}
         out = attn_func(q, k, v, causal=causal, softmax_scale=scaling, group=group, backend=config.backend,
-                        **options)
+                        **options, **extra)
         return out, None
 
     sequence_parallel_attention.__qualname__ = f"sequence_parallel_attention[{config.name}]"
     return sequence_parallel_attention
 
 
-def check_global_positions(position_ids, local_len: int, config: SPAttentionConfig, group) -> None:
-    """Raise on every rank of ``group`` when some rank's ``position_ids`` are ``0..local_len-1`` although its shard
-    does not start the sequence: the model was called without the global positions (transformers then numbers
-    each shard from 0 and RoPE is silently wrong). One small all-reduce."""
+def global_documents(position_ids, local_len: int, config: SPAttentionConfig, group):
+    """The document boundaries of the global rows (None: one document per row), from every rank's local
+    ``position_ids``: packed rows restart their positions at 0 at each document start (transformers' convention).
+
+    One small shape check and one all-gather of the positions over ``group``; every rank gets the same answer, so
+    an error is raised on every rank together.
+
+    Raises:
+        ValueError: the model got local positions ``0..local_len-1`` on every rank (it was called without the global
+            positions: transformers then numbers each shard from 0 and RoPE and the documents would be wrong), or
+            positions that neither continue nor restart at 0; packed rows under an algorithm without document support.
+    """
     import torch
     import torch.distributed as dist
 
-    from ..attention.registry import shard_sequence
+    from ..attention.comm import check_same_across_group
+    from ..attention.documents import boundaries_from_positions
+    from ..attention.layouts import assemble
+    from ..attention.registry import get_algorithm, layout
 
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if position_ids is None or world == 1:
-        return
-    local = torch.arange(local_len, device=position_ids.device)
-    expected = shard_sequence(config.seq_algo, torch.arange(local_len * world, device=local.device)[None], rank,
-                              world, **config.options)[0]
-    wrong = torch.tensor([float(not torch.equal(expected, local) and bool((position_ids == local).all()))],
-                         device=position_ids.device if dist.get_backend(group) == "nccl" else "cpu")
-    dist.all_reduce(wrong, op=dist.ReduceOp.MAX, group=group)
-    if wrong.item():
-        raise ValueError(f"{config.name}: the model got local positions 0..{local_len - 1} on a rank whose shard does "
-                         "not start the sequence: pass position_ids=prepared['local_position_ids'] from "
-                         "prepare_seq_parallel_inputs (the global positions of this rank's tokens)")
+    if position_ids is None:
+        return None
+    world = dist.get_world_size(group)
+    if world > 1:
+        check_same_across_group(dict(position_rows=position_ids.shape[0], local_len=position_ids.shape[-1]), group,
+                                position_ids.device, config.name)
+        n, chunks = layout(config.seq_algo, world, **config.options)
+        device = position_ids.device if dist.get_backend(group) == "nccl" else "cpu"
+        local = position_ids.to(device)
+        arange = torch.arange(local_len, device=device)
+        # every rank at 0..local_len-1: the model numbered its shard itself (checked before reading documents,
+        # whose positions would then be wrong)
+        flags = torch.tensor([float(bool((local == arange).all()))], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+        if flags.item():
+            raise ValueError(f"{config.name}: every rank got positions 0..{local_len - 1}: the model was called without "
+                             "the global positions of its shard. Pass position_ids=prepared['local_position_ids'] "
+                             "from prepare_seq_parallel_inputs (if the row really is documents of exactly "
+                             f"{local_len} tokens aligned with the shards, use zigzag_ring_attn)")
+        position_ids = assemble(local, n, chunks, group, dim=-1)
+    docs = boundaries_from_positions(position_ids.reshape(-1, position_ids.shape[-1]))
+    if docs is not None and not get_algorithm(config.seq_algo).documents:
+        from ..attention.dist_flash import DOCUMENTS_UNSUPPORTED
+        raise ValueError(f"{config.name}: {DOCUMENTS_UNSUPPORTED}")
+    return docs
 
 
 def register_attention(config: SPAttentionConfig) -> str:
@@ -287,4 +327,4 @@ def is_sequence_parallel(model) -> bool:
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "SPAttentionConfig", "register_attention", "patch_model", "patch_model_type",
            "unpatch_model_type", "patched_attn_implementation", "is_sequence_parallel", "no_mask", "make_attention",
-           "pretrained_base", "safe_attn_name", "check_global_positions"]
+           "pretrained_base", "safe_attn_name", "global_documents"]

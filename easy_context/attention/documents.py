@@ -1,0 +1,201 @@
+"""Packed documents: which (query rows, key rows) pairs of a block attend, as a short list of kernel calls.
+
+A packed row holds several documents back to back; a token attends only to the tokens of its own document (and,
+causal, only to earlier ones). The documents of a row are given by their **boundaries** in global token indices,
+``(0, b_1, ..., S)`` (the ``cu_seqlens`` of flash-attn's varlen API). A row that is one document has the
+boundaries ``(0, S)``, and that is also what the dense algorithms compute: there is no separate dense path.
+
+Every algorithm computes attention block by block: the queries this rank holds against the keys of one block
+(its own, or another rank's in a ring). Both are a few **runs** of consecutive global indices (a zigzag shard is
+two runs), kept in ascending global order. :func:`plan_block` turns a block into :class:`Segment` s, each one call
+of a local kernel on contiguous query rows and contiguous key rows, either top-left causal or unmasked:
+
+* the block of the rank's own rows (``diagonal``): one causal call per document over that document's rows; a
+  document's rows are contiguous in local order and ordered as in the sequence, so top-left causal is exact;
+* another rank's block (disjoint rows): each run of queries of a document attends, unmasked, to the document's
+  keys that come before the run (a prefix of the block's rows of that document); consecutive runs with the same
+  keys are one call. Pairs with no overlap are never computed.
+
+For one document and the zigzag layout this gives exactly the ring's classic three cases (own block causal; an
+earlier rank's block: all queries x its first chunk; a later rank's block: the second query chunk x all keys).
+Boundaries come from position ids that restart at 0 (transformers' convention for packed rows,
+``DataCollatorWithFlattening``): :func:`boundaries_from_positions`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import torch
+
+Runs = tuple[tuple[int, int], ...]    # ascending, disjoint [start, end) global index ranges, in local order
+Bounds = tuple[int, ...]              # (0, b_1, ..., S): one row's document boundaries
+Documents = tuple[Bounds, ...]        # one Bounds per batch row
+
+
+class Segment(NamedTuple):
+    q: slice       # local query rows
+    k: slice       # local key rows of the block
+    causal: bool   # top-left causal over (q, k) (then q and k are the same rows), else unmasked
+
+
+def _rows_in(runs: Runs, lo: int, hi: int) -> slice | None:
+    """The local rows whose global index lies in ``[lo, hi)`` (contiguous: runs are ascending), or None."""
+    first = last = None
+    offset = 0
+    for a, b in runs:
+        s, e = max(a, lo), min(b, hi)
+        if s < e:
+            if first is None:
+                first = offset + s - a
+            last = offset + e - a
+        offset += b - a
+    return None if first is None else slice(first, last)
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_block(q_runs: Runs, k_runs: Runs, bounds: Bounds, causal: bool, diagonal: bool) -> tuple[Segment, ...]:
+    """The kernel calls of one block (see the module docstring).
+
+    Args:
+        q_runs, k_runs: the global index runs of the local query rows and of the block's key rows.
+        bounds: the row's document boundaries.
+        causal: causal attention in global order. diagonal: the block is the rank's own rows (``k_runs == q_runs``).
+    """
+    segments: list[Segment] = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        qs = _rows_in(q_runs, lo, hi)
+        if qs is None:
+            continue
+        if diagonal:
+            segments.append(Segment(qs, qs, causal))
+            continue
+        ks = _rows_in(k_runs, lo, hi)
+        if ks is None:
+            continue
+        if not causal:
+            segments.append(Segment(qs, ks, False))
+            continue
+        offset = 0
+        for a, b in q_runs:  # queries of this run attend the document's keys before the run (no key lies inside it)
+            s, e = max(a, lo), min(b, hi)
+            if s < e:
+                keys = _rows_in(k_runs, lo, s)
+                rows = slice(offset + s - a, offset + e - a)
+                if keys is not None:
+                    last = segments[-1] if segments else None
+                    if last is not None and not last.causal and last.k == keys and last.q.stop == rows.start:
+                        segments[-1] = Segment(slice(last.q.start, rows.stop), keys, False)
+                    else:
+                        segments.append(Segment(rows, keys, False))
+            offset += b - a
+    return tuple(segments)
+
+
+def zigzag_runs(position: int, positions: int, local_len: int) -> Runs:
+    """Global runs of ring position ``position`` of ``positions`` holding zigzag chunks ``p`` and ``2P-1-p`` of a
+    sequence of ``positions * local_len`` tokens (one position: the whole sequence)."""
+    if positions == 1:
+        return ((0, local_len),)
+    c = local_len // 2
+    p, n = position, 2 * positions
+    return ((p * c, (p + 1) * c), ((n - 1 - p) * c, (n - p) * c))
+
+
+def dense(batch: int, seq_len: int) -> Documents:
+    return ((0, seq_len),) * batch
+
+
+def normalize(cu_seqlens, batch: int, seq_len: int, what: str) -> Documents | None:
+    """``cu_seqlens`` of a function-level call as :data:`Documents` (None stays None: one document per row).
+
+    Args:
+        cu_seqlens: global document boundaries ``[0, ..., seq_len]`` shared by every batch row (1-D int tensor or
+            sequence), or one such sequence per batch row.
+        seq_len: the global (padded) sequence length.
+    Raises:
+        ValueError: boundaries that do not start at 0, end at ``seq_len`` or increase strictly, or a per-row list
+            of the wrong length.
+    """
+    if cu_seqlens is None:
+        return None
+    if isinstance(cu_seqlens, torch.Tensor):
+        cu_seqlens = cu_seqlens.tolist()
+    rows = cu_seqlens if len(cu_seqlens) and isinstance(cu_seqlens[0], (list, tuple, torch.Tensor)) else \
+        [cu_seqlens] * batch
+    if len(rows) != batch:
+        raise ValueError(f"{what}: cu_seqlens has {len(rows)} rows for a batch of {batch}; pass one boundary list "
+                         "(shared by every row) or one per row")
+    docs = []
+    for row in rows:
+        b = tuple(int(x) for x in (row.tolist() if isinstance(row, torch.Tensor) else row))
+        if len(b) < 2 or b[0] != 0 or b[-1] != seq_len or any(x >= y for x, y in zip(b[:-1], b[1:])):
+            raise ValueError(f"{what}: cu_seqlens {list(b)[:8]}{'...' if len(b) > 8 else ''} must increase strictly "
+                             f"from 0 to the global sequence length {seq_len} (local length x ranks, padding "
+                             "included): the boundaries of the whole packed row, the same on every rank")
+        docs.append(b)
+    return tuple(docs)
+
+
+def boundaries_from_positions(position_ids: torch.Tensor) -> Documents | None:
+    """Document boundaries of global ``position_ids`` ``(batch, S)`` that restart at 0 (None: no restart anywhere).
+
+    Raises:
+        ValueError: a position that neither continues its predecessor (+1) nor restarts at 0, or a row that does
+            not start at 0 after a restart elsewhere.
+    """
+    check_positions(position_ids)
+    if position_ids.shape[1] < 2:
+        return None
+    starts = (position_ids[:, 1:] == 0).nonzero().tolist()  # (row, t - 1) of every restart
+    if not starts:
+        return None
+    seq = position_ids.shape[1]
+    per_row: list[list[int]] = [[0] for _ in range(position_ids.shape[0])]
+    for row, t in starts:
+        per_row[row].append(t + 1)
+    return tuple(tuple(b + [seq]) for b in per_row)
+
+
+def check_positions(position_ids: torch.Tensor, what: str = "position_ids") -> None:
+    """Positions of packed rows count up by one within a document and restart at 0 at each document start.
+
+    Raises:
+        ValueError: naming the first offending token.
+    """
+    if position_ids.shape[-1] < 2:
+        return
+    pos = position_ids.reshape(-1, position_ids.shape[-1])
+    step_ok = (pos[:, 1:] == pos[:, :-1] + 1) | (pos[:, 1:] == 0)
+    if bool(step_ok.all()):
+        return
+    row, t = (~step_ok).nonzero()[0].tolist()
+    raise ValueError(f"{what}: position {int(pos[row, t + 1])} follows {int(pos[row, t])} at token {t + 1} of row "
+                     f"{row}: positions must count up by one within a document and restart at 0 where a new document "
+                     "starts (packed rows). Shard the global positions with prepare_seq_parallel_inputs and pass "
+                     "position_ids=prepared['local_position_ids']")
+
+
+def as_documents(docs: Documents | None, batch: int, seq_len: int) -> Documents:
+    return dense(batch, seq_len) if docs is None else docs
+
+
+def key(docs: Documents | None) -> int:
+    """A small integer that differs when ranks were given different documents (for the cross-rank check)."""
+    return 0 if docs is None else hash(docs) & 0x7FFFFFFFFFFFFFFF
+
+
+def work(docs: Sequence[Bounds], runs: Runs) -> int:
+    """Causal attention work (query-key pairs) of the queries in ``runs``: load-balance accounting."""
+    total = 0
+    for bounds in docs:
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            for a, b in runs:
+                s, e = max(a, lo), min(b, hi)
+                if s < e:  # sum over t in [s, e) of (t - lo + 1)
+                    total += (e - s) * (s - lo + 1 + e - lo) // 2
+    return total
+
+
+__all__ = ["Segment", "Runs", "Bounds", "Documents", "plan_block", "zigzag_runs", "dense", "normalize",
+           "boundaries_from_positions", "check_positions", "as_documents", "key", "work"]
