@@ -2,7 +2,8 @@
 # The 2-GPU acceptance suite (tests/gpu, pytest marker `gpu`), for the lent nvidia-h200-x2 machine, in two device calls
 # made back to back (the second reuses the first's one-GPU reference runs when the machine is still the same):
 #
-#   bash bench/gpu_acceptance.sh 1    # kernels on 1 GPU, every algorithm x option x dtype x backend over NCCL,
+#   bash bench/gpu_acceptance.sh 1    # kernels on 1 GPU, every algorithm x option x dtype x backend over NCCL (dense
+#                                     # rows and packed documents),
 #                                     # train.py DDP matrix, one-GPU references (DDP and ZeRO-3)
 #   bash bench/gpu_acceptance.sh 2    # train.py ZeRO-3 matrix, save -> reload, eval_ppl / eval_needle under ZeRO-3
 #   bash bench/gpu_acceptance.sh all  # both in one call (~9 min: close to one call's 10-minute limit)
@@ -30,9 +31,9 @@ case $part in
 esac
 mkdir -p "$EASY_CONTEXT_GPU_WORK"
 case $part in
-  1) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_train_gpu.py -k "not zero3 and not reload and not eval") ;;
+  1) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py tests/gpu/test_train_gpu.py -k "not zero3 and not reload and not eval") ;;
   2) sel=(tests/gpu/test_train_gpu.py -k "zero3 or reload or eval") ;;
-  kernels) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_attention_nccl.py) ;;  # part 1 less training
+  kernels) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py) ;;  # part 1 less training
   all) sel=(tests/test_memory.py tests/gpu) ;;
   *) echo "usage: $0 1|2|all|kernels"; exit 2 ;;
 esac

@@ -15,6 +15,7 @@ e.g. ``ec+keep``, ``ec+norm+tile+keep=20+off=12``. Model FLOPs = 6*N*T + 3.5 * L
 fwd+bwd), recompute not counted; MFU against 989 TFLOP/s (H100/H200 dense bf16). Prints one JSON line per run;
 writes $OUT/train_step.jsonl as it goes and $OUT/train_step_progress.jsonl (time and memory at each layer's
 forward end and backward start: how far a run cut short got). ``--profile`` prints each mode's top GPU kernels.
+``--packed 1024:65536``: the ec modes train on packed rows (documents log-uniform in that range).
 """
 import argparse
 import gc
@@ -99,6 +100,18 @@ class Progress:
         return hook
 
 
+PACKED = None  # (min, max) document length: ec modes train on packed rows (--packed)
+
+
+def packed_positions(seq):
+    """Positions restarting at each document (lengths log-uniform in PACKED, seeded by seq) and the pairs count."""
+    from packed_attn import doc_mix, pairs  # bench/packed_attn.py
+
+    bounds = doc_mix(seq, *PACKED, seed=seq)
+    pos = torch.cat([torch.arange(b - a) for a, b in zip(bounds[:-1], bounds[1:])])
+    return pos.to(DEV).unsqueeze(0), pairs(bounds), len(bounds) - 1
+
+
 def step(model, mode, seq):
     ids = torch.randint(0, 32000, (1, seq), device=DEV)
     if mode == "stock":
@@ -106,9 +119,10 @@ def step(model, mode, seq):
     else:
         from easy_context.loss import sharded_cross_entropy
 
-        pos = torch.arange(seq, device=DEV).unsqueeze(0)
+        pos = torch.arange(seq, device=DEV).unsqueeze(0) if PACKED is None else packed_positions(seq)[0]
         hidden = model.model(input_ids=ids, position_ids=pos).last_hidden_state
         targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+        targets[:, :-1][pos[:, 1:] == 0] = -100  # packed: a document's last token predicts nothing
         loss = sharded_cross_entropy(hidden, model.lm_head.weight, targets).loss
     loss.backward()
     return loss.item()
@@ -136,8 +150,13 @@ def measure(model, mode, seq, n_params, layers, progress=None, reps=None):
         dt = sum(times) / reps
         if progress:
             progress.stop()
-        flops = 6 * n_params * seq + 3.5 * layers * 2 * seq * seq * 4096
-        return dict(mode=mode, S=seq, layers=layers, s_per_step=round(dt, 2), steps_s=[round(x, 2) for x in times],
+        causal_pairs = seq * seq / 2
+        extra = {}
+        if PACKED is not None and mode != "stock":  # only the pairs inside documents are model FLOPs
+            _, causal_pairs, docs = packed_positions(seq)
+            extra = dict(packed=f"{PACKED[0]}-{PACKED[1]}", docs=docs)
+        flops = 6 * n_params * seq + 3.5 * layers * 4 * causal_pairs * 4096
+        return dict(mode=mode, S=seq, **extra, layers=layers, s_per_step=round(dt, 2), steps_s=[round(x, 2) for x in times],
                     tok_per_s=round(seq / dt),
                     TFLOPs=round(flops / dt / 1e12, 1), MFU=round(flops / dt / PEAK, 3), loss=round(loss, 3),
                     peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 1))
@@ -172,8 +191,12 @@ def main():
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU/gloo: checks the script only")
     p.add_argument("--reps", type=int, help="timed steps per length (default: 2 up to 32K tokens, else 1)")
     p.add_argument("--profile", type=int, metavar="SEQ", help="profile each mode of the plan at SEQ tokens instead")
+    p.add_argument("--packed", metavar="MIN:MAX", help="ec modes: packed rows of documents log-uniform in MIN..MAX "
+                   "tokens (position ids restart per document; model FLOPs count only in-document attention)")
     a = p.parse_args()
-    global DEV
+    global DEV, PACKED
+    if a.packed:
+        PACKED = tuple(int(x) for x in a.packed.split(":"))
     if a.cpu_smoke:
         DEV = "cpu"
         torch.cuda.synchronize = lambda: None

@@ -70,7 +70,7 @@ def apply_seq_parallel_monkey_patch(seq_algo: str, model, *, sp_size: int | None
 def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
                                 target_ids: torch.Tensor | None, rank: int, world_size: int, device, *,
                                 sp_size: int | None = None, ring_degree: int | None = None, pad_token_id: int = 0,
-                                ignore_index: int = -100) -> dict:
+                                ignore_index: int = -100, balance_documents: bool = False) -> dict:
     """This rank's shard of a batch of full sequences, padded so that any length works.
 
     Args:
@@ -85,6 +85,11 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
         device: where the shards go.
         sp_size, ring_degree: as in :func:`apply_seq_parallel_monkey_patch` (use the same values).
         pad_token_id: id written into padded input positions (any valid id: nothing real attends to them).
+        balance_documents: packed rows under a ring (``zigzag_ring_attn``, ``usp_attn``): reorder each row's
+            documents so that the ranks' causal attention work is balanced (documents are independent: the
+            per-document results and the loss are the same in any order; ``documents.balanced_order``). The shards,
+            and what :func:`gather_seq_parallel_outputs` returns, are then in the new order: for training, not for
+            evaluation that needs token order. ``train.py`` turns it on for packed data.
     Returns:
         ``{"local_input_ids", "local_position_ids", "local_target_ids"}``, each ``(batch, padded_seq / sp)``
         (``local_target_ids`` is None when ``target_ids`` is None). The sequence is right-padded to a multiple of
@@ -117,6 +122,9 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
     if sequence_parallel:
         granularity = sequence_granularity(seq_algo, sp_world, **opts)
         pad = -seq % granularity
+        if balance_documents:
+            input_ids, position_ids, target_ids = _balance_documents(seq_algo, sp_world, opts, pad, input_ids,
+                                                                     position_ids, target_ids)
     if pad:
         # (batch, seq) -> (batch, seq + pad): right padding, positions continue so RoPE and causality stay intact
         input_ids = torch.cat([input_ids, input_ids.new_full((batch, pad), pad_token_id)], dim=1)
@@ -137,6 +145,35 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
         "local_position_ids": shard(position_ids),
         "local_target_ids": shard(target_ids),
     }
+
+
+def _balance_documents(seq_algo, world, opts, pad, input_ids, position_ids, target_ids):
+    """Each row's documents reordered by :func:`documents.balanced_order` for the algorithm's ring (see
+    :func:`prepare_seq_parallel_inputs`); rows of one document, and algorithms without a ring, are unchanged."""
+    from .attention.documents import balanced_order, boundaries_from_positions, zigzag_runs
+
+    ring = get_algorithm(seq_algo).ring(world, **opts)
+    if ring == 1:
+        return input_ids, position_ids, target_ids
+    batch, seq = input_ids.shape
+    position_ids = position_ids.expand(batch, seq)
+    local = (seq + pad) // ring
+    runs = [zigzag_runs(p, ring, local) for p in range(ring)]
+    order = []
+    for b in range(batch):
+        docs = boundaries_from_positions(position_ids[b:b + 1])
+        if docs is None:
+            order.append(torch.arange(seq))
+            continue
+        bounds = docs[0]
+        perm, _ = balanced_order(bounds, runs, tail=pad)
+        order.append(torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in perm]))
+    index = torch.stack(order).to(input_ids.device)
+
+    def take(x):
+        return None if x is None else x.gather(1, index.to(x.device))
+
+    return take(input_ids), take(position_ids), take(target_ids)
 
 
 def gather_seq_parallel_outputs(seq_algo: str, local_outputs: torch.Tensor, *, seq_len: int | None = None,

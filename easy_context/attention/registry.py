@@ -34,6 +34,8 @@ class Algorithm:
             weights are loaded.
         summary: one line for listings.
         documents: the attention function takes ``cu_seqlens`` (packed documents, documents.py).
+        ring: ``ring(world_size, **options)``: positions of the zigzag ring the causal work is spread over (1: every
+            rank attends the whole sequence for its heads); used to balance packed documents over the ranks.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Algorithm:
     check_heads: Optional[Callable] = None
     summary: str = ""
     documents: bool = True
+    ring: Callable[..., int] = lambda world_size, **options: 1
 
 
 def _ulysses_heads(heads: int, kv_heads: int, world_size: int) -> None:
@@ -54,13 +57,14 @@ def _usp_heads(heads: int, kv_heads: int, world_size: int, *, ring_degree: int |
 
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
-    Algorithm("zigzag_ring_attn", zigzag_ring_attn_func, layouts.zigzag,
+    Algorithm("zigzag_ring_attn", zigzag_ring_attn_func, layouts.zigzag, ring=lambda world_size: world_size,
               summary="K/V ring over zigzag chunks (r, 2W-1-r): every step the same causal work"),
     Algorithm("dist_flash_attn", dist_flash_attn_func, layouts.contiguous,
               summary="LightSeq: contiguous chunks, idle ranks compute for busy ones", documents=False),
     Algorithm("ulysses_attn", ulysses_attn_func, layouts.contiguous, check_heads=_ulysses_heads,
               summary="DeepSpeed-Ulysses: all-to-all from sequence to head shards and back"),
     Algorithm("usp_attn", usp_attn_func, layouts.usp, options=("ring_degree",), check_heads=_usp_heads,
+              ring=lambda world_size, ring_degree=None: usp_degrees(world_size, ring_degree)[0],
               summary="Ulysses inside groups of W/ring_degree ranks, zigzag ring across them"),
     Algorithm("data_parallel", None, layouts.whole, summary="no sequence parallelism: the model's own attention"),
 )}

@@ -1,0 +1,92 @@
+"""Packed documents over NCCL on 2 GPUs: every algorithm that takes ``cu_seqlens`` against a per-document float64
+reference and against per-document SDPA calls in the same dtype (the yardstick of what the dtype costs).
+
+Tolerance as in test_attention_nccl.py: each error at most 2x the SDPA yardstick's plus a floor (1e-5 float32,
+1e-4 16-bit); a token that attends across a document boundary is off by ~1e-1 or more.
+"""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _gpu import need_gpus
+from _dist import run_distributed
+from reference import attention_ref, rel_err
+from easy_context import gather_sequence, get_attn_func, shard_sequence
+
+pytestmark = need_gpus(2)
+
+SEQ, HEADS, DIM = 2048, 8, 128
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+BACKEND_DTYPES = {"cudnn": ("bf16",), "flash": ("bf16",), "efficient": ("bf16", "fp32"), "auto": ("bf16", "fp32")}
+ALGOS = [("zigzag_ring_attn", {}), ("ulysses_attn", {}), ("usp_attn", {"ring_degree": 1}),
+         ("usp_attn", {"ring_degree": 2})]
+MIXES = {  # document boundaries over SEQ tokens
+    "random": [0, 37, 700, 1023, 1030, 1600, SEQ],
+    "one-token and crossing": [0, 1, 2, 511, 1537, SEQ - 1, SEQ],
+}
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-4}
+
+
+def _data(kv, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(4321 + kv)
+    q, k, v, dout = (torch.randn(1, SEQ, h, DIM, generator=g) for h in (HEADS, kv, kv, HEADS))
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v, dout)]
+
+
+def _per_document(fn, tensors, bounds):
+    return torch.cat([fn(*(t[:, lo:hi] for t in tensors)) for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
+
+
+def _reference(kv, causal, dtype, device, bounds):
+    q, k, v, dout = _data(kv, dtype, device)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    out64 = _per_document(lambda a, b, c: attention_ref(a, b, c, causal=causal), leaves, bounds)
+    out64.backward(dout.double())
+    ref = [out64.detach()] + [t.grad for t in leaves]
+    sd = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = _per_document(lambda a, b, c: F.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (a, b, c)), is_causal=causal, enable_gqa=kv != HEADS).transpose(1, 2), sd, bounds)
+    out.backward(dout)
+    return ref, [rel_err(x, r) for x, r in zip([out.detach()] + [t.grad for t in sd], ref)]
+
+
+def _worker(rank, world):
+    device = torch.device("cuda", rank)
+    refs, results = {}, []
+    for (algo, opts), kv, causal, (backend, dts), mix in itertools.product(
+            ALGOS, (2, 8), (True, False), BACKEND_DTYPES.items(), MIXES):
+        for dt in dts:
+            dtype, bounds = DTYPES[dt], MIXES[mix]
+            key = (kv, causal, dt, mix)
+            if key not in refs:
+                refs[key] = _reference(kv, causal, dtype, device, bounds)
+            ref, sdpa = refs[key]
+            q, k, v, dout = _data(kv, dtype, device)
+            shard = lambda t: shard_sequence(algo, t, rank, world, **opts)  # noqa: E731
+            ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
+            out = get_attn_func(algo)(ql, kl, vl, causal=causal, backend=backend, cu_seqlens=bounds, **opts)
+            out.backward(shard(dout))
+            got = [gather_sequence(algo, t.detach(), **opts) for t in (out, ql.grad, kl.grad, vl.grad)]
+            errs = [rel_err(x, r) for x, r in zip(got, ref)]
+            results.append(dict(case=f"{algo}{opts or ''} kv={kv} causal={causal} {dt} {backend} [{mix}]",
+                                errs=errs, sdpa=sdpa, finite=all(bool(torch.isfinite(x).all()) for x in got),
+                                ok=all(e <= 2 * s + FLOOR[dtype] for e, s in zip(errs, sdpa))))
+    return results
+
+
+@pytest.fixture(scope="module")
+def packed_results():
+    return run_distributed(_worker, 2, timeout=600, backend="nccl")[0]
+
+
+def test_packed_documents_match_per_document_float64(packed_results, record_property):
+    results = packed_results
+    worst = max(results, key=lambda r: max(e / (2 * s + 1e-30) for e, s in zip(r["errs"], r["sdpa"])))
+    record_property("cases", len(results))
+    record_property("worst", f"{worst['case']} errs(out,dq,dk,dv)={['%.2e' % e for e in worst['errs']]} "
+                             f"sdpa={['%.2e' % e for e in worst['sdpa']]}")
+    bad = [f"{r['case']}: errs {['%.2e' % e for e in r['errs']]} vs sdpa {['%.2e' % e for e in r['sdpa']]}"
+           for r in results if not (r["ok"] and r["finite"])]
+    assert not bad, f"{len(bad)} of {len(results)} cases off:\n" + "\n".join(bad)
