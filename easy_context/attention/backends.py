@@ -94,7 +94,15 @@ def _placeholders(op: str, device):
 _CUDNN_NATIVE_GQA = {"forward": True, "backward": True}
 
 
+# cuDNN refuses one query against one key ("s_q = s_kv = 1 is not supported", seen in backward on cuDNN 9.19): such a
+# block (a one-token document of a packed row) is one dot product per head, done by the math kernel.
+def _cudnn_refuses(q, k) -> bool:
+    return q.shape[2] == 1 and k.shape[2] == 1
+
+
 def cudnn_forward(q, k, v, causal, scale):
+    if _cudnn_refuses(q, k):
+        return math_forward(q, k, v, causal, scale)
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1 and not _CUDNN_NATIVE_GQA["forward"]:
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
@@ -129,6 +137,8 @@ def in_layout_of(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    if _cudnn_refuses(q, k):
+        return math_backward(dout, q, k, v, out, lse, causal, scale)
     n_rep = q.shape[1] // k.shape[1]
     dout, out = in_layout_of(dout, q), in_layout_of(out, q)
     native = n_rep == 1 or _CUDNN_NATIVE_GQA["backward"]

@@ -13,6 +13,7 @@ import importlib.util
 from dataclasses import dataclass, fields
 
 from ..attention.registry import SEQ_ALGOS, algorithm_options, get_attn_func
+from ..data import TRAIN_PACKING
 from ..utils import add_flag, check_source, check_sp_size
 
 
@@ -34,6 +35,7 @@ class TrainConfig:
     # data
     dataset: str = "synthetic"
     seq_length: int = 16384
+    packing: str = "auto"
     # optimisation
     batch_size: int = 1
     gradient_accumulate_every: int = 1
@@ -89,6 +91,8 @@ class TrainConfig:
         for flag in ("batch_size", "gradient_accumulate_every", "max_train_steps"):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+        if self.packing not in TRAIN_PACKING:
+            raise ValueError(f"--packing {self.packing!r}: choose one of {', '.join(TRAIN_PACKING)}")
         if self.seq_length < 2:
             raise ValueError(f"--seq-length {self.seq_length}: a training sequence needs at least 2 tokens (one input "
                              "and its next-token target)")
@@ -140,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dataset", default="synthetic", help="'synthetic', a save_to_disk folder, a json/jsonl/parquet/arrow "
           "file or a hub id, with an input_ids column (see prepare_data.py)")
     a("--seq-length", type=int, default=16384)
+    a("--packing", choices=TRAIN_PACKING, default="auto",
+          help="packed documents: auto = use the dataset's position_ids column when it has one (prepare_data.py "
+               "--packing documents / --sft: each document attends only to itself, no target across a document "
+               "boundary); documents = require it; none = ignore it (one causal sequence per row)")
     a("--rope-theta", type=float, default=None, help="RoPE base (default: the model's)")
     a("--batch-size", type=int, default=1, help="sequences per DP replica per micro-batch")
     a("--gradient-accumulate-every", type=int, default=1)

@@ -16,6 +16,15 @@ and SP groups. ``global_loss`` (that token mean, identical on all ranks) is what
 divides each micro-batch's loss by the number of micro-batches (accelerate / DeepSpeed): the update is the mean of
 the micro-batch token means.
 
+Packed documents. When the dataset has a ``position_ids`` column (``prepare_data.py --packing documents`` / ``--sft``;
+``--packing auto|documents``), the batch's positions restart at 0 at every document. They go to
+``prepare_seq_parallel_inputs`` and on to the model, and :func:`~easy_context.data.shift_targets` sets the target of
+every document's last token to -100. Under ``data_parallel`` the decoder is transformers' own: called with
+``use_cache=False`` and no ``attention_mask`` (as :class:`CausalLMWithShardedLoss` does), transformers (>= 4.54,
+``masking_utils.find_packed_sequence_indices``) reads restarting positions as packed sequences and builds a
+block-diagonal causal mask for sdpa and eager attention, so each token attends only to its own document. The
+loss stays the exact token mean over the valid targets (the boundary targets are simply not counted).
+
 Data order and resume. Epoch ``e`` visits the dataset in the permutation of ``torch.Generator().manual_seed(seed +
 e)``; ranks of an SP group read the same rows, DP replicas alternate rows (accelerate's batch sharding). A checkpoint
 at optimizer step ``k`` holds accelerate's state (model, optimizer, the LR scheduler, RNG; DeepSpeed's own
@@ -42,8 +51,9 @@ from .deepspeed import describe_precision, mixed_precision_of, prepare_optimizat
 from .models import CausalLMWithShardedLoss, apply_memory_features, config_for, load_causal_lm
 
 def micro_batches(cfg: TrainConfig, dataset, accelerator, start: int, vocab_size: int | None = None):
-    """Endless micro-batches (``input_ids`` ``(batch, seq)``, ``labels`` if the data has them) in the documented
-    order, skipping the first ``start`` of them; token ids are checked against ``vocab_size``."""
+    """Endless micro-batches (``input_ids`` ``(batch, seq)``; ``labels`` and ``position_ids`` if the dataset has
+    them) in the documented order, skipping the first ``start`` of them; token ids are checked against
+    ``vocab_size``, position ids by :func:`easy_context.data.check_position_ids`."""
     from torch.utils.data import DataLoader, RandomSampler
 
     from ..api import prepare_dataloader
@@ -130,7 +140,8 @@ def train(cfg: TrainConfig) -> dict:
     tokens_per_step = cfg.batch_size * cfg.seq_length * cfg.gradient_accumulate_every * replicas
     dataset = load_train_dataset(cfg.dataset, seq_length=cfg.seq_length, vocab_size=config.vocab_size,
                                  num_samples=cfg.max_train_steps * cfg.batch_size * cfg.gradient_accumulate_every
-                                 * replicas, seed=cfg.seed)
+                                 * replicas, seed=cfg.seed, packing=cfg.packing)
+    packed = "position_ids" in dataset.column_names
     if len(dataset) < cfg.batch_size * replicas:
         raise ValueError(f"the dataset has {len(dataset)} rows: fewer than one batch ({cfg.batch_size} rows) for each "
                          f"of the {replicas} data-parallel replicas")
@@ -148,8 +159,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.report_to != "none":
         accelerator.init_trackers(cfg.project_name, config={k: v for k, v in vars(cfg).items()
                                                              if isinstance(v, (int, float, str, bool))})
-    accelerator.print(f"{world} processes, {cfg.seq_algo}, {replicas} data-parallel replica(s) x "
-                      f"{sp} sequence-parallel rank(s); {len(dataset)} samples; {tokens_per_step} tokens per step")
+    accelerator.print(f"{world} processes, {cfg.seq_algo}, {replicas} data-parallel replica(s) x {sp} sequence-"
+                      f"parallel rank(s); {len(dataset)} samples{' of packed documents' if packed else ''}; "
+                      f"{tokens_per_step} tokens per step")
     log_path = os.path.join(cfg.output_dir, LOG_FILE)
     bar = tqdm(total=cfg.max_train_steps, initial=completed, disable=rank != 0)
     stop_at = min(cfg.max_train_steps, cfg.stop_after_steps or cfg.max_train_steps)
@@ -159,10 +171,13 @@ def train(cfg: TrainConfig) -> dict:
     batches = micro_batches(cfg, dataset, accelerator, completed * cfg.gradient_accumulate_every, config.vocab_size)
     while completed < stop_at:
         batch = next(batches)
-        ids = batch["input_ids"]
-        prepared = prepare_seq_parallel_inputs(
-            cfg.seq_algo, ids, None, shift_targets(batch.get("labels", ids)), rank, world, accelerator.device,
-            sp_size=cfg.sp_size, ring_degree=cfg.ring_degree)
+        ids, positions = batch["input_ids"], batch.get("position_ids")  # positions: packed documents, else None
+        # the target of each document's last token is -100: nothing learns to predict the next document's start
+        targets = shift_targets(batch.get("labels", ids), position_ids=positions)
+        # packed rows under a ring: documents reordered so every rank gets the same attention work (same loss)
+        prepared = prepare_seq_parallel_inputs(cfg.seq_algo, ids, positions, targets, rank, world, accelerator.device,
+                                               sp_size=cfg.sp_size, ring_degree=cfg.ring_degree,
+                                               balance_documents=positions is not None)
         with accelerator.accumulate(wrapper):
             out = wrapper(prepared["local_input_ids"], prepared["local_position_ids"], prepared["local_target_ids"])
             accelerator.backward(out.loss)  # under DeepSpeed this also steps the engine (clipping included)

@@ -118,7 +118,9 @@ class CausalLMWithShardedLoss(nn.Module):
     def forward(self, input_ids, position_ids, target_ids):
         from ..loss import sharded_cross_entropy
 
-        # (batch, local_seq) -> (batch, local_seq, hidden): the decoder without the head
+        # (batch, local_seq) -> (batch, local_seq, hidden): the decoder without the head. No cache and no
+        # attention_mask: only then does transformers read position_ids that restart at 0 as packed documents and mask
+        # attention between them (sdpa/eager, data_parallel); a cache or a 2-D mask would silently turn that off.
         hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
         head = self.model.get_output_embeddings()
         return sharded_cross_entropy(hidden, head.weight, target_ids, bias=head.bias, group=self.loss_group,
