@@ -34,11 +34,45 @@ def common(work: str, name: str, *extra: str, seq: int = SEQ) -> list[str]:
             "--report-to", "none", "--no-save-model", "--output-dir", os.path.join(work, name), *extra]
 
 
+def packed_dataset(work: str, seq: int = SEQ) -> str:
+    """A dataset of packed rows (documents log-uniform in 64..seq/2 tokens, positions restarting per document), the
+    same content in every process (seeded); each process writes its own copy (no cross-process wait)."""
+    import math
+
+    from datasets import Dataset
+
+    from easy_context.data import synthetic_dataset
+
+    path = os.path.join(work, f"packed_data_rank{os.environ.get('RANK', '0')}")
+    if os.path.exists(path):
+        return path
+    rows = synthetic_dataset(8, seq, MODEL["vocab_size"], seed=5)["input_ids"]
+    gen = torch.Generator().manual_seed(6)
+    positions = []
+    for _ in rows:
+        pos = []
+        while len(pos) < seq:
+            n = int(math.exp(math.log(64) + torch.rand((), generator=gen).item() * math.log(seq / 128)))
+            pos += list(range(n))
+        positions.append(pos[:seq])
+    Dataset.from_dict({"input_ids": rows, "position_ids": positions}).save_to_disk(path)
+    return path
+
+
 def suite(name: str, work: str, seq: int = SEQ) -> dict[str, list[str]]:
+    packed = ["--dataset", os.path.join(work, f"packed_data_rank{os.environ.get('RANK', '0')}")]
     if name == "reference":  # one GPU: what every SP mode (batch 1) and 2-replica data_parallel (batch 2) must give
         return {"batch1": common(work, "ref_b1", "--parallel_mode", "data_parallel", seq=seq),
-                "batch2": common(work, "ref_b2", "--parallel_mode", "data_parallel", "--batch-size", "2", seq=seq)}
+                "batch2": common(work, "ref_b2", "--parallel_mode", "data_parallel", "--batch-size", "2", seq=seq),
+                # transformers' own attention masks the documents of packed rows (data_parallel, one GPU)
+                "packed": common(work, "ref_packed", "--parallel_mode", "data_parallel", *packed, seq=seq)}
     runs = {}
+    # packed documents (the dataset's position_ids): every algorithm that takes them, plain and with memory features
+    for mode, flags in (("zigzag_ring_attn", []), ("ulysses_attn", []), ("usp_attn", []),
+                        ("zigzag_ring_attn", MEMORY)):
+        runs[f"{mode} {'memory' if flags else 'plain'} packed"] = common(
+            work, f"{mode}_{'memory' if flags else 'plain'}_packed", "--parallel_mode", mode, *flags, *packed,
+            seq=seq)
     for features, flags in (("plain", []), ("memory", MEMORY)):  # plain first: --fused-kernels swaps RoPE globally
         for mode in SEQ_ALGOS:
             runs[f"{mode} {features}"] = common(work, f"{mode}_{features}", "--parallel_mode", mode, *flags, seq=seq)
@@ -84,6 +118,7 @@ def main() -> None:
     os.makedirs(a.work, exist_ok=True)
     with open(os.path.join(a.work, "config.json"), "w") as f:
         json.dump(MODEL, f)
+    packed_dataset(a.work, a.seq)
     runs = suite(a.suite, a.work, a.seq)
     results = {}
     for name, argv in runs.items():
