@@ -257,14 +257,20 @@ def _model_worker(rank, world):
             grad = param.grad.clone()
             dist.all_reduce(grad)
             close(grad / world, ref_grads[name], f"balanced {algo} grad {name}")
-    # dist_flash_attn refuses packed rows with a clear error (prepare and model alike)
-    try:
-        prepare_seq_parallel_inputs("dist_flash_attn", ids, pos, tgt, rank, world, "cpu")
-    except ValueError as e:
-        assert "does not support packed documents" in str(e)
-    else:
-        raise AssertionError("dist_flash_attn accepted packed rows")
+    # dist_flash_attn refuses packed rows with a clear error (prepare when it shards, the model always)
+    model = _model(_configs()["llama"])
+    apply_seq_parallel_monkey_patch("dist_flash_attn", model)
+    for call in ([lambda: prepare_seq_parallel_inputs("dist_flash_attn", ids, pos, tgt, rank, world, "cpu")]
+                 if world > 1 else []) + [lambda: model(ids[:, :48 // world], position_ids=pos[:, :48 // world])]:
+        try:
+            call()
+        except ValueError as e:
+            assert "does not support packed documents" in str(e), str(e)
+        else:
+            raise AssertionError("dist_flash_attn accepted packed rows")
     # the model called without global positions: every rank numbers its shard from 0 -> a clear error everywhere
+    if world == 1:  # one rank: its positions are the global ones
+        return checked
     model = _model(_configs()["llama"])
     apply_seq_parallel_monkey_patch("ulysses_attn", model)
     p = prepare_seq_parallel_inputs("ulysses_attn", ids, None, None, rank, world, "cpu")
@@ -277,7 +283,7 @@ def _model_worker(rank, world):
     return checked
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_models_match_per_document_forwards(world):
     """Packed rows through patched Llama/Mistral/Qwen2/Qwen3: logits, loss and every gradient equal running each
     document through the unpatched model on its own."""
