@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _gpu import need_gpus
+from _gpu import assert_cases_within_yardstick, need_gpus
 from _dist import run_distributed
 from reference import attention_ref, rel_err
 from easy_context import gather_sequence, get_attn_func, shard_sequence
@@ -83,10 +83,4 @@ def packed_results():
 
 def test_packed_documents_match_per_document_float64(packed_results, record_property):
     results = packed_results
-    worst = max(results, key=lambda r: max(e / (2 * s + 1e-30) for e, s in zip(r["errs"], r["sdpa"])))
-    record_property("cases", len(results))
-    record_property("worst", f"{worst['case']} errs(out,dq,dk,dv)={['%.2e' % e for e in worst['errs']]} "
-                             f"sdpa={['%.2e' % e for e in worst['sdpa']]}")
-    bad = [f"{r['case']}: errs {['%.2e' % e for e in r['errs']]} vs sdpa {['%.2e' % e for e in r['sdpa']]}"
-           for r in results if not (r["ok"] and r["finite"])]
-    assert not bad, f"{len(bad)} of {len(results)} cases off:\n" + "\n".join(bad)
+    assert_cases_within_yardstick(results, record_property)
