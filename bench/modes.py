@@ -1,5 +1,6 @@
-"""bench/train_step.py's mode grammar (``ec+norm+fuse+tile=16384+keep=20+off=12``) as easy_context.advise Features, and
-the check of advise's memory model against the peaks that bench runs measured.
+"""bench/train_step.py's mode grammar (``ec+norm+fuse+tile=16384+keep=20+off=12``) as easy_context.advise Features,
+the switching of those features on a model (train_step.py and peers.py share it), and the check of advise's memory
+model against the peaks that bench runs measured.
 
     python bench/modes.py bench/results/s3_run6_384k.jsonl   # predicted vs measured peak per run
 """
@@ -26,6 +27,29 @@ def parse_mode(mode: str, layers: int) -> Features | None:
     count = (lambda name: 0 if name not in given else layers if given[name] is None else given[name])  # noqa: E731
     return Features(tiled_mlp="tile" in given, low_memory_rmsnorm="norm" in given, keep_layers=count("keep"),
                     offload_layers=count("off"), tile_size=given.get("tile"), fused_kernels="fuse" in given)
+
+
+def apply_features(model, f: Features) -> dict:
+    """Switch ``f``'s memory features on for ``model``, after the sequence-parallel patch and gradient checkpointing.
+
+    The order matters: the checkpointing variants (keep, off) wrap the layers last. Returns the fused-kernel counts
+    (empty without ``fuse``). ``fuse`` swaps the rotary function of the model's modeling module: process-wide.
+    """
+    from easy_context.memory import (enable_attention_preserving_checkpointing, enable_fused_kernels,
+                                     enable_low_memory_rmsnorm, enable_offloaded_checkpointing, enable_tiled_mlp)
+
+    fused = {}
+    if f.low_memory_rmsnorm:
+        enable_low_memory_rmsnorm(model)
+    if f.fused_kernels:
+        fused = enable_fused_kernels(model)
+    if f.tiled_mlp:
+        enable_tiled_mlp(model, tile_size=f.tile_size)
+    if f.keep_layers:
+        enable_attention_preserving_checkpointing(model, layers=f.keep_layers)
+    if f.offload_layers:
+        enable_offloaded_checkpointing(model, layers=f.offload_layers)
+    return fused
 
 
 def check(path: str) -> list:

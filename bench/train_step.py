@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modes import parse_mode  # bench/modes.py
+from modes import apply_features, parse_mode  # bench/modes.py
 
 PEAK = 989e12
 
@@ -50,24 +50,15 @@ def build(layers, tiny=False):
 
 def configure(model, mode):
     from easy_context import apply_seq_parallel_monkey_patch
-    from easy_context.memory import (enable_attention_preserving_checkpointing, enable_fused_kernels,
-                                     enable_low_memory_rmsnorm, enable_offloaded_checkpointing, enable_tiled_mlp)
 
     f = parse_mode(mode, model.config.num_hidden_layers)  # the grammar above; raises on anything else
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if f is None:  # stock
         return
     apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
-    if f.low_memory_rmsnorm:
-        enable_low_memory_rmsnorm(model)
-    if f.fused_kernels:
-        print(f"fused: {enable_fused_kernels(model)}", flush=True)
-    if f.tiled_mlp:
-        enable_tiled_mlp(model, tile_size=f.tile_size)
-    if f.keep_layers:
-        enable_attention_preserving_checkpointing(model, layers=f.keep_layers)
-    if f.offload_layers:
-        enable_offloaded_checkpointing(model, layers=f.offload_layers)
+    fused = apply_features(model, f)
+    if fused:
+        print(f"fused: {fused}", flush=True)
 
 
 class Progress:
