@@ -7,7 +7,9 @@
 CPU (gloo): ``torchrun --nproc_per_node 2 eval_needle.py ...``. Writes ``results.csv`` (one row per cell, appended
 as cells finish: a re-run skips them), ``results.json`` and ``heatmap.png`` to ``--output_dir``. Without
 ``--haystack_dir`` the haystack is built-in synthetic essays; pass a folder of ``*.txt`` (e.g. Paul Graham essays)
-for real text. Logic: easy_context/eval/needle.py.
+for real text. ``--task kv`` asks the needle demo's key -> value facts instead of the seed's magic numbers (keys
+from the eval key space of easy_context/eval/facts.py; train_scripts/needle_demo.sh); ``--context-lengths 1024,2048``
+lists the lengths (e.g. doubling) instead of min..max by interval. Logic: easy_context/eval/needle.py.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import functools
 import os
 
 from easy_context.attention import SEQ_ALGOS
+from easy_context.eval.needle import NEEDLE_TASKS
 from easy_context.utils import add_flag
 
 
@@ -31,6 +34,10 @@ def parse_args(argv=None):
     a("--rnd-number-digits", type=int, default=7)
     a("--haystack-dir", default=None, help="folder of *.txt essays (default: synthetic essays)")
     a("--num-distractor", type=int, default=0)
+    a("--task", choices=tuple(NEEDLE_TASKS), default="magic_number",
+      help="magic_number: the seed's needles; kv: the needle demo's key -> value facts (easy_context/eval/facts.py)")
+    a("--key-length", type=int, default=3, help="--task kv: capitals per key")
+    a("--context-lengths", default=None, help="comma-separated context lengths (overrides min/max/interval)")
     a("--rope-theta", type=float, default=None)
     a("--seq-algo", "--parallel-mode", dest="seq_algo", default="zigzag_ring_attn", choices=SEQ_ALGOS)
     a("--output-dir", default=None, help="default: output/needle_<model name>")
@@ -44,10 +51,13 @@ def main(argv=None) -> dict:
     from easy_context.eval.needle import NeedleConfig, evaluate_needle
 
     args = parse_args(argv)
-    config = NeedleConfig(min_context_length=args.min_context_length, max_context_length=args.max_context_length,
+    lengths = tuple(int(n) for n in args.context_lengths.split(",")) if args.context_lengths else ()
+    config = NeedleConfig(min_context_length=min(lengths, default=args.min_context_length),
+                          max_context_length=max(lengths, default=args.max_context_length),
                           context_interval=args.context_interval, depth_interval=args.depth_interval,
                           num_samples=args.num_samples, rnd_number_digits=args.rnd_number_digits,
-                          num_distractor=args.num_distractor, seed=args.seed)
+                          num_distractor=args.num_distractor, seed=args.seed, task=args.task,
+                          key_length=args.key_length, lengths=lengths)
     rank, world, device = init_distributed()
     if world == 1 and args.seq_algo != "data_parallel":  # one process: the model's own attention is the same
         print(f"single process: running {args.seq_algo} as data_parallel (launch with torchrun/accelerate)")

@@ -78,6 +78,42 @@ def test_needle_prompt_construction(kind):
         build_prompt(tokenizer, haystack, context_length=20, depth=0.5, number=1)
 
 
+def test_kv_task_prompts_and_needles():
+    """--task kv (the needle demo's facts) with the byte tokenizer: every sample's key and distractor keys come from
+    the eval key space, the prompt ends with the question and the answer is the value's bytes."""
+    import re
+
+    from easy_context.eval.facts import key_split
+    from easy_context.eval.needle import NEEDLE_TASKS, NeedleConfig
+
+    tokenizer = make_tokenizer("bytes")
+    config = NeedleConfig(task="kv", num_samples=6, num_distractor=3, key_length=3, rnd_number_digits=4,
+                          lengths=(300, 200, 300))
+    assert config.context_lengths == [200, 300]
+    haystack = load_haystack(tokenizer, 400, seed=3)
+    keys = set()
+    for s in range(6):
+        key, value, distractors = config.needles(s)
+        assert config.needles(s) == (key, value, distractors)  # the same in every cell
+        sample_keys = [key] + [k for k, _ in distractors]
+        assert len(set(sample_keys)) == 4 and all(key_split(k) == "eval" for k in sample_keys)
+        assert re.fullmatch(r"[A-Z]{3}", key) and re.fullmatch(r"\d{4}", value)
+        keys.add(key)
+        p = build_prompt(tokenizer, haystack, context_length=300, depth=0.5, number=value, distractors=distractors,
+                         distractor_depths=[0.1, 0.6, 0.9], city=key, task=NEEDLE_TASKS["kv"])
+        assert p.answer_start == 300 and p.input_ids[0] == tokenizer.bos_token_id
+        text = bytes(p.input_ids[1:]).decode()  # token id = byte value
+        assert text.startswith("Facts:\n") and text.endswith(f"\n? {key}: {value}")
+        assert bytes(p.input_ids[slice(*p.needle_span)]).decode() == f" {key}: {value}."
+        assert p.answer_ids == list(f" {value}".encode())
+        for (k, v), (a, b) in zip(distractors, p.distractor_spans):
+            assert bytes(p.input_ids[a:b]).decode() == f" {k}: {v}."
+            assert bytes(p.input_ids[a - 1:a]) in (b".", b"?")  # spliced in after a sentence
+    assert len(keys) == 6  # a new key per sample
+    with pytest.raises(ValueError, match="task"):
+        NeedleConfig(task="passkey")
+
+
 def _reference_predictions(model, ids, start, count):
     """Argmax (and top-2 margin) of the unpatched full forward at the positions predicting the answer."""
     with torch.no_grad():

@@ -10,6 +10,11 @@ are ever materialised or gathered.
 Any tokenizer works: sentence boundaries are found from decoded text, and the answer tokens are whatever the
 tokenizer produces for the number when it follows the question (so a tokenizer that makes the space before a
 number its own token, as llama-3's does, gets that token in the answer instead of a mis-tokenized prompt).
+
+Two tasks (:data:`NEEDLE_TASKS`, ``--task``): ``magic_number``, the seed's ("The special magic Singapore number
+is: 1234567.", distractors in other cities), and ``kv``, the needle demo's key -> value facts (``" KQX: 4821."``,
+question ``"\n? KQX:"``; keys drawn per sample from the eval key space of :mod:`easy_context.eval.facts`, so a
+model trained on that module's training rows never saw them).
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import facts
+
 NEEDLE_FORMAT = "\nThe special magic {city} number is: {number}.\n"
 PREFIX = "This is a very long story book: <book>"
 QUESTION_FORMAT = ("</book>.\n Based on the content of the book, Question: What is the special magic {city} number? "
@@ -28,6 +35,27 @@ DISTRACTOR_CITIES = ("New York", "London", "Paris", "Tokyo", "Beijing", "Berlin"
 _TERMINATORS = ".!?"
 _CLOSERS = "\"')]’”»"
 RESULT_COLUMNS = ["context_length", "depth_percent", "score", "correct", "num_samples"]
+
+
+@dataclass(frozen=True)
+class NeedleTask:
+    """The text of a task: ``prefix``, then the haystack with needles ``needle_format``, then ``question_format``;
+    the answer is the needle's value. Formats name the key ``{key}`` or ``{city}``, the value ``{value}`` or
+    ``{number}``."""
+
+    prefix: str
+    needle_format: str
+    question_format: str
+
+    def needle(self, key: str, value) -> str:
+        return self.needle_format.format(key=key, city=key, value=value, number=value)
+
+    def question(self, key: str) -> str:
+        return self.question_format.format(key=key, city=key)
+
+
+NEEDLE_TASKS = {"magic_number": NeedleTask(PREFIX, NEEDLE_FORMAT, QUESTION_FORMAT),
+                "kv": NeedleTask(facts.PREFIX, facts.FACT_FORMAT, facts.QUESTION_FORMAT)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,10 +71,19 @@ class NeedleConfig:
     num_distractor: int = 0
     city: str = "Singapore"
     seed: int = 24242424
+    task: str = "magic_number"        # a key of NEEDLE_TASKS
+    key_length: int = 3               # kv: capitals per key
+    lengths: tuple[int, ...] = ()     # the context lengths, instead of min..max by interval (e.g. doubling)
 
     def __post_init__(self):
         if not 0 < self.min_context_length <= self.max_context_length or self.context_interval < 1:
             raise ValueError("need 0 < --min_context_length <= --max_context_length and --context_interval >= 1")
+        if any(n < 1 for n in self.lengths):
+            raise ValueError(f"--context-lengths must be positive, got {list(self.lengths)}")
+        if self.task not in NEEDLE_TASKS:
+            raise ValueError(f"--task {self.task!r}: choose one of {', '.join(NEEDLE_TASKS)}")
+        if self.task == "kv" and self.key_length < 2:
+            raise ValueError(f"--key-length must be >= 2 (a lone capital starts sentences), got {self.key_length}")
         if not 0 < self.depth_interval <= 1:
             raise ValueError(f"--depth_interval must be in (0, 1], got {self.depth_interval}")
         if self.num_samples < 1 or self.rnd_number_digits < 1 or self.num_distractor < 0:
@@ -54,6 +91,8 @@ class NeedleConfig:
 
     @property
     def context_lengths(self) -> list[int]:
+        if self.lengths:
+            return sorted(set(self.lengths))
         return list(range(self.min_context_length, self.max_context_length + 1, self.context_interval))
 
     @property
@@ -61,13 +100,18 @@ class NeedleConfig:
         steps = int(1 / self.depth_interval + 1e-9)
         return [round(k * self.depth_interval, 6) for k in range(steps + 1)]
 
-    def needles(self, sample: int) -> tuple[int, list[tuple[str, int]]]:
-        """``(number, [(distractor city, number), ...])`` of sample ``sample``: the same in every cell."""
+    def needles(self, sample: int) -> tuple[str, int | str, list[tuple[str, int | str]]]:
+        """``(key, value, [(distractor key, value), ...])`` of sample ``sample``: the same in every cell. The
+        magic-number task's key is ``city``; the kv task draws ``1 + num_distractor`` eval keys per sample."""
         rng = random.Random(f"{self.seed}-needle-{sample}")
+        if self.task == "kv":
+            (key, value), *others = facts.draw_facts(rng, 1 + self.num_distractor, split="eval",
+                                                     key_length=self.key_length, value_digits=self.rnd_number_digits)
+            return key, value, others
         low, high = 10 ** (self.rnd_number_digits - 1), 10 ** self.rnd_number_digits - 1
         cities = [c for c in DISTRACTOR_CITIES if c != self.city]
-        return rng.randint(low, high), [(cities[i % len(cities)], rng.randint(low, high))
-                                        for i in range(self.num_distractor)]
+        return self.city, rng.randint(low, high), [(cities[i % len(cities)], rng.randint(low, high))
+                                                   for i in range(self.num_distractor)]
 
 
 class SentenceBoundaries:
@@ -128,10 +172,10 @@ def split_answer(tokenizer, question: str, answer: str) -> tuple[list[int], list
     return full[:k], full[k:]
 
 
-def _prefix_ids(tokenizer) -> list[int]:
+def _prefix_ids(tokenizer, prefix: str = PREFIX) -> list[int]:
     """The prefix with the tokenizer's leading special tokens (BOS), without trailing ones (EOS)."""
-    bare = tokenizer(PREFIX, add_special_tokens=False)["input_ids"]
-    full = tokenizer(PREFIX)["input_ids"]
+    bare = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prefix)["input_ids"]
     for k in range(len(full) - len(bare) + 1):
         if full[k:k + len(bare)] == bare:
             return full[:k + len(bare)]
@@ -145,16 +189,19 @@ class NeedlePrompt:
     input_ids: list[int]
     answer_start: int                      # index of the first answer token in input_ids
     answer_ids: list[int]
-    number: int
+    number: int | str
     needle_span: tuple[int, int]           # [start, end) of the needle in input_ids
     distractor_spans: list[tuple[int, int]] = field(default_factory=list)
     needle_depth: float = 0.0              # where the needle landed, as a fraction of the haystack
 
 
-def build_prompt(tokenizer, haystack_ids: list[int], *, context_length: int, depth: float, number: int,
-                 distractors: list[tuple[str, int]] = (), distractor_depths: list[float] = (),
-                 city: str = "Singapore", boundaries: SentenceBoundaries | None = None) -> NeedlePrompt:
+def build_prompt(tokenizer, haystack_ids: list[int], *, context_length: int, depth: float, number: int | str,
+                 distractors: list[tuple[str, int | str]] = (), distractor_depths: list[float] = (),
+                 city: str = "Singapore", boundaries: SentenceBoundaries | None = None,
+                 task: NeedleTask = NEEDLE_TASKS["magic_number"]) -> NeedlePrompt:
     """Splice the needle (at ``depth``) and distractors (at ``distractor_depths``) into the haystack.
+
+    ``city`` is the needle's key and ``number`` its value, written in ``task``'s formats.
 
     The haystack is cut so that the whole prompt has exactly ``context_length`` tokens; each insertion point is
     the first sentence boundary at or after ``depth * len(haystack)`` (depth 0 = the start; 1 = the end, or the last
@@ -165,13 +212,13 @@ def build_prompt(tokenizer, haystack_ids: list[int], *, context_length: int, dep
     """
     boundaries = boundaries or SentenceBoundaries(tokenizer)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prefix = _prefix_ids(tokenizer)
-    question, answer = split_answer(tokenizer, QUESTION_FORMAT.format(city=city), str(number))
+    prefix = _prefix_ids(tokenizer, task.prefix)
+    question, answer = split_answer(tokenizer, task.question(city), str(number))
     if len(distractors) != len(distractor_depths) or not all(0 <= d <= 1 for d in (depth, *distractor_depths)):
         raise ValueError("need one depth in [0, 1] per distractor, and a needle depth in [0, 1]")
     # (depth, tokens): the needle first, then the distractors
-    inserts = [(depth, encode(NEEDLE_FORMAT.format(city=city, number=number)))]
-    inserts += [(d, encode(NEEDLE_FORMAT.format(city=c, number=n))) for (c, n), d in zip(distractors, distractor_depths)]
+    inserts = [(depth, encode(task.needle(city, number)))]
+    inserts += [(d, encode(task.needle(c, n))) for (c, n), d in zip(distractors, distractor_depths)]
     room = context_length - len(prefix) - len(question) - sum(len(ids) for _, ids in inserts)
     if room < 1:
         raise ValueError(f"context length {context_length} leaves no room for haystack (prefix, question, needle and "
@@ -266,21 +313,22 @@ def evaluate_needle(model, tokenizer, config: NeedleConfig, *, seq_algo: str, ou
     finished = {(int(r["context_length"]), int(r["depth_percent"])) for r in done}
     cells = [(n, d) for n in config.context_lengths for d in config.depths if (n, round(d * 100)) not in finished]
 
-    haystack = load_haystack(tokenizer, config.max_context_length, haystack_dir=haystack_dir, seed=config.seed) \
+    haystack = load_haystack(tokenizer, max(config.context_lengths), haystack_dir=haystack_dir, seed=config.seed) \
         if cells else []
     boundaries = SentenceBoundaries(tokenizer)
+    task = NEEDLE_TASKS[config.task]
     needles = [config.needles(s) for s in range(config.num_samples)]
     if rank == 0:
         os.makedirs(output_dir, exist_ok=True)
     for length, depth in tqdm(cells, desc="needle cells", disable=not progress or rank != 0):
         correct = torch.zeros((), dtype=torch.long, device=device)
-        for s, (number, distractors) in enumerate(needles):
+        for s, (key, number, distractors) in enumerate(needles):
             if seq_algo == "data_parallel" and s % world != rank:
                 continue
             rng = random.Random(f"{config.seed}-{length}-{depth}-{s}")
             prompt = build_prompt(tokenizer, haystack, context_length=length, depth=depth, number=number,
                                   distractors=distractors, distractor_depths=[rng.random() for _ in distractors],
-                                  city=config.city, boundaries=boundaries)
+                                  city=key, boundaries=boundaries, task=task)
             preds = answer_predictions(model, torch.tensor([prompt.input_ids]), prompt.answer_start,
                                        len(prompt.answer_ids), seq_algo=seq_algo, device=device)
             correct += int(bool((preds.cpu() == torch.tensor(prompt.answer_ids)).all()))
@@ -333,5 +381,5 @@ def plot_heatmap(rows: list[dict], path: str, *, title: str | None = None) -> No
     plt.close(fig)
 
 
-__all__ = ["NeedleConfig", "NeedlePrompt", "SentenceBoundaries", "build_prompt", "split_answer",
-           "answer_predictions", "evaluate_needle", "plot_heatmap", "NEEDLE_FORMAT", "QUESTION_FORMAT", "PREFIX"]
+__all__ = ["NeedleConfig", "NeedlePrompt", "NeedleTask", "NEEDLE_TASKS", "SentenceBoundaries", "build_prompt",
+           "split_answer", "answer_predictions", "evaluate_needle", "plot_heatmap", "NEEDLE_FORMAT", "QUESTION_FORMAT", "PREFIX"]

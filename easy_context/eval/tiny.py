@@ -9,17 +9,37 @@ from __future__ import annotations
 import sys
 
 
+def _byte_chars() -> list[str]:
+    """The printable character GPT-2's byte-level pre-tokenizer maps each byte 0..255 to (its ``bytes_to_unicode``):
+    printable Latin-1 bytes stand for themselves, the others for ``chr(256 + n)`` in byte order."""
+    printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
+    chars, extra = [], 0
+    for b in range(256):
+        chars.append(chr(b) if b in printable else chr(256 + extra))
+        extra += b not in printable
+    return chars
+
+
 def make_tokenizer(kind: str = "bytelevel", *, vocab_size: int = 400):
-    """A BPE tokenizer with a ``<s>`` BOS: ``bytelevel`` (GPT-2 / llama-3 style: spaces lead tokens, a number after a
-    space gets a lone-space token) or ``metaspace`` (SentencePiece / llama-2 style, digits split)."""
+    """A tokenizer with a ``<s>`` BOS: ``bytelevel`` BPE (GPT-2 / llama-3 style: spaces lead tokens, a number after a
+    space gets a lone-space token), ``metaspace`` BPE (SentencePiece / llama-2 style, digits split), or ``bytes``
+    (no merges: token id = byte value, ``<s>`` = 256, ``</s>`` = 257; nothing to train, the needle demo's)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from .haystack import synthetic_essays
     from .needle import DISTRACTOR_CITIES, NEEDLE_FORMAT, PREFIX, QUESTION_FORMAT
 
-    if kind not in ("bytelevel", "metaspace"):
-        raise ValueError(f"kind must be 'bytelevel' or 'metaspace', got {kind!r}")
+    if kind not in ("bytelevel", "metaspace", "bytes"):
+        raise ValueError(f"kind must be 'bytelevel', 'metaspace' or 'bytes', got {kind!r}")
+    if kind == "bytes":
+        vocab = {c: b for b, c in enumerate(_byte_chars())} | {"<s>": 256, "</s>": 257}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens(["<s>", "</s>"])
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     tok = Tokenizer(models.BPE(unk_token=None if kind == "bytelevel" else "<unk>"))
     if kind == "bytelevel":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -1,0 +1,136 @@
+"""The needle demo (train_scripts/needle_demo.sh): its task and corpus (easy_context/eval/facts.py) and the whole
+pipeline at CPU size, end to end, so that the demo cannot rot.
+
+The end-to-end test runs the real script (`NEEDLE_DEMO_CPU=1`: a 0.1M-parameter Llama, 128 -> 512 tokens, 2 gloo
+processes for training; ~50 s on 2 cores) and checks that every stage wrote its files, that no eval key reached the
+training data (checked here independently of the script's own leak check), and that training made the model
+retrieve the facts it never saw (an untrained model scores 0).
+"""
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from easy_context.eval.facts import draw_facts, fact_rows, find_key_leaks, key_split
+from easy_context.eval.haystack import synthetic_essays
+from easy_context.eval.needle import NeedleConfig
+from easy_context.eval.tiny import make_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_key_spaces_are_disjoint_and_fact_draws_stay_in_theirs():
+    rng = random.Random(0)
+    train = draw_facts(rng, 250, split="train", key_length=2, value_digits=3)
+    evals = draw_facts(rng, 80, split="eval", key_length=2, value_digits=3)
+    assert {key_split(k) for k, _ in train} == {"train"} and {key_split(k) for k, _ in evals} == {"eval"}
+    assert len({k for k, _ in train}) == 250 and not {k for k, _ in train} & {k for k, _ in evals}
+    assert all(re.fullmatch(r"[A-Z]{2}", k) and re.fullmatch(r"\d{3}", v) for k, v in train + evals)
+    # the eval share: a quarter of all keys (CRC-32 % 4), both spaces large enough for the demo's draws
+    share = sum(key_split(a + b) == "eval" for a in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" for b in "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    assert 0.15 < share / 676 < 0.35
+    with pytest.raises(ValueError, match="key_length"):
+        draw_facts(rng, 1, split="eval", key_length=1)
+    with pytest.raises(ValueError, match="split"):
+        draw_facts(rng, 1, split="test")
+    with pytest.raises(ValueError, match="raise the key length"):
+        draw_facts(rng, 90, split="eval", key_length=2)
+
+
+def test_fact_rows_format_and_labels():
+    tokenizer = make_tokenizer("bytes")
+    rows = list(fact_rows(tokenizer, num_rows=3, seq_length=400, split="train", num_facts=4, num_questions=3,
+                          key_length=3, value_digits=4, seed=1))
+    for row in rows:
+        ids, labels, keys = row["input_ids"], row["labels"], row["keys"]
+        assert len(ids) == len(labels) == 400 and ids[0] == tokenizer.bos_token_id
+        text = bytes(ids[1:]).decode()  # the byte tokenizer: token id = byte value
+        assert text.startswith("Facts:\n")
+        facts = dict(re.findall(r" ([A-Z]{3}): (\d{4})\.", text))
+        assert sorted(facts) == sorted(keys) and all(key_split(k) == "train" for k in keys)
+        # three questions at the end, about distinct facts, the first about keys[0], each followed by its answer
+        asked = re.findall(r"\n\? ([A-Z]{3}): (\d{4})", text)
+        assert len(asked) == 3 and asked[0][0] == keys[0] and len({k for k, _ in asked}) == 3
+        assert text.endswith(f"\n? {asked[-1][0]}: {asked[-1][1]}") and all(facts[k] == v for k, v in asked)
+        # other_labels=0: exactly the answers (" " + digits) carry labels, with their own ids
+        labelled = [i for i, t in enumerate(labels) if t != -100]
+        assert all(labels[i] == ids[i] for i in labelled)
+        answers = [m.start() + 1 + len(m.group(1)) for m in re.finditer(r"(\n\? [A-Z]{3}:) \d{4}", text)]
+        assert labelled == [a + j for a in answers for j in range(5)]
+    # other_labels=1: every filler token too, never a fact's or question's key or value
+    row = next(fact_rows(tokenizer, num_rows=1, seq_length=400, split="eval", num_facts=2, other_labels=1.0, seed=2))
+    text = bytes(row["input_ids"][1:]).decode()
+    unlabelled = {i - 1 for i, t in enumerate(row["labels"]) if t == -100 and i > 0}
+    for m in re.finditer(r" [A-Z]{3}: \d{4}\.|\n\? [A-Z]{3}:", text):
+        assert set(range(m.start(), m.end())) <= unlabelled
+    assert len(unlabelled) < 60  # 2 facts (11 bytes), 1 question (6): nothing else is unlabelled
+    with pytest.raises(ValueError, match="num_questions"):
+        next(fact_rows(tokenizer, num_rows=1, seq_length=400, split="train", num_facts=2, num_questions=3))
+
+
+def test_find_key_leaks():
+    texts = ["Facts:\n On Ideas. ABC: 1234. The user builds.\n? ABC: 1234", "The QZ key. XYZ: 99."]
+    assert find_key_leaks(texts, ["XYZ", "QQQ"]) == {"texts": 2, "keys_seen": 3, "leaks": ["XYZ"]}
+    assert find_key_leaks(texts, ["QQQ"])["leaks"] == []
+    # the premise of the check: the filler itself has no run of capitals (and no digit), so every run is a key
+    assert not re.search(r"[A-Z]{2}|\d", synthetic_essays(300_000, seed=11))
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_needle_demo_cpu_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "NEEDLE_DEMO_CPU": "1", "NEEDLE_DEMO_DIR": str(out), "PORT": str(_free_port()),
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # this python and its accelerate
+    proc = subprocess.run(["bash", os.path.join(ROOT, "train_scripts", "needle_demo.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    # every stage's files
+    for name in ("init", "stage1_128", "stage3_512"):
+        assert (out / name / "config.json").exists() and (out / name / "model.safetensors").exists(), name
+        assert (out / name / "tokenizer.json").exists(), name
+    for name in ("stage1_128", "stage3_512"):
+        log = [json.loads(line) for line in (out / name / "train_log.jsonl").read_text().splitlines()]
+        assert len(log) == {"stage1_128": 200, "stage3_512": 20}[name]
+    rope = json.loads((out / "stage3_512" / "config.json").read_text())
+    assert rope.get("rope_parameters", rope).get("rope_theta") == 40000  # the raised base was trained and saved
+    for name in ("init", "short", "long"):
+        folder = out / f"needle_{name}"
+        assert (folder / "results.csv").exists() and (folder / "heatmap.png").stat().st_size > 1000, name
+    for path in ("ppl.png", "ppl.pdf", "summary.json", "data/leak_check.json"):
+        assert (out / path).stat().st_size > 100, path
+    ppl_rows = (out / "ppl.csv").read_text().splitlines()
+    assert ppl_rows[0] == "model,128,256,512" and len(ppl_rows) == 3
+    assert [line.split("\t")[1] for line in (out / "stage_times.tsv").read_text().splitlines()] == \
+        ["prepare", "short", "eval_short", "long", "eval_long"]
+
+    # no leak: the script's check, and an independent one here (every eval needle string and key against the text)
+    assert json.loads((out / "data" / "leak_check.json").read_text())["leak"] is False
+    config = NeedleConfig(task="kv", num_samples=4, num_distractor=0, key_length=2, rnd_number_digits=1)
+    needles = [config.needles(s) for s in range(4)]
+    from datasets import load_from_disk
+
+    text = "".join(bytes(i for i in row if i < 256).decode() for name in ("train_short", "train_long")
+                   for row in load_from_disk(str(out / "data" / name))["input_ids"])
+    assert text.count("\n? ") == 200 * 16 + 20 * 2  # one question per row: the text really is all the rows
+    for key, value, _ in needles:
+        assert f" {key}: {value}." not in text and f"{key}:" not in text and key_split(key) == "eval"
+
+    # training made the model retrieve unseen facts; the untrained model retrieves none
+    acc = json.loads((out / "summary.json").read_text())["accuracy"]
+    init, short, long_ = acc["init"], acc["short"], acc["long"]
+    assert init["all"] <= 0.1, init
+    # measured 1.0 and 1.0; chance is 0.1 (one digit); the margin allows another CPU's float rounding
+    assert short["within_short"] >= 0.5 > init["within_short"], short
+    assert long_["within_long"] >= 0.5 > init["within_long"], long_
