@@ -48,9 +48,8 @@ def main():
                           for r in range(world)]
                 spent += (time.perf_counter() - t) / world
                 full = torch.empty_like(pos)  # put the shards back in sequence order to read the new boundaries
-                index = shard_sequence("zigzag_ring_attn", torch.arange(seq)[None], 0, 1)
                 for r, shard in enumerate(shards):
-                    full[:, shard_sequence("zigzag_ring_attn", index, r, world)[0]] = shard
+                    full[:, shard_sequence("zigzag_ring_attn", torch.arange(seq)[None], r, world)[0]] = shard
                 balanced.append(imbalance(boundaries_from_positions(full), runs))
             print(f"| {seq // 1024}K | {world} | {sum(given) / len(given):.3f} ({max(given):.3f}) | "
                   f"{sum(balanced) / len(balanced):.3f} ({max(balanced):.3f}) | {spent / a.rows * 1e3:.0f} ms |",

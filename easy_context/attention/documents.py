@@ -102,10 +102,6 @@ def zigzag_runs(position: int, positions: int, local_len: int) -> Runs:
     return ((p * c, (p + 1) * c), ((n - 1 - p) * c, (n - p) * c))
 
 
-def dense(batch: int, seq_len: int) -> Documents:
-    return ((0, seq_len),) * batch
-
-
 def normalize(cu_seqlens, batch: int, seq_len: int, what: str) -> Documents | None:
     """``cu_seqlens`` of a function-level call as :data:`Documents` (None stays None: one document per row).
 
@@ -174,10 +170,6 @@ def check_positions(position_ids: torch.Tensor, what: str = "position_ids") -> N
                      f"{row}: positions must count up by one within a document and restart at 0 where a new document "
                      "starts (packed rows). Shard the global positions with prepare_seq_parallel_inputs and pass "
                      "position_ids=prepared['local_position_ids']")
-
-
-def as_documents(docs: Documents | None, batch: int, seq_len: int) -> Documents:
-    return dense(batch, seq_len) if docs is None else docs
 
 
 def key(docs: Documents | None) -> int:
@@ -254,5 +246,5 @@ def balanced_order(bounds: Bounds, runs_per_rank: Sequence[Runs], *, tail: int =
     return best, best_cost
 
 
-__all__ = ["Segment", "Runs", "Bounds", "Documents", "plan_block", "zigzag_runs", "dense", "normalize",
-           "boundaries_from_positions", "check_positions", "as_documents", "key", "work", "imbalance", "balanced_order"]
+__all__ = ["Segment", "Runs", "Bounds", "Documents", "plan_block", "zigzag_runs", "normalize",
+           "boundaries_from_positions", "check_positions", "key", "work", "imbalance", "balanced_order"]
