@@ -65,6 +65,25 @@ def fill_auto(config: dict, values: dict) -> None:
             node[leaf] = value
 
 
+def host_optimizer_threads(config: dict, env=None, cores: int | None = None) -> int | None:
+    """Threads per process for an optimizer that a DeepSpeed ``config`` offloads to the host, or None to leave the
+    thread count as launched.
+
+    Why: DeepSpeed's CPU Adam is an OpenMP loop, and ``torchrun`` / ``accelerate launch`` export
+    ``OMP_NUM_THREADS=1`` on GPUs, so it ran on one core: 9.9 s of an 84 s ZeRO-3 step (3.37 B parameters per rank,
+    2xH200, bench/RESULTS.md 8b), the largest share of the optimizer's overhead. The answer is this node's usable
+    cores over its processes (``LOCAL_WORLD_SIZE``); an ``OMP_NUM_THREADS`` above 1 is the user's choice and kept.
+    """
+    env = os.environ if env is None else env
+    if config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") != "cpu":
+        return None
+    if int(env.get("OMP_NUM_THREADS") or 1) > 1:
+        return None
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    threads = cores // max(1, int(env.get("LOCAL_WORLD_SIZE") or 1))
+    return threads if threads > 1 else None
+
+
 def prepare_optimization(cfg, accelerator, wrapper):
     """``(model, optimizer, scheduler)`` prepared by accelerate; the same AdamW and schedule under DDP and DeepSpeed.
 
@@ -100,9 +119,16 @@ def prepare_optimization(cfg, accelerator, wrapper):
                         "gradient_clipping": cfg.max_grad_norm})
     if config.get("zero_optimization", {}).get("stage") == 3:
         wrapper.register_for_zero3()
+    threads = host_optimizer_threads(config)
+    if threads:  # before DeepSpeed loads its CPU Adam: an OpenMP runtime of its own would read the variable
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)  # the runtime torch shares with it: this thread's OpenMP team size
+        accelerator.print(f"host optimizer: {threads} threads per process (OMP_NUM_THREADS was 1, the launcher's "
+                          "default; set it above 1 to choose)")
     optimizer = DummyOptim(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = DummyScheduler(optimizer, lr_scheduler_callable=_make_scheduler(cfg))
     return accelerator.prepare(wrapper, optimizer, scheduler)
 
 
-__all__ = ["resolve_mixed_precision", "mixed_precision_of", "describe_precision", "fill_auto", "prepare_optimization"]
+__all__ = ["resolve_mixed_precision", "mixed_precision_of", "describe_precision", "fill_auto", "host_optimizer_threads",
+           "prepare_optimization"]
