@@ -52,23 +52,45 @@ def apply_features(model, f: Features) -> dict:
     return fused
 
 
+def parse_flags(flags: str, layers: int) -> Features:
+    """train.py's memory flags (as bench/zero3_step.py records them) -> Features."""
+    words = flags.split()
+
+    def count(flag: str) -> int:
+        if flag not in words:
+            return 0
+        nxt = words[words.index(flag) + 1:][:1]
+        return int(nxt[0]) if nxt and nxt[0].isdigit() else layers
+
+    return Features(tiled_mlp="--tiled-mlp" in words,
+                    low_memory_rmsnorm="--low-memory-rmsnorm" in words or "--fused-kernels" in words,
+                    keep_layers=count("--attn-preserving-checkpointing"), offload_layers=count("--offload-checkpointing"),
+                    fused_kernels="--fused-kernels" in words)
+
+
 def check(path: str) -> list:
-    """Predicted vs measured peak GiB for the easy_context rows of a bench/train_step.py JSON-lines file."""
+    """Predicted vs measured peak GiB per GPU for the easy_context rows of a bench/train_step.py JSON-lines file (one
+    GPU, ``mode``) or of a bench/zero3_step.py one (``flags`` and ``gpus``, Llama-2-7B)."""
     import json
 
     out = []
     for line in open(path):
         r = json.loads(line)
-        if r.get("error") or "mode" not in r:
+        if r.get("error") or not ("mode" in r or "flags" in r):
             continue
-        m = ModelShape(**dict(PRESETS["llama-2-7b"], layers=r["layers"]))
-        f = parse_mode(r["mode"], m.layers)
+        if "mode" in r:
+            m = ModelShape(**dict(PRESETS["llama-2-7b"], layers=r["layers"]))
+            name, gpus, f, peak = r["mode"], 1, parse_mode(r["mode"], m.layers), r.get("peak_GiB")
+        else:
+            m = ModelShape(**PRESETS["llama-2-7b"])
+            name, gpus, peak = f"zero3 {r['flags']}", r["gpus"], r.get("gpu_peak_GiB")
+            f = parse_flags(r["flags"], m.layers)
         if f is None:
             continue
-        gpu, _ = predict_gib(m, r["S"], 1, f)
-        measured = "OOM" if r.get("oom") else f"{r['peak_GiB']:6.1f} GiB"
-        out.append((r["mode"], r["S"], r["layers"], gpu, None if r.get("oom") else r["peak_GiB"]))
-        print(f"{r['mode']:28s} S={r['S']:>7d} L={r['layers']:>2d}: predicted {gpu:6.1f} GiB, measured {measured}")
+        gpu, _ = predict_gib(m, r["S"] // gpus, gpus, f)
+        measured = "OOM" if r.get("oom") else f"{peak:6.1f} GiB"
+        out.append((name, r["S"], m.layers, gpu, None if r.get("oom") else peak))
+        print(f"{name:28s} S={r['S']:>7d} L={m.layers:>2d} GPUs={gpus}: predicted {gpu:6.1f} GiB, measured {measured}")
     return out
 
 

@@ -35,6 +35,17 @@ WORK_UNITS = 12.6
 PLAIN_NORM_UNITS = 8.0   # plain RMSNorm keeps float32 copies: 20.6 U measured the same way (s2_run1_diag256)
 UNTILED_MLP_UNITS = 9.7  # (batch, seq, intermediate) activations of an untiled MLP: 128K run, s2_run3 ec+norm+keep
 OTHER_UNITS = 2.2        # held outside the layers when backward starts (same 4-layer runs)
+# Attention's backward over more than one GPU holds more than a ring of one: float32 dq/dk/dv and output
+# accumulators, dK/dV travelling in float32 and their receive buffers. 2 x H200, ZeRO-3, 512K, tiled MLP, 12 layers
+# preserving, 17 offloaded (bench/results/s6_run3_zero3_step_512k.jsonl): 107.0 GiB measured, 16.7 GiB = 8.4 U
+# above this model without it. It is a peak of the attention phase, so an untiled MLP's larger peak (9.7 U) covers
+# it (2-GPU 128K/256K untiled runs, s4_run5: no excess). Ulysses / USP are assumed alike (not measured).
+MULTI_GPU_ATTENTION_UNITS = 8.4
+# Host bytes per parameter under ZeRO-3 with parameters and Adam offloaded (accelerate_configs/zero3_offload.json):
+# float32 master weights, Adam moments and gradients, pinned bf16 parameters, DeepSpeed's buffers. 2 x H200 node,
+# Llama-2-7B: 160.7 GiB in use before a step (s6_run1_zero3_step.jsonl) = 25.6 B per parameter with the processes
+# and the OS; 16 (the optimizer states alone) under-counted it and advised a 512K plan the host could not hold.
+ZERO_OFFLOAD_HOST_BYTES = 24.0
 # Fraction of the GPU the model may fill: tiled runs fitted at 0.95 of the H200 by this model (512K), an untiled
 # 256K run (5.4 GiB MLP tensors) failed at 0.90: large blocks fragment the caching allocator.
 BUDGET = {True: 0.95, False: 0.85}
@@ -109,8 +120,8 @@ def predict_gib(m: ModelShape, tokens_per_gpu: int, gpus: int, f: Features) -> t
     # bf16 weights (and as many bf16 gradients): ZeRO-3 shards plus one gathered layer; on one GPU all of them
     weights = 2 * m.params if gpus == 1 else 2 * m.params / gpus + 2 * m.params / m.layers
     grads_per_layer = 2 * m.params / m.layers / gpus
-    work = (WORK_UNITS + OTHER_UNITS + (0 if f.low_memory_rmsnorm else PLAIN_NORM_UNITS)
-            + (0 if f.tiled_mlp else UNTILED_MLP_UNITS)) * unit
+    phase = max(0 if f.tiled_mlp else UNTILED_MLP_UNITS, MULTI_GPU_ATTENTION_UNITS if gpus > 1 else 0)
+    work = (WORK_UNITS + OTHER_UNITS + (0 if f.low_memory_rmsnorm else PLAIN_NORM_UNITS) + phase) * unit
     start = weights + (m.layers - f.offload_layers + f.keep_layers) * unit + work
     during = start + _gradient_pileup(m, f, unit, grads_per_layer)
     end = 2 * weights + work
@@ -163,10 +174,10 @@ def choose_features(m: ModelShape, tokens_per_gpu: int, gpus: int, gpu_mem_gib: 
 
 
 def advise(m: ModelShape, seq_length: int, gpus: int, gpu_mem_gib: float, host_mem_gib: float, *,
-           optimizer_host_bytes: float = 16.0) -> Plan:
+           optimizer_host_bytes: float = ZERO_OFFLOAD_HOST_BYTES) -> Plan:
     """Plan for ``seq_length`` tokens on ``gpus`` GPUs of ``gpu_mem_gib`` each; ``host_mem_gib`` per GPU.
 
-    ``optimizer_host_bytes`` per parameter are reserved in host memory first (16: ZeRO-offloaded Adam's float32
+    ``optimizer_host_bytes`` per parameter are reserved in host memory first (24: ZeRO-offloaded Adam's float32
     master weights, moments and gradients; 0 for an optimizer on the GPU or plain SGD).
     """
     notes = []
@@ -205,8 +216,9 @@ def main(argv=None):
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--gpu-mem-gib", type=float, default=139.0, help="usable memory of one GPU (H200: 139)")
     p.add_argument("--host-mem-gib", type=float, default=1024.0, help="host memory of the node (all GPUs)")
-    p.add_argument("--optimizer-host-bytes", type=float, default=16.0,
-                   help="host bytes per parameter for the optimizer (16: ZeRO-offloaded Adam; 0: on GPU / SGD)")
+    p.add_argument("--optimizer-host-bytes", type=float, default=ZERO_OFFLOAD_HOST_BYTES,
+                   help=f"host bytes per parameter for the optimizer ({ZERO_OFFLOAD_HOST_BYTES:g}: ZeRO-3 with "
+                        "parameters and Adam offloaded, as measured; 0: on GPU / SGD)")
     a = p.parse_args(argv)
     m = load_shape(a.model_config)
     plan = advise(m, a.seq_length, a.gpus, a.gpu_mem_gib, a.host_mem_gib / a.gpus,
