@@ -9,7 +9,8 @@ eval_ppl.py and plot.py): ``prepare`` writes the tokenizer, the untrained model,
 
 * ``init/``: a random Llama of the given shape with the byte tokenizer (``make_tokenizer("bytes")``: token id = byte
   value, ``<s>`` = 256, ``</s>`` = 257), a ``--model`` folder for train.py and the evaluations;
-* ``data/train_short``, ``data/train_long``: ``save_to_disk`` rows of :func:`easy_context.eval.facts.fact_rows`
+* ``data/train_warm`` (with ``--warm-rows``), ``data/train_short``, ``data/train_long``: ``save_to_disk`` rows of
+  :func:`easy_context.eval.facts.fact_rows`
   (``input_ids`` and ``labels``) from the *train* key space; ``data/ppl``: documents for eval_ppl.py from the *eval*
   key space (``input_ids`` without BOS: eval_ppl adds it per window);
 * ``data/leak_check.json``: every run of capitals in the decoded training rows against every key eval_needle.py
@@ -101,9 +102,12 @@ def prepare(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     task = dict(key_length=args.key_length, value_digits=args.value_digits, num_proc=args.num_proc)
     # each corpus its own seed; the eval needles (and their haystack) use eval_needle.py's --seed
-    for name, length, rows, facts, questions, seed in (
-            ("train_short", args.short_length, args.short_rows, args.short_facts, args.short_questions, args.seed + 1),
-            ("train_long", args.long_length, args.long_rows, args.long_facts, args.long_questions, args.seed + 2)):
+    corpora = [("train_short", args.short_length, args.short_rows, args.short_facts, args.short_questions, args.seed + 1),
+               ("train_long", args.long_length, args.long_rows, args.long_facts, args.long_questions, args.seed + 2)]
+    if args.warm_rows:  # the curriculum's first step: shorter rows, where attention finds the facts sooner
+        corpora.insert(0, ("train_warm", args.warm_length, args.warm_rows, args.warm_facts, args.warm_facts,
+                           args.seed + 4))
+    for name, length, rows, facts, questions, seed in corpora:
         _write_rows(tokenizer, os.path.join(out, "data", name), num_rows=rows, seq_length=length, split="train",
                     num_facts=facts, num_questions=questions, other_labels=args.other_labels, seed=seed, **task)
     _write_rows(tokenizer, os.path.join(out, "data", "ppl"), num_rows=args.ppl_docs, with_labels=False,
@@ -121,16 +125,17 @@ def prepare(args) -> dict:
 
     eval_keys |= {k for keys in load_from_disk(os.path.join(out, "data", "ppl"))["keys"] for k in keys}
     report = {"eval_keys": len(eval_keys), "model_parameters": params}
-    for name in ("train_short", "train_long"):
+    trained = [name for name, *_ in corpora]
+    for name in trained:
         found = find_key_leaks(_texts(tokenizer, os.path.join(out, "data", name), args.num_proc), eval_keys)
         report[name] = {"rows": found["texts"], "distinct_keys_in_text": found["keys_seen"],
                         "eval_keys_found": found["leaks"]}
-    report["leak"] = any(report[n]["eval_keys_found"] for n in ("train_short", "train_long"))
+    report["leak"] = any(report[n]["eval_keys_found"] for n in trained)
     with open(os.path.join(out, "data", "leak_check.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(f"prepare: {params / 1e6:.2f}M parameters; leak check over {report['eval_keys']} eval keys: "
-          f"{'LEAK' if report['leak'] else 'none found'} ({report['train_short']['distinct_keys_in_text']} + "
-          f"{report['train_long']['distinct_keys_in_text']} distinct training keys) -> {out}")
+          f"{'LEAK' if report['leak'] else 'none found'} ("
+          f"{' + '.join(str(report[n]['distinct_keys_in_text']) for n in trained)} distinct training keys) -> {out}")
     return report
 
 
@@ -199,7 +204,7 @@ def main(argv=None) -> None:
                           ("short-questions", 8), ("long-length", 65536), ("long-rows", 64), ("long-facts", 32),
                           ("long-questions", 32), ("key-length", 3), ("value-digits", 4), ("ppl-length", 65536),
                           ("ppl-docs", 4), ("eval-samples", 4), ("eval-distractors", 4), ("eval-seed", 24242424),
-                          ("seed", 0), ("num-proc", 1)):
+                          ("seed", 0), ("num-proc", 1), ("warm-length", 512), ("warm-rows", 0), ("warm-facts", 4)):
         a.add_argument(f"--{flag}", type=int, default=default)
     a.add_argument("--rope-theta", type=float, default=10000.0)
     a.add_argument("--other-labels", type=float, default=0.0,

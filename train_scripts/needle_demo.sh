@@ -14,7 +14,8 @@
 #      data/train_long), perplexity documents from the *eval* key space (data/ppl), leak check (data/leak_check.json:
 #      no eval key anywhere in the training text, else the run stops); eval_needle.py on the untrained model
 #      (needle_init/)
-#   1  train.py at SHORT tokens, data_parallel over GPUS processes (stage1_<SHORT>/)
+#   1  train.py at WARM tokens (stage1_warm_<WARM>/; STEPS_WARM=0 skips it), then at SHORT tokens, data_parallel
+#      over GPUS processes (stage1_<SHORT>/)
 #   2  eval_needle.py on the grid GRID (needle_short/: results.csv, results.json, heatmap.png)
 #   3  train.py from stage 1 at LONG tokens, sequence parallel (SEQ_ALGO over GPUS processes), RoPE base ROPE_LONG
 #      (stage3_<LONG>/)
@@ -47,6 +48,7 @@ if [[ "${NEEDLE_DEMO_CPU:-0}" == 1 ]]; then
     : "${GPUS:=2}" "${ACCEL_CONFIG:=accelerate_configs/cpu_2proc.yaml}" "${DTYPE_FLAGS:=--dtype float32}"
     : "${MODEL_FLAGS:=--hidden-size 64 --intermediate-size 128 --num-layers 2 --num-heads 4 --num-kv-heads 2}"
     : "${KEY_LENGTH:=2}" "${VALUE_DIGITS:=1}" "${DISTRACTORS:=0}" "${OTHER_LABELS:=0}"
+    : "${WARM:=64}" "${STEPS_WARM:=30}" "${BATCH_WARM:=8}" "${LR_WARM:=3e-3}" "${FACTS_WARM:=1}"
     : "${SHORT:=128}" "${STEPS_SHORT:=200}" "${BATCH_SHORT:=8}" "${LR_SHORT:=3e-3}" "${FACTS_SHORT:=1}"
     : "${LONG:=512}" "${STEPS_LONG:=20}" "${BATCH_LONG:=2}" "${LR_LONG:=1e-3}" "${FACTS_LONG:=1}"
     : "${ROPE_SHORT:=10000}" "${ROPE_LONG:=40000}" "${WARMUP:=10}" "${LR_SCHEDULE:=constant}" "${WEIGHT_DECAY:=0}"
@@ -58,6 +60,8 @@ else
     : "${DTYPE_FLAGS:=--dtype float32 --mixed-precision bf16}"
     : "${MODEL_FLAGS:=--hidden-size 512 --intermediate-size 1408 --num-layers 8 --num-heads 8 --num-kv-heads 4}"
     : "${KEY_LENGTH:=3}" "${VALUE_DIGITS:=3}" "${DISTRACTORS:=4}" "${OTHER_LABELS:=0.05}"
+    # a curriculum: rows of WARM tokens first (1200 steps at 2048 straight away learned no retrieval: RESULTS 10e)
+    : "${WARM:=512}" "${STEPS_WARM:=1500}" "${BATCH_WARM:=16}" "${LR_WARM:=1e-3}" "${FACTS_WARM:=8}"
     : "${SHORT:=2048}" "${STEPS_SHORT:=1200}" "${BATCH_SHORT:=16}" "${LR_SHORT:=1e-3}" "${FACTS_SHORT:=16}"
     : "${LONG:=65536}" "${STEPS_LONG:=300}" "${BATCH_LONG:=1}" "${LR_LONG:=5e-4}" "${FACTS_LONG:=64}"
     : "${ROPE_SHORT:=10000}" "${ROPE_LONG:=1000000}" "${WARMUP:=50}" "${LR_SCHEDULE:=cosine}" "${WEIGHT_DECAY:=0.1}"
@@ -104,6 +108,7 @@ prepare() {
     rm -rf "$DIR/init" "$DIR/data"
     python -m easy_context.needle_demo prepare --output-dir "$DIR" $MODEL_FLAGS --rope-theta "$ROPE_SHORT" \
         --key-length "$KEY_LENGTH" --value-digits "$VALUE_DIGITS" --other-labels "$OTHER_LABELS" \
+        --warm-length "$WARM" --warm-rows "$((STEPS_WARM * BATCH_WARM * GPUS))" --warm-facts "$FACTS_WARM" \
         --short-length "$SHORT" --short-rows "$((STEPS_SHORT * BATCH_SHORT * GPUS))" --short-facts "$FACTS_SHORT" \
         --short-questions "$FACTS_SHORT" --long-length "$LONG" --long-rows "$((STEPS_LONG * BATCH_LONG))" \
         --long-facts "$FACTS_LONG" --long-questions "$FACTS_LONG" --ppl-length "$LONG" --ppl-docs "$PPL_DOCS" \
@@ -111,7 +116,13 @@ prepare() {
     needle "$DIR/init" init
 }
 short() {
-    train "$DIR/init" "$MODEL_SHORT" "$SHORT" "$ROPE_SHORT" "$STEPS_SHORT" "$BATCH_SHORT" "$LR_SHORT" data_parallel \
+    local from="$DIR/init"
+    if [[ "$STEPS_WARM" -gt 0 ]]; then
+        train "$from" "$DIR/stage1_warm_$WARM" "$WARM" "$ROPE_SHORT" "$STEPS_WARM" "$BATCH_WARM" "$LR_WARM" \
+            data_parallel "$DIR/data/train_warm"
+        from="$DIR/stage1_warm_$WARM"
+    fi
+    train "$from" "$MODEL_SHORT" "$SHORT" "$ROPE_SHORT" "$STEPS_SHORT" "$BATCH_SHORT" "$LR_SHORT" data_parallel \
         "$DIR/data/train_short"
 }
 eval_short() { needle "$MODEL_SHORT" short; }
