@@ -1,0 +1,77 @@
+"""Does a model learn the needle demo's retrieval task? A CPU-sized probe, outside train.py.
+
+Trains a small byte-level Llama on :func:`easy_context.eval.facts.fact_rows` (train key space) and every 100 steps
+scores the retrieval on eval_needle.py's own prompts (eval key space, distractors = facts - 1) at the trained
+length. Prints one JSON line per evaluation. Used to pick the demo's task after the 2-GPU run learned nothing
+(bench/RESULTS.md 10e):
+
+    OMP_NUM_THREADS=1 python bench/needle_probe.py --seq 256 --facts 4 --key-length 2 --digits 2 --steps 3500
+"""
+import argparse
+import json
+import random
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from easy_context.eval.facts import fact_rows
+from easy_context.eval.haystack import load_haystack
+from easy_context.eval.needle import NEEDLE_TASKS, NeedleConfig, SentenceBoundaries, build_prompt
+from easy_context.eval.tiny import make_tokenizer
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    for flag, default in (("seq", 256), ("facts", 4), ("key-length", 2), ("digits", 2), ("steps", 1500),
+                          ("batch", 16), ("hidden", 128), ("layers", 4), ("eval-samples", 32)):
+        ap.add_argument(f"--{flag}", type=int, default=default)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    tok = make_tokenizer("bytes")
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=a.hidden, intermediate_size=3 * a.hidden, num_hidden_layers=a.layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=4 * a.seq, rope_theta=10000.0,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False))
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    rows = fact_rows(tok, num_rows=a.steps * a.batch, seq_length=a.seq, split="train", num_facts=a.facts,
+                     num_questions=a.facts, key_length=a.key_length, value_digits=a.digits, other_labels=0.05, seed=7)
+    needle = NeedleConfig(lengths=(a.seq,), num_samples=a.eval_samples, rnd_number_digits=a.digits,
+                          num_distractor=a.facts - 1, task="kv", key_length=a.key_length)
+    hay, boundaries = load_haystack(tok, 2 * a.seq, seed=needle.seed), SentenceBoundaries(tok)
+
+    @torch.no_grad()
+    def accuracy() -> float:
+        model.eval()
+        ok = 0
+        for s in range(needle.num_samples):
+            key, value, others = needle.needles(s)
+            rng = random.Random(s)
+            p = build_prompt(tok, hay, context_length=a.seq, depth=rng.random(), number=value, distractors=others,
+                             distractor_depths=[rng.random() for _ in others], city=key, boundaries=boundaries,
+                             task=NEEDLE_TASKS["kv"])
+            logits = model(torch.tensor([p.input_ids])).logits[0]
+            pred = logits[p.answer_start - 1:p.answer_start - 1 + len(p.answer_ids)].argmax(-1)
+            ok += int((pred == torch.tensor(p.answer_ids)).all())
+        model.train()
+        return ok / needle.num_samples
+
+    t0 = time.time()
+    for step in range(1, a.steps + 1):
+        batch = [next(rows) for _ in range(a.batch)]
+        for g in opt.param_groups:
+            g["lr"] = a.lr * min(1.0, step / 50)
+        ids, labels = (torch.tensor([r[k] for r in batch]) for k in ("input_ids", "labels"))
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if step % 100 == 0 or step == a.steps:
+            print(json.dumps({"step": step, "loss": round(loss.item(), 3), "accuracy": accuracy(),
+                              "s": round(time.time() - t0)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
