@@ -9,16 +9,19 @@ length. Prints one JSON line per evaluation. Used to pick the demo's task after 
 """
 import argparse
 import json
+import os
 import random
+import sys
 import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from easy_context.eval.facts import fact_rows
-from easy_context.eval.haystack import load_haystack
-from easy_context.eval.needle import NEEDLE_TASKS, NeedleConfig, SentenceBoundaries, build_prompt
-from easy_context.eval.tiny import make_tokenizer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from easy_context.eval.facts import fact_rows  # noqa: E402
+from easy_context.eval.haystack import load_haystack  # noqa: E402
+from easy_context.eval.needle import NEEDLE_TASKS, NeedleConfig, SentenceBoundaries, build_prompt  # noqa: E402
+from easy_context.eval.tiny import make_tokenizer  # noqa: E402
 
 
 def main():
