@@ -5,7 +5,8 @@ scores the retrieval on eval_needle.py's own prompts (eval key space, distractor
 length. Prints one JSON line per evaluation. Used to pick the demo's task after the 2-GPU run learned nothing
 (bench/RESULTS.md 10e):
 
-    OMP_NUM_THREADS=1 python bench/needle_probe.py --seq 256 --facts 4 --key-length 2 --digits 2 --steps 3500
+    OMP_NUM_THREADS=1 python bench/needle_probe.py --seq 256 --facts 4 --key-length 3 --digits 3 --steps 2000
+    OMP_NUM_THREADS=1 python bench/needle_probe.py --curriculum 256:4:1500 512:8:600   # one stage after another
 """
 import argparse
 import json
@@ -26,32 +27,34 @@ from easy_context.eval.tiny import make_tokenizer  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    for flag, default in (("seq", 256), ("facts", 4), ("key-length", 2), ("digits", 2), ("steps", 1500),
+    for flag, default in (("seq", 256), ("facts", 4), ("key-length", 3), ("digits", 3), ("steps", 1500),
                           ("batch", 16), ("hidden", 128), ("layers", 4), ("eval-samples", 32)):
         ap.add_argument(f"--{flag}", type=int, default=default)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--curriculum", nargs="*", default=None, metavar="SEQ:FACTS:STEPS",
+                    help="stages trained one after another (instead of --seq/--facts/--steps)")
     a = ap.parse_args()
+    stages = [tuple(map(int, c.split(":"))) for c in a.curriculum] if a.curriculum else [(a.seq, a.facts, a.steps)]
     torch.manual_seed(0)
     tok = make_tokenizer("bytes")
     model = LlamaForCausalLM(LlamaConfig(
         hidden_size=a.hidden, intermediate_size=3 * a.hidden, num_hidden_layers=a.layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=4 * a.seq, rope_theta=10000.0,
+        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=4 * max(q for q, _, _ in stages),
+        rope_theta=10000.0,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
-    rows = fact_rows(tok, num_rows=a.steps * a.batch, seq_length=a.seq, split="train", num_facts=a.facts,
-                     num_questions=a.facts, key_length=a.key_length, value_digits=a.digits, other_labels=0.05, seed=7)
-    needle = NeedleConfig(lengths=(a.seq,), num_samples=a.eval_samples, rnd_number_digits=a.digits,
-                          num_distractor=a.facts - 1, task="kv", key_length=a.key_length)
-    hay, boundaries = load_haystack(tok, 2 * a.seq, seed=needle.seed), SentenceBoundaries(tok)
 
     @torch.no_grad()
-    def accuracy() -> float:
+    def accuracy(seq: int, facts: int) -> float:
+        needle = NeedleConfig(lengths=(seq,), num_samples=a.eval_samples, rnd_number_digits=a.digits,
+                              num_distractor=facts - 1, task="kv", key_length=a.key_length)
+        hay, boundaries = load_haystack(tok, 2 * seq, seed=needle.seed), SentenceBoundaries(tok)
         model.eval()
         ok = 0
         for s in range(needle.num_samples):
             key, value, others = needle.needles(s)
             rng = random.Random(s)
-            p = build_prompt(tok, hay, context_length=a.seq, depth=rng.random(), number=value, distractors=others,
+            p = build_prompt(tok, hay, context_length=seq, depth=rng.random(), number=value, distractors=others,
                              distractor_depths=[rng.random() for _ in others], city=key, boundaries=boundaries,
                              task=NEEDLE_TASKS["kv"])
             logits = model(torch.tensor([p.input_ids])).logits[0]
@@ -60,20 +63,25 @@ def main():
         model.train()
         return ok / needle.num_samples
 
-    t0 = time.time()
-    for step in range(1, a.steps + 1):
-        batch = [next(rows) for _ in range(a.batch)]
-        for g in opt.param_groups:
-            g["lr"] = a.lr * min(1.0, step / 50)
-        ids, labels = (torch.tensor([r[k] for r in batch]) for k in ("input_ids", "labels"))
-        loss = model(ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        if step % 100 == 0 or step == a.steps:
-            print(json.dumps({"step": step, "loss": round(loss.item(), 3), "accuracy": accuracy(),
-                              "s": round(time.time() - t0)}), flush=True)
+    t0, step = time.time(), 0
+    for stage, (seq, facts, steps) in enumerate(stages):
+        rows = fact_rows(tok, num_rows=steps * a.batch, seq_length=seq, split="train", num_facts=facts,
+                         num_questions=facts, key_length=a.key_length, value_digits=a.digits, other_labels=0.05,
+                         seed=7 + stage)
+        for _ in range(steps):
+            step += 1
+            batch = [next(rows) for _ in range(a.batch)]
+            for g in opt.param_groups:
+                g["lr"] = a.lr * min(1.0, step / 50)
+            ids, labels = (torch.tensor([r[k] for r in batch]) for k in ("input_ids", "labels"))
+            loss = model(ids, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            if step % 100 == 0:
+                print(json.dumps({"step": step, "seq": seq, "facts": facts, "loss": round(loss.item(), 3),
+                                  "accuracy": accuracy(seq, facts), "s": round(time.time() - t0)}), flush=True)
 
 
 if __name__ == "__main__":
