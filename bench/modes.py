@@ -64,7 +64,8 @@ def parse_flags(flags: str, layers: int) -> Features:
 
     return Features(tiled_mlp="--tiled-mlp" in words,
                     low_memory_rmsnorm="--low-memory-rmsnorm" in words or "--fused-kernels" in words,
-                    keep_layers=count("--attn-preserving-checkpointing"), offload_layers=count("--offload-checkpointing"),
+                    keep_layers=count("--attn-preserving-checkpointing"),
+                    offload_layers=count("--offload-checkpointing"),
                     fused_kernels="--fused-kernels" in words)
 
 

@@ -102,8 +102,9 @@ def prepare(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     task = dict(key_length=args.key_length, value_digits=args.value_digits, num_proc=args.num_proc)
     # each corpus its own seed; the eval needles (and their haystack) use eval_needle.py's --seed
-    corpora = [("train_short", args.short_length, args.short_rows, args.short_facts, args.short_questions, args.seed + 1),
-               ("train_long", args.long_length, args.long_rows, args.long_facts, args.long_questions, args.seed + 2)]
+    corpora = [
+        ("train_short", args.short_length, args.short_rows, args.short_facts, args.short_questions, args.seed + 1),
+        ("train_long", args.long_length, args.long_rows, args.long_facts, args.long_questions, args.seed + 2)]
     if args.warm_rows:  # the curriculum's first step: shorter rows, where attention finds the facts sooner
         corpora.insert(0, ("train_warm", args.warm_length, args.warm_rows, args.warm_facts, args.warm_facts,
                            args.seed + 4))
