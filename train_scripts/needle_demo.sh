@@ -35,7 +35,9 @@
 # them, e.g. cp -r $NEEDLE_DEMO_DIR/{needle_*,ppl.*,summary.json,stage_times.tsv,data/leak_check.json} "$OUT"/.
 # NOT WORKING YET: with 3-letter keys, 3-digit values and 8-16 facts per row the model learned no retrieval, at
 # 2048 tokens (1200 steps) nor at 512 (1500 steps): accuracy 0.00 (RESULTS 10e). Look at needle_short/ after
-# stage 2 before spending on stage 3. bench/needle_probe.py checks a task's learnability on the CPU first.
+# stage 2 before spending on stage 3. bench/needle_probe.py checks a task's learnability on the CPU first: a 0.85M
+# model learns the warm-up defaults below, width-256 models (3.3M, 6.4M) had not after 1400-1500 steps; this 24M
+# model may need more STEPS_WARM or another LR_WARM / MODEL_FLAGS (two settings fit side by side, GPUS=1 each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,7 +62,7 @@ else
     : "${KEY_LENGTH:=3}" "${VALUE_DIGITS:=3}" "${DISTRACTORS:=4}" "${OTHER_LABELS:=0.05}"
     # a curriculum: rows of WARM tokens first (1200 steps at 2048 straight away, or 1500 at 512 with 8 facts and a
     # cosine schedule, learned no retrieval: RESULTS 10e); 256 tokens with 4 facts at a constant rate is what
-    # bench/needle_probe.py saw learned on the CPU (0.97 on unseen keys after 1700 steps, a 0.8M-parameter model)
+    # bench/needle_probe.py saw learned on the CPU (0.97 on unseen keys after 1700 steps, a 0.85M-parameter model)
     : "${WARM:=256}" "${STEPS_WARM:=2000}" "${BATCH_WARM:=16}" "${LR_WARM:=1e-3}" "${FACTS_WARM:=4}"
     : "${SHORT:=2048}" "${STEPS_SHORT:=1200}" "${BATCH_SHORT:=16}" "${LR_SHORT:=1e-3}" "${FACTS_SHORT:=16}"
     : "${LONG:=65536}" "${STEPS_LONG:=300}" "${BATCH_LONG:=1}" "${LR_LONG:=5e-4}" "${FACTS_LONG:=64}"
