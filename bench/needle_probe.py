@@ -44,11 +44,15 @@ def main():
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
 
+    boundaries, haystacks = SentenceBoundaries(tok), {}  # one haystack per evaluated length, built once
+
     @torch.no_grad()
     def accuracy(seq: int, facts: int) -> float:
         needle = NeedleConfig(lengths=(seq,), num_samples=a.eval_samples, rnd_number_digits=a.digits,
                               num_distractor=facts - 1, task="kv", key_length=a.key_length)
-        hay, boundaries = load_haystack(tok, 2 * seq, seed=needle.seed), SentenceBoundaries(tok)
+        if seq not in haystacks:
+            haystacks[seq] = load_haystack(tok, 2 * seq, seed=needle.seed)
+        hay = haystacks[seq]
         model.eval()
         ok = 0
         for s in range(needle.num_samples):

@@ -1010,41 +1010,43 @@ def best_peer(rows: list[dict], s: int, key: str, higher: bool):
     return (max if higher else min)(vals) if vals else None
 
 
-def attn_table(rows: list[dict]) -> str:
-    out = ["| S | method | fwd ms | fwd+bwd ms | TFLOP/s/rank fwd+bwd | eff fwd+bwd | peak extra GiB | "
-           "rel err out/dq/dk/dv | check | vs best peer |", "|" + "---|" * 10]
+def _table(columns: list[str], rows: list[dict], done: str, cells) -> str:
+    """A markdown table, a row per result: ``cells(row)`` for rows that have ``done``; a skip or error note else."""
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         head = f"| {_size(r['S'])} | {r['method']} |"
-        if "ms_fwdbwd" not in r:
+        if done not in r:
             what = "skipped" if "skipped" in r else "error"
-            out.append(f"{head} {what}: {str(r.get(what))[:90]} | | | | | | | |")
-            continue
+            out.append(f"{head} {what}: {str(r.get(what))[:90]} |" + " |" * (len(columns) - 3))
+        else:
+            out.append(f"{head} {cells(r)} |")
+    return "\n".join(out)
+
+
+def attn_table(rows: list[dict]) -> str:
+    def cells(r):
         best = best_peer(rows, r["S"], "ms_fwdbwd", higher=False)
         vs = f"{best / r['ms_fwdbwd']:.2f}" if best and r["method"] != "single" else ""
         e = r.get("err")
         errs = "/".join(f"{e[n]:.1e}" for n in ("out", "dq", "dk", "dv")) if e else ""
         peak = r.get("peak_extra_GiB_per_rank")
-        out.append(f"{head} {r['ms_fwd']:.1f} | {r['ms_fwdbwd']:.1f} | {r['tflops_per_rank_fwdbwd']:.0f} | "
-                   f"{r.get('eff_fwdbwd', '')} | {max(peak) if peak else ''} | {errs} | {r.get('check', '')} | {vs} |")
-    return "\n".join(out)
+        return (f"{r['ms_fwd']:.1f} | {r['ms_fwdbwd']:.1f} | {r['tflops_per_rank_fwdbwd']:.0f} | "
+                f"{r.get('eff_fwdbwd', '')} | {max(peak) if peak else ''} | {errs} | {r.get('check', '')} | {vs}")
+
+    return _table(["S", "method", "fwd ms", "fwd+bwd ms", "TFLOP/s/rank fwd+bwd", "eff fwd+bwd", "peak extra GiB",
+                   "rel err out/dq/dk/dv", "check", "vs best peer"], rows, "ms_fwdbwd", cells)
 
 
 def step_table(rows: list[dict]) -> str:
-    out = ["| S | method | s/step | tokens/s | TFLOP/s/GPU | MFU | peak GiB (max rank) | loss | gnorm q0 | check | "
-           "vs best peer |", "|" + "---|" * 11]
-    for r in rows:
-        head = f"| {_size(r['S'])} | {r['method']} |"
-        if "s_per_step" not in r:
-            what = "skipped" if "skipped" in r else "error"
-            out.append(f"{head} {what}: {str(r.get(what))[:90]} | | | | | | | | |")
-            continue
+    def cells(r):
         best = best_peer(rows, r["S"], "tok_per_s", higher=True)
         vs = f"{r['tok_per_s'] / best:.2f}" if best else ""
         peak = r.get("peak_GiB_per_rank")
-        out.append(f"{head} {r['s_per_step']} | {r['tok_per_s']} | {r['tflops_per_gpu']} | {r['mfu']} | "
-                   f"{max(peak) if peak else ''} | {r['loss']:.5f} | {r['gnorm_q0']:.4e} | {r.get('check', '')} | "
-                   f"{vs} |")
-    return "\n".join(out)
+        return (f"{r['s_per_step']} | {r['tok_per_s']} | {r['tflops_per_gpu']} | {r['mfu']} | "
+                f"{max(peak) if peak else ''} | {r['loss']:.5f} | {r['gnorm_q0']:.4e} | {r.get('check', '')} | {vs}")
+
+    return _table(["S", "method", "s/step", "tokens/s", "TFLOP/s/GPU", "MFU", "peak GiB (max rank)", "loss",
+                   "gnorm q0", "check", "vs best peer"], rows, "s_per_step", cells)
 
 
 # ---------------------------------------------------------------- main
