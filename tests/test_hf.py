@@ -15,7 +15,7 @@ from _dist import run_distributed
 from easy_context.integrations import hf
 from easy_context.api import apply_seq_parallel_monkey_patch, gather_seq_parallel_outputs, prepare_seq_parallel_inputs
 from easy_context.loss import sharded_cross_entropy
-from easy_context.attention.registry import SEQ_ALGOS
+from easy_context.attention.registry import SEQ_ALGOS, get_attn_func, shard_sequence
 
 # fp32 everywhere. The SP path re-associates the softmax sums (ring merges, lse rescaling) and the loss sums
 # (per-rank partial sums, chunked CE, all-reduced gradients): each changes float32 rounding at the ~1e-7
@@ -45,10 +45,50 @@ def _model(cfg):
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
 
 
-def _close(actual, expected, what):
+def _close(actual, expected, what, rtol=RTOL):
     err = (actual - expected).abs().max().item()
     scale = expected.abs().max().item() + 1e-12
-    assert err <= RTOL * scale, f"{what}: max abs err {err:.3g} vs scale {scale:.3g}"
+    assert err <= rtol * scale, f"{what}: max abs err {err:.3g} vs scale {scale:.3g}"
+    return err / scale
+
+
+def _check_autocast(rank, world, ids, tgt):
+    """float32 weights under bf16 autocast (train.py --dtype float32 --mixed-precision bf16): attention gets float32
+    q/k (rotary embeddings multiply in float32) and a bfloat16 v, and must follow autocast as SDPA does."""
+    sp_algos = [a for a in SEQ_ALGOS if a != "data_parallel"]
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, ids.shape[1], h, 16, generator=gen) for h in (4, 2, 2))
+    for algo in sp_algos:  # function level: exactly the bf16 call, gradients back in float32
+        ql, kl, vl = (shard_sequence(algo, x, rank, world).requires_grad_() for x in (q, k, v))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = get_attn_func(algo)(ql, kl, vl.bfloat16())
+        plain = get_attn_func(algo)(*(x.detach().bfloat16() for x in (ql, kl, vl)))
+        assert out.dtype == torch.bfloat16 and torch.equal(out, plain), algo
+        out.float().sum().backward()
+        assert ql.grad.dtype == kl.grad.dtype == torch.float32, algo
+    # model level: against the unpatched model (SDPA) under the same autocast. Both compute in bfloat16 (8 bits of
+    # mantissa, 2**-8 = 3.9e-3 relative per rounding) with different kernels and summation orders, through 2
+    # layers and the loss: a few roundings apart, so 3e-2 of the largest value (float32 runs above agree to 1e-4).
+    base = _model(_configs()["llama"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _reference(base, ids, tgt)
+    worst = 0.0
+    for algo in sp_algos:
+        model = copy.deepcopy(base)
+        apply_seq_parallel_monkey_patch(algo, model)
+        p = prepare_seq_parallel_inputs(algo, ids, torch.arange(ids.shape[1])[None], tgt, rank, world, "cpu")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model.model(p["local_input_ids"], position_ids=p["local_position_ids"]).last_hidden_state
+            logits = gather_seq_parallel_outputs(algo, model.lm_head(hidden).float(), seq_len=ids.shape[1])
+            out = sharded_cross_entropy(hidden, model.lm_head.weight, p["local_target_ids"], chunk_size=40)
+        out.loss.backward()
+        worst = max(worst, _close(logits, ref[1].float(), f"autocast {algo} logits", 3e-2),
+                    _close(out.global_loss, ref[0].float(), f"autocast {algo} loss", 3e-2))
+        for name, param in model.named_parameters():
+            grad = param.grad.clone()
+            dist.all_reduce(grad)
+            worst = max(worst, _close(grad / world, ref[2][name], f"autocast {algo} grad {name}", 3e-2))
+    return worst
 
 
 def _reference(model, ids, tgt):
@@ -106,6 +146,7 @@ def _equivalence_worker(rank, world):
                 AttentionMaskInterface.register(name, mask_fn)
             checked.append((model_type, algo))
     assert mask_calls and all(m is None for m in mask_calls)
+    checked.append(("llama autocast bf16, worst relative error", _check_autocast(rank, world, ids, tgt)))
 
     # DP x SP inside the SP group sizes is covered in test_api; here: an options variant per world size
     if world == 4:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .comm import RingComm
-from .kernels import Kernel, default_scale, get_kernel
+from .kernels import Kernel, autocast_inputs, default_scale, get_kernel
 from .kernels import head_major as _t  # (b, s, h, d) <-> (b, h, s, d) views
 from .merge import merge_into, new_accumulators
 from .zigzag_ring import check_ring_inputs, ring_backward, ring_forward
@@ -177,6 +177,7 @@ DOCUMENTS_UNSUPPORTED = ("dist_flash_attn does not support packed documents (pos
                          "usp_attn for packed rows")
 
 
+@autocast_inputs
 def dist_flash_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, group=None, *,
                          backend: str | None = None, stats: dict | None = None, check: bool = True, cu_seqlens=None):
     """Exact attention over a contiguously sharded sequence with LightSeq-style load balancing.

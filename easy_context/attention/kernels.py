@@ -28,6 +28,7 @@ seen to return NaN for float32 instead of refusing it).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, NamedTuple
@@ -170,6 +171,29 @@ class _LocalAttn(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def autocast_inputs(attn_func: Callable) -> Callable:
+    """Decorate an attention function ``f(q, k, v, ...)`` to follow torch.autocast as SDPA does: inside an autocast
+    region of q's device, q, k and v are cast to the autocast dtype first (the casts are differentiable: gradients
+    reach float32 inputs in float32) and the output comes back in that dtype. The function itself then runs with
+    autocast off, as a fused kernel would: the math backend's float32 accumulation and the float32 merges stay so.
+
+    Why: a float32 model trained under bf16 autocast (``--dtype float32 --mixed-precision bf16``) hands attention
+    float32 q/k (rotary embeddings multiply in float32) and a bfloat16 v. HF's SDPA path casts them to bf16; the
+    sequence-parallel functions must do the same, not refuse the mixed dtypes.
+    """
+    @functools.wraps(attn_func)
+    def wrapper(q, k, v, *args, **kwargs):
+        device_type = q.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return attn_func(q, k, v, *args, **kwargs)
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+        with torch.autocast(device_type, enabled=False):  # like a fused kernel: our own accumulation precision
+            return attn_func(q, k, v, *args, **kwargs)
+    return wrapper
+
+
+@autocast_inputs
 def local_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, *, backend: str | None = None):
     """Single-device attention with our kernels, flash-attn layout.
 

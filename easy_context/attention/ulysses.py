@@ -21,7 +21,7 @@ import torch
 from .comm import (SELF_GROUP, RingComm, group_rank_size, head_to_seq, head_to_seq_autograd, seq_to_head,
                    seq_to_head_autograd)
 from .documents import Documents, normalize as normalize_docs
-from .kernels import Kernel, check_qkv, default_scale, get_kernel
+from .kernels import Kernel, autocast_inputs, check_qkv, default_scale, get_kernel
 from .zigzag_ring import check_even, check_ring_inputs, ring_attn, ring_backward, ring_forward
 
 # Set while a kept attention graph is being built (easy_context.memory's attention-preserving checkpointing):
@@ -105,6 +105,7 @@ def head_parallel_attn(q, k, v, causal: bool, scale: float, kernel: Kernel, grou
     return head_to_seq_autograd(out, group) if w > 1 else out
 
 
+@autocast_inputs
 def ulysses_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, group=None, *,
                       backend: str | None = None, check: bool = True, cu_seqlens=None):
     """Exact attention over a contiguously sharded sequence by head all-to-all (DeepSpeed-Ulysses).

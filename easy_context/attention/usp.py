@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from .comm import get_usp_groups, group_rank_size
 from .documents import normalize as normalize_docs
-from .kernels import default_scale, get_kernel
+from .kernels import autocast_inputs, default_scale, get_kernel
 from .ulysses import head_parallel_attn
 from .zigzag_ring import check_ring_inputs
 
 
+@autocast_inputs
 def usp_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, group=None, *,
                   ring_degree: int | None = None, backend: str | None = None, check: bool = True, cu_seqlens=None):
     """Exact attention over a USP-sharded sequence (Ulysses x zigzag ring).

@@ -24,7 +24,7 @@ import torch
 
 from .comm import RingComm, check_same_across_group, dtype_code, group_rank_size
 from .documents import Documents, Segment, key as docs_key, normalize as normalize_docs, plan_block, zigzag_runs
-from .kernels import Kernel, check_qkv, default_scale, get_kernel
+from .kernels import Kernel, autocast_inputs, check_qkv, default_scale, get_kernel
 from .kernels import head_major as _t  # (b, s, h, d) <-> (b, h, s, d) views
 from .merge import merge_into, new_accumulators
 
@@ -168,6 +168,7 @@ def ring_attn(q, k, v, causal: bool, scale: float, kernel: Kernel, group=None, d
     return _ZigzagRingAttn.apply(q, k, v, causal, scale, kernel, RingComm(group), docs)
 
 
+@autocast_inputs
 def zigzag_ring_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, group=None, *,
                           backend: str | None = None, check: bool = True, cu_seqlens=None):
     """Exact attention over a zigzag-sharded sequence (see module docstring for the layout).

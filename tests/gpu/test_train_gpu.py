@@ -128,8 +128,8 @@ RUNS = list(train_matrix.suite("ddp", "."))  # the same names in the zero3 suite
 
 
 def _ref_key(name):  # 2 data_parallel replicas x 1 sequence = 1 GPU x 2 sequences; SP modes: 1 sequence
-    if name.endswith("packed"):  # packed documents: one GPU's data_parallel run on the same rows
-        return "packed"
+    if name.endswith(("packed", "autocast")):  # packed rows / float32 under autocast: one GPU's run of the same
+        return name.rsplit(" ", 1)[1]
     return "batch2" if name.startswith("data_parallel") else "batch1"
 
 

@@ -26,6 +26,8 @@ MODEL = dict(model_type="llama", hidden_size=1024, intermediate_size=2816, num_h
              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=SEQ, tie_word_embeddings=False)
 MEMORY = ["--gradient-checkpointing", "--offload-checkpointing", "--attn-preserving-checkpointing", "--tiled-mlp",
           "--tiled-mlp-tile-size", "1024", "--low-memory-rmsnorm", "--fused-kernels"]
+# float32 weights under bf16 autocast: attention then gets float32 q/k and a bf16 v (the needle demo's recipe)
+AUTOCAST = ["--dtype", "float32", "--mixed-precision", "bf16"]
 
 
 def common(work: str, name: str, *extra: str, seq: int = SEQ) -> list[str]:
@@ -65,7 +67,8 @@ def suite(name: str, work: str, seq: int = SEQ) -> dict[str, list[str]]:
         return {"batch1": common(work, "ref_b1", "--parallel_mode", "data_parallel", seq=seq),
                 "batch2": common(work, "ref_b2", "--parallel_mode", "data_parallel", "--batch-size", "2", seq=seq),
                 # transformers' own attention masks the documents of packed rows (data_parallel, one GPU)
-                "packed": common(work, "ref_packed", "--parallel_mode", "data_parallel", *packed, seq=seq)}
+                "packed": common(work, "ref_packed", "--parallel_mode", "data_parallel", *packed, seq=seq),
+                "autocast": common(work, "ref_autocast", "--parallel_mode", "data_parallel", *AUTOCAST, seq=seq)}
     runs = {}
     # packed documents (the dataset's position_ids): every algorithm that takes them, plain and with memory features
     for mode, flags in (("zigzag_ring_attn", []), ("ulysses_attn", []), ("usp_attn", []),
@@ -73,6 +76,8 @@ def suite(name: str, work: str, seq: int = SEQ) -> dict[str, list[str]]:
         runs[f"{mode} {'memory' if flags else 'plain'} packed"] = common(
             work, f"{mode}_{'memory' if flags else 'plain'}_packed", "--parallel_mode", mode, *flags, *packed,
             seq=seq)
+    for mode in (m for m in SEQ_ALGOS if m != "data_parallel"):
+        runs[f"{mode} autocast"] = common(work, f"{mode}_autocast", "--parallel_mode", mode, *AUTOCAST, seq=seq)
     for features, flags in (("plain", []), ("memory", MEMORY)):  # plain first: --fused-kernels swaps RoPE globally
         for mode in SEQ_ALGOS:
             runs[f"{mode} {features}"] = common(work, f"{mode}_{features}", "--parallel_mode", mode, *flags, seq=seq)
