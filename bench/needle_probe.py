@@ -7,6 +7,8 @@ length. Prints one JSON line per evaluation. Used to pick the demo's task after 
 
     OMP_NUM_THREADS=1 python bench/needle_probe.py --seq 256 --facts 4 --key-length 3 --digits 3 --steps 2000
     OMP_NUM_THREADS=1 python bench/needle_probe.py --curriculum 256:4:1500 512:8:600   # one stage after another
+    python bench/needle_probe.py --hidden 512 --intermediate 1408 --layers 8 --heads 8 --kv-heads 4 --bf16 \
+        --seconds 300        # the demo's model shape on a GPU (bench/needle_sweep.sh runs several side by side)
 """
 import argparse
 import json
@@ -28,22 +30,30 @@ from easy_context.eval.tiny import make_tokenizer  # noqa: E402
 def main():
     ap = argparse.ArgumentParser()
     for flag, default in (("seq", 256), ("facts", 4), ("key-length", 3), ("digits", 3), ("steps", 1500),
-                          ("batch", 16), ("hidden", 128), ("layers", 4), ("eval-samples", 32)):
-        ap.add_argument(f"--{flag}", type=int, default=default)
+                          ("batch", 16), ("hidden", 128), ("intermediate", 0), ("layers", 4), ("heads", 4),
+                          ("kv-heads", 2), ("eval-samples", 32), ("eval-every", 100), ("seconds", 0)):
+        ap.add_argument(f"--{flag}", type=int, default=default)  # intermediate 0: 3 x hidden; seconds 0: no limit
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--other-labels", type=float, default=0.05, help="share of filler tokens with a loss")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast over float32 weights, as the demo trains")
     ap.add_argument("--curriculum", nargs="*", default=None, metavar="SEQ:FACTS:STEPS",
                     help="stages trained one after another (instead of --seq/--facts/--steps)")
     a = ap.parse_args()
     stages = [tuple(map(int, c.split(":"))) for c in a.curriculum] if a.curriculum else [(a.seq, a.facts, a.steps)]
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=a.bf16)
     tok = make_tokenizer("bytes")
     model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=a.hidden, intermediate_size=3 * a.hidden, num_hidden_layers=a.layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=4 * max(q for q, _, _ in stages),
+        hidden_size=a.hidden, intermediate_size=a.intermediate or 3 * a.hidden, num_hidden_layers=a.layers,
+        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=len(tok),
+        max_position_embeddings=4 * max(q for q, _, _ in stages),
         rope_theta=10000.0,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False))
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
 
+    print(json.dumps({"parameters": sum(p.numel() for p in model.parameters()), "device": device,
+                      **{k: v for k, v in vars(a).items() if v is not None}}), flush=True)
     boundaries, haystacks = SentenceBoundaries(tok), {}  # one haystack per evaluated length, built once
 
     @torch.no_grad()
@@ -61,8 +71,9 @@ def main():
             p = build_prompt(tok, hay, context_length=seq, depth=rng.random(), number=value, distractors=others,
                              distractor_depths=[rng.random() for _ in others], city=key, boundaries=boundaries,
                              task=NEEDLE_TASKS["kv"])
-            logits = model(torch.tensor([p.input_ids])).logits[0]
-            pred = logits[p.answer_start - 1:p.answer_start - 1 + len(p.answer_ids)].argmax(-1)
+            with autocast:
+                logits = model(torch.tensor([p.input_ids], device=device)).logits[0]
+            pred = logits[p.answer_start - 1:p.answer_start - 1 + len(p.answer_ids)].argmax(-1).cpu()
             ok += int((pred == torch.tensor(p.answer_ids)).all())
         model.train()
         return ok / needle.num_samples
@@ -70,22 +81,26 @@ def main():
     t0, step = time.time(), 0
     for stage, (seq, facts, steps) in enumerate(stages):
         rows = fact_rows(tok, num_rows=steps * a.batch, seq_length=seq, split="train", num_facts=facts,
-                         num_questions=facts, key_length=a.key_length, value_digits=a.digits, other_labels=0.05,
+                         num_questions=facts, key_length=a.key_length, value_digits=a.digits,
+                         other_labels=a.other_labels,
                          seed=7 + stage)
         for _ in range(steps):
             step += 1
             batch = [next(rows) for _ in range(a.batch)]
             for g in opt.param_groups:
                 g["lr"] = a.lr * min(1.0, step / 50)
-            ids, labels = (torch.tensor([r[k] for r in batch]) for k in ("input_ids", "labels"))
-            loss = model(ids, labels=labels).loss
+            ids, labels = (torch.tensor([r[k] for r in batch], device=device) for k in ("input_ids", "labels"))
+            with autocast:
+                loss = model(ids, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad()
-            if step % 100 == 0:
+            if step % a.eval_every == 0:
                 print(json.dumps({"step": step, "seq": seq, "facts": facts, "loss": round(loss.item(), 3),
                                   "accuracy": accuracy(seq, facts), "s": round(time.time() - t0)}), flush=True)
+                if a.seconds and time.time() - t0 > a.seconds:
+                    return
 
 
 if __name__ == "__main__":

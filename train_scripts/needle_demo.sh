@@ -23,21 +23,20 @@
 #      doubling), plot.py (ppl.png/.pdf), summary.json (accuracies within and beyond each trained length,
 #      perplexities, the issue's goals)
 #
-# Device time on 2 x H200 (measured 2026-11-30 for stages 0-2 without the warm-up stage, bench/RESULTS.md 10e;
-# stage_times.tsv records each run's):
-#   0  90 s     (38,400 + 300 rows generated and leak-checked on 16 host processes; untrained-model grid)
-#   1  132 s    (1200 steps x 32 rows x 2048 tokens = 79M tokens, ~0.09 s/step) + the warm-up stage (~1 min, est.)
-#   2  51 s     (7 lengths x 11 depths x 4 samples = 308 forwards, the longest 64K, zigzag over 2 GPUs)
-#   3  ~3 min   (est.: 300 steps x 65536 tokens = 20M tokens; ~130 TFLOP per step, mostly attention)
-#   4  ~1.5 min (est.: as stage 2, plus perplexity of both models at 1K..64K, plot, summary)
-# Total ~9 min, plus the machine start. A device call is limited to 10 min: run STAGES="0 1 2" and STAGES="3 4"
-# as two calls on the same warm machine (runs/ stays there), then copy the small outputs where the runner returns
-# them, e.g. cp -r $NEEDLE_DEMO_DIR/{needle_*,ppl.*,summary.json,stage_times.tsv,data/leak_check.json} "$OUT"/.
-# NOT WORKING YET: with 3-letter keys, 3-digit values and 8-16 facts per row the model learned no retrieval, at
-# 2048 tokens (1200 steps) nor at 512 (1500 steps): accuracy 0.00 (RESULTS 10e). Look at needle_short/ after
-# stage 2 before spending on stage 3. bench/needle_probe.py checks a task's learnability on the CPU first: a 0.85M
-# model learns the warm-up defaults below, width-256 models (3.3M, 6.4M) had not after 1400-1500 steps; this 24M
-# model may need more STEPS_WARM or another LR_WARM / MODEL_FLAGS (two settings fit side by side, GPUS=1 each).
+# Device time on 2 x H200 (measured 2026-11-30 for stages 0-2, bench/RESULTS.md 11b; stage_times.tsv records each
+# run's):
+#   0  109-119 s (64,000 + 38,400 + 300 rows generated and leak-checked on 16 host processes; untrained-model grid)
+#   1  232-253 s (2000 steps x 32 rows x 256 tokens, then 1200 steps x 32 rows x 2048 tokens = 95M tokens)
+#   2  45-51 s   (7 lengths x 11 depths x 4 samples = 308 forwards, the longest 64K, zigzag over 2 GPUs)
+#   3  ~3 min    (est.: 300 steps x 65536 tokens = 20M tokens; ~130 TFLOP per step, mostly attention)
+#   4  ~1.5 min  (est.: as stage 2, plus perplexity of both models at 1K..64K, plot, summary)
+# Total ~11 min, plus the machine start. A device call is limited to 10 min: run STAGES="0 1 2" and STAGES="3 4"
+# as two calls on the same warm machine (runs/ stays there; it is given back 30 s after a call), then copy the small
+# outputs where the runner returns them, e.g. cp -r $NEEDLE_DEMO_DIR/{needle_*,ppl.*,summary.json,stage_times.tsv,
+# data/leak_check.json} "$OUT"/.
+# STATUS (RESULTS 11): stages 0-2 learn retrieval, 0.75 within 2K (the goal is 0.95), fading over 4K-16K; stages 3-4
+# have not completed: stage 3 met a bug (sequence-parallel attention refused bf16 autocast over float32 weights),
+# fixed since. bench/needle_probe.py / bench/needle_sweep.sh check a task's learnability first (RESULTS 10e, 11a).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,13 +58,16 @@ else
     # fp32 master weights, bf16 compute: a model trained from scratch loses small updates in pure bf16
     : "${DTYPE_FLAGS:=--dtype float32 --mixed-precision bf16}"
     : "${MODEL_FLAGS:=--hidden-size 512 --intermediate-size 1408 --num-layers 8 --num-heads 8 --num-kv-heads 4}"
-    : "${KEY_LENGTH:=3}" "${VALUE_DIGITS:=3}" "${DISTRACTORS:=4}" "${OTHER_LABELS:=0.05}"
+    # a loss on every filler token (language modelling of the essays) and a learning rate of 3e-4: the only one of
+    # eight settings in which this 24M model found the lookup (at 1e-3, or with 5% of the filler labelled, it did not:
+    # RESULTS 11a)
+    : "${KEY_LENGTH:=3}" "${VALUE_DIGITS:=3}" "${DISTRACTORS:=4}" "${OTHER_LABELS:=1}"
     # a curriculum: rows of WARM tokens first (1200 steps at 2048 straight away, or 1500 at 512 with 8 facts and a
-    # cosine schedule, learned no retrieval: RESULTS 10e); 256 tokens with 4 facts at a constant rate is what
-    # bench/needle_probe.py saw learned on the CPU (0.97 on unseen keys after 1700 steps, a 0.85M-parameter model)
-    : "${WARM:=256}" "${STEPS_WARM:=2000}" "${BATCH_WARM:=16}" "${LR_WARM:=1e-3}" "${FACTS_WARM:=4}"
-    : "${SHORT:=2048}" "${STEPS_SHORT:=1200}" "${BATCH_SHORT:=16}" "${LR_SHORT:=1e-3}" "${FACTS_SHORT:=16}"
-    : "${LONG:=65536}" "${STEPS_LONG:=300}" "${BATCH_LONG:=1}" "${LR_LONG:=5e-4}" "${FACTS_LONG:=64}"
+    # cosine schedule, learned no retrieval: RESULTS 10e); 256 tokens with 4 facts at a constant rate is where the
+    # lookup is found (RESULTS 11a: >= 0.9 on unseen keys from step 1500)
+    : "${WARM:=256}" "${STEPS_WARM:=2000}" "${BATCH_WARM:=16}" "${LR_WARM:=3e-4}" "${FACTS_WARM:=4}"
+    : "${SHORT:=2048}" "${STEPS_SHORT:=1200}" "${BATCH_SHORT:=16}" "${LR_SHORT:=3e-4}" "${FACTS_SHORT:=16}"
+    : "${LONG:=65536}" "${STEPS_LONG:=300}" "${BATCH_LONG:=1}" "${LR_LONG:=2e-4}" "${FACTS_LONG:=64}"
     : "${ROPE_SHORT:=10000}" "${ROPE_LONG:=1000000}" "${WARMUP:=50}" "${LR_SCHEDULE:=constant}" "${WEIGHT_DECAY:=0}"
     : "${GRID:=1024,2048,4096,8192,16384,32768,65536}" "${DEPTH_INTERVAL:=0.1}" "${SAMPLES:=4}" "${PPL_DOCS:=4}"
     : "${PPL_MIN:=1024}" "${EVAL_ALGO:=zigzag_ring_attn}" "${EVAL_PROCS:=$GPUS}" "${NUM_PROC:=16}"
