@@ -10,6 +10,7 @@ first pass on this mix (every kernel shape new: cuDNN builds its execution plans
 ``--reps`` further passes. Work = query-key pairs inside documents (causal); FLOPs = 4 * pairs * heads * d forward,
 2.5x that backward (flash-attn's count). Per-rank TFLOP/s = total FLOPs / ranks / the slowest rank's time, so load
 imbalance counts as lost speed; ``balance`` = the busiest rank's work / the mean (from the block planner, exact).
+``--profile``: one more pass per row under torch.profiler (bench/_profile.py: where the GPU time went).
 Writes $OUT/packed_attn.jsonl (one JSON line per row) and prints them.
 """
 import argparse
@@ -24,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _profile import profiled  # noqa: E402 - bench/_profile.py (the script's folder is on sys.path)
 
 
 def doc_mix(seq, lo, hi, seed):
@@ -122,6 +124,9 @@ def worker(rank, world, args, port):
                     run(warm_mix)
                     cold = timed(lambda: run(mix))
                     warm = sorted(timed(lambda: run(mix)) for _ in range(args.reps))[args.reps // 2]
+                    prof = profiled(lambda: run(mix), f"packed {algo} {backend} S={seq} rank{rank}",
+                                    os.path.join(os.path.dirname(out_path), f"profile_rank{rank}.txt")) \
+                        if args.profile else None
                 except Exception as e:  # noqa: BLE001 - record and go on
                     row = dict(kind="packed", algo=algo, backend=backend, S=seq, error=repr(e)[:300])
                 else:
@@ -132,6 +137,8 @@ def worker(rank, world, args, port):
                                balance_given_order=round(balance(algo, raw, world), 3), cold_s=round(cold, 4),
                                warm_s=round(warm, 4), TFLOPs_per_rank=round(flops / world / warm / 1e12, 1),
                                cold_TFLOPs_per_rank=round(flops / world / cold / 1e12, 1))
+                    if prof:
+                        row["profile_rank0"] = prof
                 if rank == 0:
                     print(json.dumps(row), flush=True)
                     with open(out_path, "a") as f:
@@ -152,6 +159,9 @@ def main():
     p.add_argument("--min-doc", type=int, default=1024)
     p.add_argument("--max-doc", type=int, default=65536)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--profile", action="store_true",
+                   help="one more pass per row under torch.profiler: a summary in the row (compute, NCCL, idle "
+                   "time), the op tables in profile_rank<r>.txt next to the rows")
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--no-balance", dest="balance", action="store_false",
                    help="keep the generated document order (default: train.py's balanced order for rings)")

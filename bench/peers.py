@@ -100,6 +100,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)  # bench/modes.py
 sys.path.insert(1, os.path.dirname(BENCH))  # the checkout's easy_context when it is not installed
 
+from _profile import profiled  # noqa: E402
 from modes import apply_features, parse_mode  # noqa: E402
 
 EC_ALGOS = {"ec_zigzag": "zigzag_ring_attn", "ec_ulysses": "ulysses_attn", "ec_usp": "usp_attn"}
@@ -476,6 +477,9 @@ def measure_attn(env: Env, a, name: str, s: int, full: dict, scale: float, check
             res["ms_fwdbwd"] = env.mean_ms(case.fwdbwd, a.reps, together=not is_single)
             res["peak_extra_GiB"] = env.peak_gib(base)
             res["info"] = {k: v for k, v in case.info.items() if k != "tried"}
+            if a.profile:  # one more fwd+bwd under the profiler: its table to profile_rank<r>.txt
+                res["profile"] = profiled(case.fwdbwd, f"attn {name} S={s} rank{env.rank}",
+                                          os.path.join(a.out_dir, f"profile_rank{env.rank}.txt"))
     except Skip as e:
         res = {"status": "skipped", "why": str(e)}
     except Exception as e:  # noqa: BLE001 - record it and go on with the next method
@@ -517,6 +521,8 @@ def attn_row(env: Env, a, name: str, s: int, per_rank: list[dict], yard: dict | 
     if env.cuda:
         row["peak_extra_GiB_per_rank"] = [r["peak_extra_GiB"] for r in per_rank]
     row.update(per_rank[0].get("info", {}))
+    if "profile" in per_rank[0]:
+        row["profile_per_rank"] = [r["profile"] for r in per_rank]
     if "err" in per_rank[0] and yard is not None:
         errs = per_rank[0]["err"]  # all-reduced: the same on every rank
         ok, why = attn_verdict(errs, yard, dtype)
@@ -1074,6 +1080,8 @@ def parse_args(argv=None):
     p.add_argument("--ec-no-check", action="store_true", help="attn: easy_context check=False (no shape all-gather)")
     p.add_argument("--usp-ring-degree", type=int, default=None, help="ec_usp's ring degree (library default if unset)")
     p.add_argument("--ref-heads", type=int, default=4, help="attn: query heads the exact check covers (0: none)")
+    p.add_argument("--profile", action="store_true", help="attn: one more fwd+bwd per method under torch.profiler: "
+                   "compute/NCCL/idle time in the row, the op table in <out-dir>/profile_rank<r>.txt")
     # step
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=4096)

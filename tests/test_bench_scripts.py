@@ -28,7 +28,8 @@ def test_peers_cpu_smoke(tmp_path, record_property):
     env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     t0 = time.time()
     run = subprocess.run([sys.executable, os.path.join(BENCH, "peers.py"), "attn", "step", "--cpu-smoke",
-                          "--kv-heads", "2", "--seqs", "128"], env=env, capture_output=True, text=True, timeout=240)
+                          "--kv-heads", "2", "--seqs", "128", "--profile"],
+                         env=env, capture_output=True, text=True, timeout=240)
     record_property("seconds", round(time.time() - t0, 1))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "vs best peer" in run.stdout
@@ -48,6 +49,9 @@ def test_peers_cpu_smoke(tmp_path, record_property):
     ds = by["ds_ulysses"]
     assert ds.get("check") == "ok" or "skipped" in ds, ds
     assert by["ec_zigzag"]["eff_fwdbwd"] > 0  # measured against `single`
+    # --profile: one profiled pass per method and rank (no CUDA kernels on the CPU: device time 0, wall time > 0)
+    assert [p["kernels"] for p in by["ec_zigzag"]["profile_per_rank"]] == [0, 0]
+    assert "attn ec_zigzag S=128 rank1" in (tmp_path / "profile_rank1.txt").read_text()
 
     step = _rows(tmp_path / "peers_step.jsonl")
     ref = [r for r in step if r["kind"] == "reference"]
@@ -62,6 +66,25 @@ def test_peers_cpu_smoke(tmp_path, record_property):
     assert by["ds_alst"].get("check") == "ok" or "skipped" in by["ds_alst"], by["ds_alst"]
     for name in peers.TORCH_CP:
         assert "CUDA" in by[name]["skipped"]
+
+
+def test_profile_summary_counts_idle_and_hidden_time():
+    """bench/_profile.py's arithmetic on made-up kernels: compute on two streams overlapping (union, not sum), an
+    NCCL kernel half under compute, and a CPU op that is not a kernel."""
+    from types import SimpleNamespace as NS
+
+    import _profile
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, start, end, dev=cuda):  # microseconds
+        return NS(name=name, device_type=dev, time_range=NS(start=start, end=end))
+
+    events = [ev("gemm", 0, 4000), ev("flash_fwd", 3000, 6000), ev("ncclDevKernel_SendRecv", 5000, 7000),
+              ev("aten::mm", 0, 10000, cpu)]
+    s = _profile.kernel_summary(events, wall_ms=10.0)
+    assert s == {"wall_ms": 10.0, "compute_ms": 6.0, "compute_share": 0.6, "nccl_ms": 2.0, "nccl_hidden_ms": 1.0,
+                 "kernels": 3}
 
 
 def test_attention_verdict_flags_errors_above_twice_the_yardstick():
