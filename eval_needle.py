@@ -73,4 +73,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from easy_context.eval.common import close_distributed
+
+    try:
+        main()
+    finally:
+        close_distributed()

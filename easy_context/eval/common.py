@@ -10,6 +10,8 @@ import torch.distributed as dist
 
 from ..utils import is_zero3, rank_world
 
+_OWN_GROUP: list[bool] = []  # non-empty while this process holds a group that init_distributed() created
+
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """``(rank, world_size, device)``, initialising the default process group if a launcher asked for one.
@@ -24,9 +26,18 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
+        _OWN_GROUP.append(True)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
+
+
+def close_distributed() -> None:
+    """Destroy the process group if :func:`init_distributed` created it (a script's last step: without it NCCL warns
+    at exit that resources may leak); a group someone else made (tests) is left alone."""
+    if _OWN_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP.clear()
 
 
 def deepspeed_inference_config(dtype: torch.dtype, hidden_size: int) -> dict | None:
