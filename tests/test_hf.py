@@ -66,6 +66,9 @@ def _check_autocast(rank, world, ids, tgt):
         assert out.dtype == torch.bfloat16 and torch.equal(out, plain), algo
         out.float().sum().backward()
         assert ql.grad.dtype == kl.grad.dtype == torch.float32, algo
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is not autocast's to cast (SDPA keeps it too)
+            out64 = get_attn_func(algo)(*(x.detach().double() for x in (ql, kl, vl)))
+        assert out64.dtype == torch.float64, algo
     # model level: against the unpatched model (SDPA) under the same autocast. Both compute in bfloat16 (8 bits of
     # mantissa, 2**-8 = 3.9e-3 relative per rounding) with different kernels and summation orders, through 2
     # layers and the loss: a few roundings apart, so 3e-2 of the largest value (float32 runs above agree to 1e-4).

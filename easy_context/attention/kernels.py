@@ -173,9 +173,10 @@ class _LocalAttn(torch.autograd.Function):
 
 def autocast_inputs(attn_func: Callable) -> Callable:
     """Decorate an attention function ``f(q, k, v, ...)`` to follow torch.autocast as SDPA does: inside an autocast
-    region of q's device, q, k and v are cast to the autocast dtype first (the casts are differentiable: gradients
-    reach float32 inputs in float32) and the output comes back in that dtype. The function itself then runs with
-    autocast off, as a fused kernel would: the math backend's float32 accumulation and the float32 merges stay so.
+    region of q's device, q, k and v are cast to the autocast dtype first (float64 ones excepted, as autocast does;
+    the casts are differentiable: gradients reach float32 inputs in float32) and the output comes back in that dtype.
+    The function itself then runs with autocast off, as a fused kernel would: the math backend's float32 accumulation
+    and the float32 merges stay so.
 
     Why: a float32 model trained under bf16 autocast (``--dtype float32 --mixed-precision bf16``) hands attention
     float32 q/k (rotary embeddings multiply in float32) and a bfloat16 v. HF's SDPA path casts them to bf16; the
@@ -187,7 +188,8 @@ def autocast_inputs(attn_func: Callable) -> Callable:
         if not torch.is_autocast_enabled(device_type):
             return attn_func(q, k, v, *args, **kwargs)
         dtype = torch.get_autocast_dtype(device_type)
-        q, k, v = (t.to(dtype) for t in (q, k, v))
+        # autocast's own rule: floating tensors are cast, float64 ones are left as they are
+        q, k, v = (t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (q, k, v))
         with torch.autocast(device_type, enabled=False):  # like a fused kernel: our own accumulation precision
             return attn_func(q, k, v, *args, **kwargs)
     return wrapper
