@@ -1,9 +1,11 @@
 """The needle demo's own steps (``train_scripts/needle_demo.sh`` runs them around train.py, eval_needle.py,
 eval_ppl.py and plot.py): ``prepare`` writes the tokenizer, the untrained model, the corpora and the leak check;
-``summary`` reads the evaluations' output files and states the demo's goals against them.
+``summary`` reads the evaluations' output files and states the demo's goals against them; ``publish`` copies the
+images and numbers into one folder with a report of them (README.md), for ``docs/``.
 
     python -m easy_context.needle_demo prepare --output-dir runs/needle_demo [sizes ...]
     python -m easy_context.needle_demo summary --output-dir runs/needle_demo --short-length 2048 --long-length 65536
+    python -m easy_context.needle_demo publish --output-dir runs/needle_demo --to docs/needle_demo
 
 ``prepare`` writes under ``--output-dir``:
 
@@ -15,7 +17,9 @@ eval_ppl.py and plot.py): ``prepare`` writes the tokenizer, the untrained model,
   key space (``input_ids`` without BOS: eval_ppl adds it per window);
 * ``data/leak_check.json``: every run of capitals in the decoded training rows against every key eval_needle.py
   will ask (the needles and distractors of ``--eval-samples``/``--eval-distractors``/``--eval-seed``) and every key
-  of the perplexity documents; any overlap stops the demo (exit status 1).
+  of the perplexity documents; any overlap stops the demo (exit status 1);
+* ``run.json``: the date, the device, the commit and the script's settings (``--settings``: the names of the
+  environment variables it exported).
 
 Nothing here reads a number written by hand: ``summary`` computes everything from ``results.json`` / the CSVs.
 """
@@ -129,15 +133,37 @@ def prepare(args) -> dict:
     trained = [name for name, *_ in corpora]
     for name in trained:
         found = find_key_leaks(_texts(tokenizer, os.path.join(out, "data", name), args.num_proc), eval_keys)
-        report[name] = {"rows": found["texts"], "distinct_keys_in_text": found["keys_seen"],
-                        "eval_keys_found": found["leaks"]}
+        report[name] = {"rows": found["texts"], "seq_length": next(c[1] for c in corpora if c[0] == name),
+                        "distinct_keys_in_text": found["keys_seen"], "eval_keys_found": found["leaks"]}
     report["leak"] = any(report[n]["eval_keys_found"] for n in trained)
     with open(os.path.join(out, "data", "leak_check.json"), "w") as f:
         json.dump(report, f, indent=1)
+    _write_run(out, args.settings)
     print(f"prepare: {params / 1e6:.2f}M parameters; leak check over {report['eval_keys']} eval keys: "
           f"{'LEAK' if report['leak'] else 'none found'} ("
           f"{' + '.join(str(report[n]['distinct_keys_in_text']) for n in trained)} distinct training keys) -> {out}")
     return report
+
+
+def _write_run(out: str, names: list[str]) -> None:
+    """``run.json``: when and where this run started, the commit, and the script's settings (``names``: environment
+    variables the script exported)."""
+    import datetime
+    import subprocess
+
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = f"{n} x {torch.cuda.get_device_name(0)}" if n else "CPU"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git (the device machine)
+        commit = "unknown"
+    run = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
+           "commit": commit, "settings": {k: os.environ.get(k) for k in names}}
+    with open(os.path.join(out, "run.json"), "w") as f:
+        json.dump(run, f, indent=1)
 
 
 def _cells(path: str) -> list[dict]:
@@ -180,7 +206,12 @@ def summary(args) -> dict:
         "short_model_accuracy_beyond_short <= 0.2": acc["short"]["beyond_short"] <= 0.2,
         f"extended_ppl_max / ppl_at_shortest <= {args.ppl_tolerance}": rise <= args.ppl_tolerance,
     }
-    result = {"short_length": short, "long_length": long_, "accuracy": acc, "perplexity": ppl,
+    with open(os.path.join(out, "data", "leak_check.json")) as f:
+        leak = json.load(f)
+    tokens = {name: r["rows"] * r["seq_length"] for name, r in leak.items()
+              if isinstance(r, dict) and "seq_length" in r}  # each row is trained on once
+    result = {"short_length": short, "long_length": long_, "model_parameters": leak["model_parameters"],
+              "tokens_trained": tokens, "accuracy": acc, "perplexity": ppl,
               "extended_ppl_max_over_shortest": rise, "goals": goals}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -193,6 +224,84 @@ def summary(args) -> dict:
     for goal, met in goals.items():
         print(f"goal {'MET' if met else 'NOT MET'}: {goal}")
     return result
+
+
+PUBLISHED = {"needle_init/heatmap.png": "heatmap_init.png", "needle_short/heatmap.png": "heatmap_short.png",
+             "needle_long/heatmap.png": "heatmap_long.png", "ppl.png": "ppl.png", "ppl.csv": "ppl.csv",
+             "summary.json": "summary.json", "run.json": "run.json", "stage_times.tsv": "stage_times.tsv",
+             "data/leak_check.json": "leak_check.json"}
+STAGE_NAMES = {"prepare": "0 prepare (data, leak check, untrained grid)", "short": "1 train at the short length",
+               "eval_short": "2 grid of the short model", "long": "3 sequence-parallel training at the long length",
+               "eval_long": "4 grid, perplexity and plot of the extended model"}
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def report_markdown(summary_: dict, run: dict, stage_times: list[tuple[str, float]]) -> str:
+    """The run's report (``publish``'s README.md): every figure read from the run's files."""
+    acc, ppl = summary_["accuracy"], summary_["perplexity"]
+    short, long_ = summary_["short_length"], summary_["long_length"]
+    settings = run.get("settings", {})
+    gpus = int(settings.get("GPUS") or 1)
+    wall = sum(t for _, t in stage_times)
+    lengths = list(acc["short"]["by_length"])
+    lines = [f"# Needle demo run, {run['date']}, {run['device']} (commit {run['commit']})", "",
+             "Written by `python -m easy_context.needle_demo publish` from this run's output files "
+             "(`train_scripts/needle_demo.sh`, settings below); nothing here is typed by hand.", "",
+             "| heatmap, untrained | after training at " + _size(short) + " | after extension to " + _size(long_)
+             + " |", "|---|---|---|",
+             "| ![](heatmap_init.png) | ![](heatmap_short.png) | ![](heatmap_long.png) |", "",
+             "![perplexity vs context](ppl.png)", "",
+             f"Model: {summary_['model_parameters'] / 1e6:.2f}M parameters (Llama, byte tokenizer). Tokens trained: "
+             + ", ".join(f"{name} {_count(n)}" for name, n in summary_["tokens_trained"].items())
+             + f" ({_count(sum(summary_['tokens_trained'].values()))} in all). Wall time {wall:.0f} s, "
+             + (f"{gpus} processes on CPU." if run["device"] == "CPU" else
+                f"{gpus} GPU(s) held throughout: {wall * gpus / 3600:.2f} GPU-hours."), "",
+             "| stage | seconds |", "|---|---|"]
+    lines += [f"| {STAGE_NAMES.get(name, name)} | {t:.0f} |" for name, t in stage_times]
+    lines += ["", "Retrieval accuracy by context length (eval keys never in the training text; "
+              "`leak_check.json`):", "",
+              "| model | " + " | ".join(_size(int(n)) for n in lengths) + f" | ≤ {_size(short)} | > {_size(short)} "
+              f"| ≤ {_size(long_)} |", "|---" * (len(lengths) + 4) + "|"]
+    for name in ("init", "short", "long"):
+        a = acc[name]
+        lines.append(f"| {name} | " + " | ".join(f"{a['by_length'][n]:.2f}" for n in lengths)
+                     + f" | {a['within_short']:.2f} | {a['beyond_short']:.2f} | {a['within_long']:.2f} |")
+    contexts = sorted({int(n) for row in ppl.values() for n in row})
+    lines += ["", "Perplexity by context length:", "",
+              "| model | " + " | ".join(_size(n) for n in contexts) + " |", "|---" * (len(contexts) + 1) + "|"]
+    for name, row in ppl.items():
+        lines.append(f"| {name} | " + " | ".join(f"{float(row.get(str(n), row.get(n, 'nan'))):.3f}"
+                                                 for n in contexts) + " |")
+    lines += ["", "Goals:", ""] + [f"- {'MET' if met else 'NOT MET'}: `{goal}`"
+                                   for goal, met in summary_["goals"].items()]
+    lines += ["", "Settings:", "", "```"] + [f"{k}={v}" for k, v in settings.items()] + ["```", ""]
+    return "\n".join(lines)
+
+
+def publish(args) -> str:
+    """Copy the run's images and numbers (:data:`PUBLISHED`) under flat names into ``--to`` and write its report,
+    README.md; returns the folder."""
+    out, to = args.output_dir, args.to
+    os.makedirs(to, exist_ok=True)
+    for src, dst in PUBLISHED.items():
+        shutil.copyfile(os.path.join(out, src), os.path.join(to, dst))
+    with open(os.path.join(out, "summary.json")) as f:
+        summary_ = json.load(f)
+    with open(os.path.join(out, "run.json")) as f:
+        run = json.load(f)
+    with open(os.path.join(out, "stage_times.tsv")) as f:
+        stage_times = [(cols[1], float(cols[2])) for cols in (line.split("\t") for line in f) if len(cols) == 3]
+    with open(os.path.join(to, "README.md"), "w") as f:
+        f.write(report_markdown(summary_, run, stage_times))
+    print(f"published to {to}")
+    return to
 
 
 def main(argv=None) -> None:
@@ -210,14 +319,21 @@ def main(argv=None) -> None:
     a.add_argument("--rope-theta", type=float, default=10000.0)
     a.add_argument("--other-labels", type=float, default=0.0,
                    help="share of filler tokens with a loss (answers always; facts and questions never)")
+    a.add_argument("--settings", nargs="*", default=[],
+                   help="names of environment variables to record in run.json (the script's settings)")
     s = sub.add_parser("summary", help="accuracies, perplexities and goals from the run's output files")
     s.add_argument("--output-dir", required=True)
     s.add_argument("--short-length", type=int, required=True)
     s.add_argument("--long-length", type=int, required=True)
     s.add_argument("--ppl-tolerance", type=float, default=1.05,
                    help="'flat or falling': the extended model's largest perplexity over its shortest context's")
+    u = sub.add_parser("publish", help="the run's images and numbers, and a report of them, into one folder")
+    u.add_argument("--output-dir", required=True)
+    u.add_argument("--to", required=True, help="e.g. docs/needle_demo, or the run's publish/ folder")
     args = p.parse_args(argv)
-    if args.command == "prepare":
+    if args.command == "publish":
+        publish(args)
+    elif args.command == "prepare":
         report = prepare(args)
         if report["leak"]:
             print(f"prepare: eval keys found in the training data, see {args.output_dir}/data/leak_check.json",

@@ -113,7 +113,7 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
     ppl_rows = (out / "ppl.csv").read_text().splitlines()
     assert ppl_rows[0] == "model,128,256,512" and len(ppl_rows) == 3
     assert [line.split("\t")[1] for line in (out / "stage_times.tsv").read_text().splitlines()] == \
-        ["prepare", "short", "eval_short", "long", "eval_long"]
+        ["prepare", "short", "eval_short", "long", "eval_long"]  # stage 5 (publish) runs after the last record
 
     # no leak: the script's check, and an independent one here (every eval needle string and key against the text)
     assert json.loads((out / "data" / "leak_check.json").read_text())["leak"] is False
@@ -134,3 +134,19 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
     # measured 1.0 and 1.0; chance is 0.1 (one digit); the margin allows another CPU's float rounding
     assert short["within_short"] >= 0.5 > init["within_short"], short
     assert long_["within_long"] >= 0.5 > init["within_long"], long_
+
+    # stage 5: the published folder holds every image and number, and its report states them as the files do
+    published = out / "publish"
+    from easy_context.needle_demo import PUBLISHED
+
+    assert sorted(p.name for p in published.iterdir()) == sorted([*PUBLISHED.values(), "README.md"])
+    summary = json.loads((published / "summary.json").read_text())
+    assert summary["tokens_trained"] == {"train_warm": 30 * 8 * 2 * 64, "train_short": 200 * 8 * 2 * 128,
+                                         "train_long": 20 * 2 * 512}  # steps x batch x processes x length
+    report = (published / "README.md").read_text()
+    run = json.loads((published / "run.json").read_text())
+    assert run["device"] == "CPU" and run["settings"]["SHORT"] == "128" and "SHORT=128" in report
+    assert f"{summary['model_parameters'] / 1e6:.2f}M parameters" in report
+    row = "| long | " + " | ".join(f"{v:.2f}" for v in long_["by_length"].values())
+    assert row in report, (row, report)
+    assert "![](heatmap_short.png)" in report and ("NOT MET" in report or "MET" in report)

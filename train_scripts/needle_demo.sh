@@ -6,7 +6,7 @@
 #   bash train_scripts/needle_demo.sh                      # 2 GPUs (H200), ~10 min of device time (estimate below)
 #   GPUS=1 bash train_scripts/needle_demo.sh               # 1 GPU: stage 3 as data_parallel (no sequence parallelism)
 #   NEEDLE_DEMO_CPU=1 bash train_scripts/needle_demo.sh    # CPU size, 2 gloo processes, ~1 min (the test runs it)
-#   STAGES="3 4" bash train_scripts/needle_demo.sh         # only some stages (earlier outputs must be in place)
+#   STAGES="3 4 5" bash train_scripts/needle_demo.sh       # only some stages (earlier outputs must be in place)
 #
 # Every size, step count and path is an environment variable with the defaults below. Stages (all outputs under
 # NEEDLE_DEMO_DIR, default runs/needle_demo, git-ignored):
@@ -22,6 +22,8 @@
 #   4  eval_needle.py (needle_long/), eval_ppl.py on both models (ppl.csv: one row each, contexts PPL_MIN..LONG
 #      doubling), plot.py (ppl.png/.pdf), summary.json (accuracies within and beyond each trained length,
 #      perplexities, the issue's goals)
+#   5  publish/: the heatmaps, the perplexity plot and CSV, summary.json, run.json (date, device, commit, these
+#      settings), stage_times.tsv, leak_check.json and README.md, a report of them all (easy_context/needle_demo.py)
 #
 # Device time on 2 x H200 (measured 2026-11-30 for stages 0-2, bench/RESULTS.md 11b; stage_times.tsv records each
 # run's):
@@ -30,10 +32,9 @@
 #   2  45-51 s   (7 lengths x 11 depths x 4 samples = 308 forwards, the longest 64K, zigzag over 2 GPUs)
 #   3  ~3 min    (est.: 300 steps x 65536 tokens = 20M tokens; ~130 TFLOP per step, mostly attention)
 #   4  ~1.5 min  (est.: as stage 2, plus perplexity of both models at 1K..64K, plot, summary)
-# Total ~11 min, plus the machine start. A device call is limited to 10 min: run STAGES="0 1 2" and STAGES="3 4"
-# as two calls on the same warm machine (runs/ stays there; it is given back 30 s after a call), then copy the small
-# outputs where the runner returns them, e.g. cp -r $NEEDLE_DEMO_DIR/{needle_*,ppl.*,summary.json,stage_times.tsv,
-# data/leak_check.json} "$OUT"/.
+# Total ~11 min, plus the machine start. A device call is limited to 10 min: run STAGES="0 1 2" and STAGES="3 4 5"
+# as two calls on the same warm machine (runs/ stays there; it is given back 30 s after a call), the second ending
+# in: tar czf "$OUT/publish.tgz" -C "$NEEDLE_DEMO_DIR" publish; then unpack it here as docs/needle_demo.
 # STATUS (RESULTS 11): stages 0-2 learn retrieval, 0.75 within 2K (the goal is 0.95), fading over 4K-16K; stages 3-4
 # have not completed: stage 3 met a bug (sequence-parallel attention refused bf16 autocast over float32 weights),
 # fixed since. bench/needle_probe.py / bench/needle_sweep.sh check a task's learnability first (RESULTS 10e, 11a).
@@ -73,9 +74,14 @@ else
     : "${PPL_MIN:=1024}" "${EVAL_ALGO:=zigzag_ring_attn}" "${EVAL_PROCS:=$GPUS}" "${NUM_PROC:=16}"
     : "${NEEDLE_DEMO_DIR:=runs/needle_demo}"
 fi
-: "${SEQ_ALGO:=zigzag_ring_attn}" "${STAGES:=0 1 2 3 4}" "${PORT:=29531}" "${EVAL_SEED:=24242424}"
+: "${SEQ_ALGO:=zigzag_ring_attn}" "${STAGES:=0 1 2 3 4 5}" "${PORT:=29531}" "${EVAL_SEED:=24242424}"
 if [[ "$GPUS" == 1 ]]; then SEQ_ALGO=data_parallel; fi  # one process: no ring
 if [[ "$EVAL_PROCS" == 1 ]]; then EVAL_ALGO=data_parallel; fi
+SETTINGS=(GPUS DTYPE_FLAGS MODEL_FLAGS KEY_LENGTH VALUE_DIGITS DISTRACTORS OTHER_LABELS WARM STEPS_WARM BATCH_WARM
+          LR_WARM FACTS_WARM SHORT STEPS_SHORT BATCH_SHORT LR_SHORT FACTS_SHORT LONG STEPS_LONG BATCH_LONG LR_LONG
+          FACTS_LONG ROPE_SHORT ROPE_LONG WARMUP LR_SCHEDULE WEIGHT_DECAY GRID DEPTH_INTERVAL SAMPLES PPL_DOCS PPL_MIN
+          SEQ_ALGO EVAL_ALGO EVAL_PROCS EVAL_SEED)
+export "${SETTINGS[@]}"  # recorded in run.json by prepare
 DIR=$NEEDLE_DEMO_DIR
 MODEL_SHORT="$DIR/stage1_$SHORT"
 MODEL_LONG="$DIR/stage3_$LONG"
@@ -116,7 +122,8 @@ prepare() {
         --short-length "$SHORT" --short-rows "$((STEPS_SHORT * BATCH_SHORT * GPUS))" --short-facts "$FACTS_SHORT" \
         --short-questions "$FACTS_SHORT" --long-length "$LONG" --long-rows "$((STEPS_LONG * BATCH_LONG))" \
         --long-facts "$FACTS_LONG" --long-questions "$FACTS_LONG" --ppl-length "$LONG" --ppl-docs "$PPL_DOCS" \
-        --eval-samples "$SAMPLES" --eval-distractors "$DISTRACTORS" --eval-seed "$EVAL_SEED" --num-proc "$NUM_PROC"
+        --eval-samples "$SAMPLES" --eval-distractors "$DISTRACTORS" --eval-seed "$EVAL_SEED" --num-proc "$NUM_PROC" \
+        --settings "${SETTINGS[@]}"
     needle "$DIR/init" init
 }
 short() {
@@ -149,6 +156,10 @@ run_stage 1 short
 run_stage 2 eval_short
 run_stage 3 long
 run_stage 4 eval_long
+# after stage 4's time is recorded: images, numbers and their report in one folder (copy it to docs/needle_demo)
+if [[ " $STAGES " == *" 5 "* ]]; then
+    python -m easy_context.needle_demo publish --output-dir "$DIR" --to "$DIR/publish"
+fi
 echo "heatmaps: $DIR/needle_init/heatmap.png $DIR/needle_short/heatmap.png $DIR/needle_long/heatmap.png"
 echo "perplexity: $DIR/ppl.png (from $DIR/ppl.csv); summary: $DIR/summary.json;" \
      "stage times (s): $DIR/stage_times.tsv"
