@@ -229,7 +229,8 @@ def summary(args) -> dict:
 PUBLISHED = {"needle_init/heatmap.png": "heatmap_init.png", "needle_short/heatmap.png": "heatmap_short.png",
              "needle_long/heatmap.png": "heatmap_long.png", "ppl.png": "ppl.png", "ppl.csv": "ppl.csv",
              "summary.json": "summary.json", "run.json": "run.json", "stage_times.tsv": "stage_times.tsv",
-             "data/leak_check.json": "leak_check.json"}
+             "data/leak_check.json": "leak_check.json", "needle_short/samples.jsonl": "samples_short.jsonl",
+             "needle_long/samples.jsonl": "samples_long.jsonl"}
 STAGE_NAMES = {"prepare": "0 prepare (data, leak check, untrained grid)", "short": "1 train at the short length",
                "eval_short": "2 grid of the short model", "long": "3 sequence-parallel training at the long length",
                "eval_long": "4 grid, perplexity and plot of the extended model"}
@@ -265,8 +266,8 @@ def report_markdown(summary_: dict, run: dict, stage_times: list[tuple[str, floa
                 f"{gpus} GPU(s) held throughout: {wall * gpus / 3600:.2f} GPU-hours."), "",
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {STAGE_NAMES.get(name, name)} | {t:.0f} |" for name, t in stage_times]
-    lines += ["", "Retrieval accuracy by context length (eval keys never in the training text; "
-              "`leak_check.json`):", "",
+    lines += ["", "Retrieval accuracy by context length (eval keys never in the training text: `leak_check.json`; "
+              "every sample's expected and predicted answer: `samples_short.jsonl`, `samples_long.jsonl`):", "",
               "| model | " + " | ".join(_size(int(n)) for n in lengths) + f" | ≤ {_size(short)} | > {_size(short)} "
               f"| ≤ {_size(long_)} |", "|---" * (len(lengths) + 4) + "|"]
     for name in ("init", "short", "long"):

@@ -6,6 +6,7 @@ single-process forward of the unpatched model, eval_needle end to end (and its r
 independent single-process perplexity.
 """
 import importlib.util
+import json
 import math
 import os
 
@@ -184,6 +185,10 @@ def _eval_worker(rank, world, model_dir, out_dir):
     grown = eval_needle.main(args)
     n_grown = len(calls) - n_first - n_again
     needle.answer_predictions = original
+    # data_parallel: each rank runs its own samples; their records are gathered to rank 0
+    args[args.index("--parallel_mode") + 1] = "data_parallel"
+    args[args.index("--output_dir") + 1] = out_dir + "_dp"
+    dp = eval_needle.main(args)
 
     # 3. eval_ppl: SP perplexity (zigzag, truncate and sliding windows) and data_parallel == single-process
     eval_ppl = _script("eval_ppl")
@@ -199,7 +204,7 @@ def _eval_worker(rank, world, model_dir, out_dir):
     docs = load_documents(tokenizer, synthetic_tokens=384, samples=3)
     ref_trunc = [_reference_ppl(reference, docs, n, tokenizer.bos_token_id) for n in (96, 192, 384)]
     ref_slide = [_reference_ppl(reference, docs, n, tokenizer.bos_token_id, sliding_window=80) for n in (96, 192, 384)]
-    return {"checked": checked, "first": first, "again": again, "grown": grown,
+    return {"checked": checked, "first": first, "again": again, "grown": grown, "dp": dp,
             "calls": (n_first, n_again, n_grown), "ppl": (sp_trunc[0][1], sp_slide[0][1], dp_trunc[0][1]),
             "ref": (ref_trunc, ref_slide)}
 
@@ -220,6 +225,17 @@ def test_eval_distributed(model_dir, tmp_path):
     assert len(table) == 9 and set(table.columns) >= {"context_length", "depth_percent", "score"}
     assert os.path.getsize(os.path.join(out_dir, "heatmap.png")) > 1000
     assert os.path.exists(os.path.join(out_dir, "results.json"))
+    # samples.jsonl: every sample of every cell, once, and its verdicts add up to the cell's count (zigzag: every
+    # rank runs every sample; data_parallel: sample s on rank s % 2, gathered)
+    for folder, run in ((out_dir, r["grown"]), (out_dir + "_dp", r["dp"])):
+        with open(os.path.join(folder, "samples.jsonl")) as f:
+            samples = [json.loads(line) for line in f]
+        assert len(samples) == 9 * 2, folder
+        for cell in run["cells"]:
+            mine = [a for a in samples if (a["context_length"], a["depth_percent"]) ==
+                    (cell["context_length"], cell["depth_percent"])]
+            assert sorted(a["sample"] for a in mine) == [0, 1] and sum(a["correct"] for a in mine) == cell["correct"]
+            assert all(a["correct"] == (a["predicted"] == a["expected"]) for a in mine), mine
     assert results[1]["grown"] == r["grown"]
     # eval_ppl: exact against the independent single-process reference, every rank agrees
     sp_trunc, sp_slide, dp_trunc = r["ppl"]

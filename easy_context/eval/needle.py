@@ -288,7 +288,8 @@ def evaluate_needle(model, tokenizer, config: NeedleConfig, *, seq_algo: str, ou
     Collective: every rank calls it. In the sequence-parallel modes all ranks run every sample together; in
     ``data_parallel`` sample ``s`` runs on rank ``s % world`` and the counts are summed.
     Writes (rank 0): ``results.csv`` (``context_length, depth_percent, score, correct, num_samples``),
-    ``results.json`` (config, cells, average accuracy) and ``heatmap.png``.
+    ``samples.jsonl`` (one line per sample and cell: key, expected and predicted answer, correct), ``results.json``
+    (config, cells, average accuracy) and ``heatmap.png``.
     Returns:
         ``{"average_accuracy": float, "cells": [row, ...]}``.
     """
@@ -322,6 +323,7 @@ def evaluate_needle(model, tokenizer, config: NeedleConfig, *, seq_algo: str, ou
         os.makedirs(output_dir, exist_ok=True)
     for length, depth in tqdm(cells, desc="needle cells", disable=not progress or rank != 0):
         correct = torch.zeros((), dtype=torch.long, device=device)
+        answers = []  # this rank's samples: what was asked, expected and predicted
         for s, (key, number, distractors) in enumerate(needles):
             if seq_algo == "data_parallel" and s % world != rank:
                 continue
@@ -331,9 +333,17 @@ def evaluate_needle(model, tokenizer, config: NeedleConfig, *, seq_algo: str, ou
                                   city=key, boundaries=boundaries, task=task)
             preds = answer_predictions(model, torch.tensor([prompt.input_ids]), prompt.answer_start,
                                        len(prompt.answer_ids), seq_algo=seq_algo, device=device)
-            correct += int(bool((preds.cpu() == torch.tensor(prompt.answer_ids)).all()))
+            hit = bool((preds.cpu() == torch.tensor(prompt.answer_ids)).all())
+            correct += int(hit)
+            answers.append({"context_length": length, "depth_percent": round(depth * 100), "sample": s,
+                            "key": str(key), "expected": tokenizer.decode(prompt.answer_ids),
+                            "predicted": tokenizer.decode(preds.tolist()), "correct": hit})
         if seq_algo == "data_parallel":
             all_reduce_(correct)
+            if world > 1:  # every sample's record on rank 0
+                gathered = [None] * world
+                dist.all_gather_object(gathered, answers)
+                answers = sorted((a for part in gathered for a in part), key=lambda a: a["sample"])
         row = {"context_length": length, "depth_percent": round(depth * 100), "score": correct.item() /
                config.num_samples, "correct": correct.item(), "num_samples": config.num_samples}
         done.append(row)
@@ -343,6 +353,8 @@ def evaluate_needle(model, tokenizer, config: NeedleConfig, *, seq_algo: str, ou
                 if header:
                     f.write(",".join(RESULT_COLUMNS) + "\n")
                 f.write(",".join(str(row[c]) for c in RESULT_COLUMNS) + "\n")
+            with open(os.path.join(output_dir, "samples.jsonl"), "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(a) + "\n" for a in answers)
     wanted = {(n, round(d * 100)) for n in config.context_lengths for d in config.depths}
     rows = [r for r in done if (int(r["context_length"]), int(r["depth_percent"])) in wanted]
     average = sum(float(r["score"]) for r in rows) / max(len(rows), 1)
