@@ -155,11 +155,13 @@ def _write_run(out: str, names: list[str]) -> None:
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = f"{n} x {torch.cuda.get_device_name(0)}" if n else "CPU"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git (the device machine)
-        commit = "unknown"
+    commit = os.environ.get("EASY_CONTEXT_COMMIT")  # given where the tree is a copy without .git (a lent GPU)
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     run = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
            "commit": commit, "settings": {k: os.environ.get(k) for k in names}}
     with open(os.path.join(out, "run.json"), "w") as f:

@@ -34,7 +34,8 @@
 #   4  ~1.5 min  (est.: as stage 2, plus perplexity of both models at 1K..64K, plot, summary)
 # Total ~11 min, plus the machine start. A device call is limited to 10 min: run STAGES="0 1 2" and STAGES="3 4 5"
 # as two calls on the same warm machine (runs/ stays there; it is given back 30 s after a call), the second ending
-# in: tar czf "$OUT/publish.tgz" -C "$NEEDLE_DEMO_DIR" publish; then unpack it here as docs/needle_demo.
+# in: tar czf "$OUT/publish.tgz" -C "$NEEDLE_DEMO_DIR" publish; then unpack it here as docs/needle_demo. Where the
+# tree has no .git, EASY_CONTEXT_COMMIT=<hash> names the commit in run.json.
 # STATUS (RESULTS 11): stages 0-2 learn retrieval, 0.75 within 2K (the goal is 0.95), fading over 4K-16K; stages 3-4
 # have not completed: stage 3 met a bug (sequence-parallel attention refused bf16 autocast over float32 weights),
 # fixed since. bench/needle_probe.py / bench/needle_sweep.sh check a task's learnability first (RESULTS 10e, 11a).
