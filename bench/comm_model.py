@@ -16,9 +16,8 @@ unless ``--keep``) on W GPUs, to be checked against a measured step (bench/peers
 easy_context/attention/zigzag_ring.py: the forward posts the next K/V block before computing the current one
 (W-1 transfers); the backward does the same and also passes the block's float32 dK/dV on after computing it, so
 during step s > 0 the K/V and the previous step's dK/dV are in flight together, and the last dK/dV hop (back to the
-block's owner, cast to bf16 first: the owner only casts it) has no compute left to hide behind. Ulysses' all-to-alls
-(q, k, v to head shards and the output back; in the backward dout, then dq, dk, dv) sit between the projections and
-the attention: nothing hides them.
+block's owner) has no compute left to hide behind. Ulysses' all-to-alls (q, k, v to head shards and the output
+back; in the backward dout, then dq, dk, dv) sit between the projections and the attention: nothing hides them.
 Per-rank attention compute comes from ``--attention`` (bench/attention.py's rows: the zigzag schedule at (S, W),
 one GPU's cuDNN call / W for Ulysses) or, without a matching row, from ``--attn-tflops``; the MLP/projection
 matmuls from ``--dense-tflops`` (670: bench/RESULTS.md 7b, 4 layers at 128K, 1.26 s of matmuls counting the
@@ -139,7 +138,7 @@ def ring_schedule(t_fwd: float, t_fb: float, w: int, kv_bytes: float, link: Link
     c_f, c_b = t_fwd / w, (t_fb - t_fwd) / w
     fwd = [(c_f, kv if i + 1 < w else 0.0) for i in range(w)]
     bwd = [(c_b, (kv if i + 1 < w else 0.0) + (dkv if i > 0 else 0.0)) for i in range(w)]
-    bwd.append((0.0, kv))  # the last dK/dV hop to the owner, already in K/V's dtype: nothing left to compute
+    bwd.append((0.0, dkv))  # the last dK/dV hop to the block's owner: nothing left to compute
     exposed = lambda steps: sum(max(0.0, t - c) for c, t in steps)  # noqa: E731
     return dict(fwd=fwd, bwd=bwd, exposed_fwd=exposed(fwd), exposed_bwd=exposed(bwd), bw_GBps=bw / 1e9,
                 kv_bytes=kv_bytes)

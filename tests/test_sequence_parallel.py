@@ -124,24 +124,6 @@ def _worker(rank, world):
     for algo in SEQ_ALGOS:
         assert torch.equal(gather_sequence(algo, shard_sequence(algo, x, rank, world)), x), algo
 
-    # the backward's ring messages: per step the next K/V block (bf16 inputs: bf16) and the held block's dK/dV,
-    # float32 while it accumulates; the last hop goes to the owner, who only casts it, so it is cast before it
-    # travels (half the bytes; the same rounding, so the exactness checks above cover its values)
-    from easy_context.attention.comm import RingComm
-
-    sent, exchange = [], RingComm.exchange
-    RingComm.exchange = lambda self, send, *a: sent.append([t.dtype for t in send]) or exchange(self, send, *a)
-    try:
-        q, k, v = (torch.randn(1, 8, 4, 8, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
-        out = zigzag_ring_attn_func(q, k, v)
-        sent.clear()
-        out.float().sum().backward()
-    finally:
-        RingComm.exchange = exchange
-    bf16, fp32 = [torch.bfloat16] * 2, [torch.float32] * 2
-    assert sent == [m for s in range(world) for m in ([bf16, fp32] if s + 1 < world else [bf16])], sent
-    assert k.grad.dtype == torch.bfloat16
-
     # ranks that pass different shapes fail together before any p2p / all-to-all: no hang
     for algo, fn in FUNCS.items():
         s = 4 if rank == 0 else 8
