@@ -36,10 +36,15 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--other-labels", type=float, default=0.05, help="share of filler tokens with a loss")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast over float32 weights, as the demo trains")
-    ap.add_argument("--curriculum", nargs="*", default=None, metavar="SEQ:FACTS:STEPS",
-                    help="stages trained one after another (instead of --seq/--facts/--steps)")
+    ap.add_argument("--curriculum", nargs="*", default=None, metavar="SEQ:FACTS:STEPS[:NEAR]",
+                    help="stages trained one after another (instead of --seq/--facts/--steps); NEAR: the stage's "
+                    "share of near-miss keys (default --near-keys)")
+    ap.add_argument("--near-keys", type=float, default=0.0,
+                    help="share of a row's keys drawn as near misses of its other keys (facts.draw_facts)")
     a = ap.parse_args()
-    stages = [tuple(map(int, c.split(":"))) for c in a.curriculum] if a.curriculum else [(a.seq, a.facts, a.steps)]
+    stages = [(int(p[0]), int(p[1]), int(p[2]), float(p[3]) if len(p) > 3 else a.near_keys)
+              for p in (c.split(":") for c in a.curriculum)] if a.curriculum else \
+        [(a.seq, a.facts, a.steps, a.near_keys)]
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=a.bf16)
@@ -47,7 +52,7 @@ def main():
     model = LlamaForCausalLM(LlamaConfig(
         hidden_size=a.hidden, intermediate_size=a.intermediate or 3 * a.hidden, num_hidden_layers=a.layers,
         num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=len(tok),
-        max_position_embeddings=4 * max(q for q, _, _ in stages),
+        max_position_embeddings=4 * max(st[0] for st in stages),
         rope_theta=10000.0,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
@@ -57,14 +62,16 @@ def main():
     boundaries, haystacks = SentenceBoundaries(tok), {}  # one haystack per evaluated length, built once
 
     @torch.no_grad()
-    def accuracy(seq: int, facts: int) -> float:
+    def accuracy(seq: int, facts: int) -> dict:
+        """Retrieval accuracy on unseen keys; also on the prompts where a distractor's key ends in the needle key's
+        last letter ("near"), where a model that matched only the token before the colon would fail."""
         needle = NeedleConfig(lengths=(seq,), num_samples=a.eval_samples, rnd_number_digits=a.digits,
                               num_distractor=facts - 1, task="kv", key_length=a.key_length)
         if seq not in haystacks:
             haystacks[seq] = load_haystack(tok, 2 * seq, seed=needle.seed)
         hay = haystacks[seq]
         model.eval()
-        ok = 0
+        ok, near, near_ok = 0, 0, 0
         for s in range(needle.num_samples):
             key, value, others = needle.needles(s)
             rng = random.Random(s)
@@ -74,15 +81,19 @@ def main():
             with autocast:
                 logits = model(torch.tensor([p.input_ids], device=device)).logits[0]
             pred = logits[p.answer_start - 1:p.answer_start - 1 + len(p.answer_ids)].argmax(-1).cpu()
-            ok += int((pred == torch.tensor(p.answer_ids)).all())
+            hit = int((pred == torch.tensor(p.answer_ids)).all())
+            ok += hit
+            if any(k[-1] == key[-1] for k, _ in others):
+                near, near_ok = near + 1, near_ok + hit
         model.train()
-        return ok / needle.num_samples
+        return {"accuracy": ok / needle.num_samples, "near": near,
+                "accuracy_near": round(near_ok / near, 3) if near else None}
 
     t0, step = time.time(), 0
-    for stage, (seq, facts, steps) in enumerate(stages):
+    for stage, (seq, facts, steps, near_share) in enumerate(stages):
         rows = fact_rows(tok, num_rows=steps * a.batch, seq_length=seq, split="train", num_facts=facts,
                          num_questions=facts, key_length=a.key_length, value_digits=a.digits,
-                         other_labels=a.other_labels,
+                         other_labels=a.other_labels, near_keys=near_share,
                          seed=7 + stage)
         for _ in range(steps):
             step += 1
@@ -98,7 +109,7 @@ def main():
             opt.zero_grad()
             if step % a.eval_every == 0:
                 print(json.dumps({"step": step, "seq": seq, "facts": facts, "loss": round(loss.item(), 3),
-                                  "accuracy": accuracy(seq, facts), "s": round(time.time() - t0)}), flush=True)
+                                  **accuracy(seq, facts), "s": round(time.time() - t0)}), flush=True)
                 if a.seconds and time.time() - t0 > a.seconds:
                     return
 

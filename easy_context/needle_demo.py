@@ -107,14 +107,17 @@ def prepare(args) -> dict:
     task = dict(key_length=args.key_length, value_digits=args.value_digits, num_proc=args.num_proc)
     # each corpus its own seed; the eval needles (and their haystack) use eval_needle.py's --seed
     corpora = [
-        ("train_short", args.short_length, args.short_rows, args.short_facts, args.short_questions, args.seed + 1),
-        ("train_long", args.long_length, args.long_rows, args.long_facts, args.long_questions, args.seed + 2)]
+        ("train_short", args.short_length, args.short_rows, args.short_facts, args.short_questions, args.seed + 1,
+         args.near_keys),
+        ("train_long", args.long_length, args.long_rows, args.long_facts, args.long_questions, args.seed + 2,
+         args.near_keys)]
     if args.warm_rows:  # the curriculum's first step: shorter rows, where attention finds the facts sooner
         corpora.insert(0, ("train_warm", args.warm_length, args.warm_rows, args.warm_facts, args.warm_facts,
-                           args.seed + 4))
-    for name, length, rows, facts, questions, seed in corpora:
+                           args.seed + 4, args.warm_near_keys))
+    for name, length, rows, facts, questions, seed, near in corpora:
         _write_rows(tokenizer, os.path.join(out, "data", name), num_rows=rows, seq_length=length, split="train",
-                    num_facts=facts, num_questions=questions, other_labels=args.other_labels, seed=seed, **task)
+                    num_facts=facts, num_questions=questions, other_labels=args.other_labels, near_keys=near,
+                    seed=seed, **task)
     _write_rows(tokenizer, os.path.join(out, "data", "ppl"), num_rows=args.ppl_docs, with_labels=False,
                 seq_length=args.ppl_length + 1, split="eval", num_facts=args.eval_distractors + 1, num_questions=1,
                 seed=args.seed + 3, **task)
@@ -322,6 +325,10 @@ def main(argv=None) -> None:
     a.add_argument("--rope-theta", type=float, default=10000.0)
     a.add_argument("--other-labels", type=float, default=0.0,
                    help="share of filler tokens with a loss (answers always; facts and questions never)")
+    a.add_argument("--near-keys", type=float, default=0.0,
+                   help="share of the keys of the short and long rows drawn one letter away from another key of "
+                   "the row (hard negatives: facts.draw_facts)")
+    a.add_argument("--warm-near-keys", type=float, default=0.0, help="the same for the warm-up rows")
     a.add_argument("--settings", nargs="*", default=[],
                    help="names of environment variables to record in run.json (the script's settings)")
     s = sub.add_parser("summary", help="accuracies, perplexities and goals from the run's output files")

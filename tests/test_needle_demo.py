@@ -42,6 +42,22 @@ def test_key_spaces_are_disjoint_and_fact_draws_stay_in_theirs():
         draw_facts(rng, 90, split="eval", key_length=2)
 
 
+
+def test_near_miss_keys():
+    """near_keys: keys one letter away from an earlier key of the same row (hard negatives); 0 draws as before."""
+    # the draws of the version without near misses (seed 0): earlier runs' data stays reproducible
+    assert draw_facts(random.Random(0), 4, split="train", key_length=3, value_digits=3) == \
+        [("MYN", "242"), ("BIQ", "194"), ("JPL", "892"), ("SGQ", "411")]
+    for seed in range(5):
+        facts = draw_facts(random.Random(seed), 16, split="train", key_length=3, near_keys=1.0)
+        keys = [k for k, _ in facts]
+        assert len(set(keys)) == 16 and {key_split(k) for k in keys} == {"train"}
+        for i, key in enumerate(keys[1:], 1):
+            assert any(sum(a != b for a, b in zip(key, other)) == 1 for other in keys[:i]), (key, keys[:i])
+    with pytest.raises(ValueError, match="near_keys"):
+        draw_facts(random.Random(0), 4, split="train", near_keys=1.5)
+
+
 def test_fact_rows_format_and_labels():
     tokenizer = make_tokenizer("bytes")
     rows = list(fact_rows(tokenizer, num_rows=3, seq_length=400, split="train", num_facts=4, num_questions=3,

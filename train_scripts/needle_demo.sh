@@ -75,13 +75,16 @@ else
     : "${PPL_MIN:=1024}" "${EVAL_ALGO:=zigzag_ring_attn}" "${EVAL_PROCS:=$GPUS}" "${NUM_PROC:=16}"
     : "${NEEDLE_DEMO_DIR:=runs/needle_demo}"
 fi
+# hard negatives: the share of a row's keys drawn one letter away from another key of the row (warm-up rows, then
+# the short and long rows); 0: keys drawn independently
+: "${NEAR_KEYS_WARM:=0}" "${NEAR_KEYS:=0}"
 : "${SEQ_ALGO:=zigzag_ring_attn}" "${STAGES:=0 1 2 3 4 5}" "${PORT:=29531}" "${EVAL_SEED:=24242424}"
 if [[ "$GPUS" == 1 ]]; then SEQ_ALGO=data_parallel; fi  # one process: no ring
 if [[ "$EVAL_PROCS" == 1 ]]; then EVAL_ALGO=data_parallel; fi
-SETTINGS=(GPUS DTYPE_FLAGS MODEL_FLAGS KEY_LENGTH VALUE_DIGITS DISTRACTORS OTHER_LABELS WARM STEPS_WARM BATCH_WARM
-          LR_WARM FACTS_WARM SHORT STEPS_SHORT BATCH_SHORT LR_SHORT FACTS_SHORT LONG STEPS_LONG BATCH_LONG LR_LONG
-          FACTS_LONG ROPE_SHORT ROPE_LONG WARMUP LR_SCHEDULE WEIGHT_DECAY GRID DEPTH_INTERVAL SAMPLES PPL_DOCS PPL_MIN
-          SEQ_ALGO EVAL_ALGO EVAL_PROCS EVAL_SEED)
+SETTINGS=(GPUS DTYPE_FLAGS MODEL_FLAGS KEY_LENGTH VALUE_DIGITS DISTRACTORS OTHER_LABELS NEAR_KEYS NEAR_KEYS_WARM WARM
+          STEPS_WARM BATCH_WARM LR_WARM FACTS_WARM SHORT STEPS_SHORT BATCH_SHORT LR_SHORT FACTS_SHORT LONG STEPS_LONG
+          BATCH_LONG LR_LONG FACTS_LONG ROPE_SHORT ROPE_LONG WARMUP LR_SCHEDULE WEIGHT_DECAY GRID DEPTH_INTERVAL SAMPLES
+          PPL_DOCS PPL_MIN SEQ_ALGO EVAL_ALGO EVAL_PROCS EVAL_SEED)
 export "${SETTINGS[@]}"  # recorded in run.json by prepare
 DIR=$NEEDLE_DEMO_DIR
 MODEL_SHORT="$DIR/stage1_$SHORT"
@@ -119,6 +122,7 @@ prepare() {
     rm -rf "$DIR/init" "$DIR/data"
     python -m easy_context.needle_demo prepare --output-dir "$DIR" $MODEL_FLAGS --rope-theta "$ROPE_SHORT" \
         --key-length "$KEY_LENGTH" --value-digits "$VALUE_DIGITS" --other-labels "$OTHER_LABELS" \
+        --near-keys "$NEAR_KEYS" --warm-near-keys "$NEAR_KEYS_WARM" \
         --warm-length "$WARM" --warm-rows "$((STEPS_WARM * BATCH_WARM * GPUS))" --warm-facts "$FACTS_WARM" \
         --short-length "$SHORT" --short-rows "$((STEPS_SHORT * BATCH_SHORT * GPUS))" --short-facts "$FACTS_SHORT" \
         --short-questions "$FACTS_SHORT" --long-length "$LONG" --long-rows "$((STEPS_LONG * BATCH_LONG))" \

@@ -37,8 +37,12 @@ def key_split(key: str) -> str:
 
 
 def draw_facts(rng: random.Random, count: int, *, split: str, key_length: int = 3,
-               value_digits: int = 4) -> list[tuple[str, str]]:
+               value_digits: int = 4, near_keys: float = 0.0) -> list[tuple[str, str]]:
     """``count`` facts ``(key, value)`` with distinct keys of ``split``'s key space and random digit values.
+
+    ``near_keys``: the share of keys (after the first) drawn as a near miss of an earlier key of the same draw: one
+    letter changed. A row with near misses cannot be answered by matching part of the key (a model that matched
+    only the letter before the colon fails every prompt where two keys end alike). 0 draws exactly as before.
 
     Raises:
         ValueError: an unknown split, ``key_length < 2`` (a single capital starts sentences in the filler), or more
@@ -52,9 +56,14 @@ def draw_facts(rng: random.Random, count: int, *, split: str, key_length: int = 
     if count > space // 2:  # rejection sampling of distinct keys: keep it far from exhausting the space
         raise ValueError(f"{count} facts with {key_length}-letter keys: the {split} space has ~{space} keys, at most "
                          f"half of them per draw; raise the key length")
+    if not 0 <= near_keys <= 1:
+        raise ValueError(f"near_keys is a share, 0..1; got {near_keys}")
     keys: list[str] = []
     while len(keys) < count:
         key = "".join(rng.choice(string.ascii_uppercase) for _ in range(key_length))
+        if keys and near_keys and rng.random() < near_keys:
+            base, at = rng.choice(keys), rng.randrange(key_length)
+            key = base[:at] + rng.choice(string.ascii_uppercase.replace(base[at], "")) + base[at + 1:]
         if key_split(key) == split and key not in keys:
             keys.append(key)
     return [(k, "".join(rng.choice(string.digits) for _ in range(value_digits))) for k in keys]
@@ -75,7 +84,7 @@ def find_key_leaks(texts: Iterable[str], keys: Iterable[str]) -> dict:
 
 
 def fact_rows(tokenizer, *, num_rows: int, seq_length: int, split: str, num_facts: int, num_questions: int = 1,
-              key_length: int = 3, value_digits: int = 4, other_labels: float = 0.0,
+              key_length: int = 3, value_digits: int = 4, other_labels: float = 0.0, near_keys: float = 0.0,
               seed: int = 0) -> Iterator[dict]:
     """Rows of exactly ``seq_length`` tokens: ``{"input_ids", "labels", "keys"}``.
 
@@ -90,6 +99,7 @@ def fact_rows(tokenizer, *, num_rows: int, seq_length: int, split: str, num_fact
         other_labels: share of the filler and prefix tokens that carry a label (the answers always do; facts and
             questions never: their keys and values are random). 0 = answers only; 1 = language modelling of the
             essays as well.
+        near_keys: share of a row's keys drawn as near misses of its other keys (:func:`draw_facts`).
     Returns:
         An iterator of dicts; ``labels`` holds the token id where a loss is taken, -100 elsewhere (per input token,
         as train.py reads it); ``keys`` the row's fact keys.
@@ -110,7 +120,8 @@ def fact_rows(tokenizer, *, num_rows: int, seq_length: int, split: str, num_fact
                          seed=random.Random(f"{seed}-{split}-filler").randrange(1 << 40))
     boundaries = SentenceBoundaries(tokenizer)
     for _ in range(num_rows):
-        facts = draw_facts(rng, num_facts, split=split, key_length=key_length, value_digits=value_digits)
+        facts = draw_facts(rng, num_facts, split=split, key_length=key_length, value_digits=value_digits,
+                           near_keys=near_keys)
         tail, tail_answers = [], []
         for i in rng.sample(range(1, num_facts), num_questions - 1):
             question, answer = split_answer(tokenizer, task.question(facts[i][0]), facts[i][1])
