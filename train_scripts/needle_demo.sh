@@ -38,7 +38,7 @@
 # tree has no .git, EASY_CONTEXT_COMMIT=<hash> names the commit in run.json.
 # STATUS (RESULTS 11): stages 0-2 learn retrieval, 0.75 within 2K (the goal is 0.95), fading over 4K-16K; stages 3-4
 # have not completed: stage 3 met a bug (sequence-parallel attention refused bf16 autocast over float32 weights),
-# fixed since. bench/needle_probe.py / bench/needle_sweep.sh check a task's learnability first (RESULTS 10e, 11a).
+# fixed since. NEAR_KEYS=0.5 (below) is new since that run. bench/needle_probe.py / bench/needle_sweep.sh check a task's learnability first (RESULTS 10e, 11a).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
