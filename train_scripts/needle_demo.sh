@@ -27,7 +27,8 @@
 #
 # Device time on 2 x H200 (measured 2026-11-30 for stages 0-2, bench/RESULTS.md 11b; stage_times.tsv records each
 # run's):
-#   0  109-119 s (64,000 + 38,400 + 300 rows generated and leak-checked on 16 host processes; untrained-model grid)
+#   0  109-119 s (64,000 + 38,400 + 300 rows generated and leak-checked on 16 host processes, now one per core;
+#                 untrained-model grid)
 #   1  232-253 s (2000 steps x 32 rows x 256 tokens, then 1200 steps x 32 rows x 2048 tokens = 95M tokens)
 #   2  45-51 s   (7 lengths x 11 depths x 4 samples = 308 forwards, the longest 64K, zigzag over 2 GPUs)
 #   3  ~3 min    (est.: 300 steps x 65536 tokens = 20M tokens; ~130 TFLOP per step, mostly attention)
@@ -72,7 +73,7 @@ else
     : "${LONG:=65536}" "${STEPS_LONG:=300}" "${BATCH_LONG:=1}" "${LR_LONG:=2e-4}" "${FACTS_LONG:=64}"
     : "${ROPE_SHORT:=10000}" "${ROPE_LONG:=1000000}" "${WARMUP:=50}" "${LR_SCHEDULE:=constant}" "${WEIGHT_DECAY:=0}"
     : "${GRID:=1024,2048,4096,8192,16384,32768,65536}" "${DEPTH_INTERVAL:=0.1}" "${SAMPLES:=4}" "${PPL_DOCS:=4}"
-    : "${PPL_MIN:=1024}" "${EVAL_ALGO:=zigzag_ring_attn}" "${EVAL_PROCS:=$GPUS}" "${NUM_PROC:=16}"
+    : "${PPL_MIN:=1024}" "${EVAL_ALGO:=zigzag_ring_attn}" "${EVAL_PROCS:=$GPUS}" "${NUM_PROC:=$(nproc)}"
     : "${NEEDLE_DEMO_DIR:=runs/needle_demo}"
 fi
 # hard negatives: the share of a row's keys drawn one letter away from another key of the row (warm-up rows, then
