@@ -134,10 +134,10 @@ def prepare(args) -> dict:
     eval_keys |= {k for keys in load_from_disk(os.path.join(out, "data", "ppl"))["keys"] for k in keys}
     report = {"eval_keys": len(eval_keys), "model_parameters": params}
     trained = [name for name, *_ in corpora]
-    for name in trained:
+    for name, length, *_ in corpora:
         found = find_key_leaks(_texts(tokenizer, os.path.join(out, "data", name), args.num_proc), eval_keys)
-        report[name] = {"rows": found["texts"], "seq_length": next(c[1] for c in corpora if c[0] == name),
-                        "distinct_keys_in_text": found["keys_seen"], "eval_keys_found": found["leaks"]}
+        report[name] = {"rows": found["texts"], "seq_length": length, "distinct_keys_in_text": found["keys_seen"],
+                        "eval_keys_found": found["leaks"]}
     report["leak"] = any(report[n]["eval_keys_found"] for n in trained)
     with open(os.path.join(out, "data", "leak_check.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -279,12 +279,11 @@ def report_markdown(summary_: dict, run: dict, stage_times: list[tuple[str, floa
         a = acc[name]
         lines.append(f"| {name} | " + " | ".join(f"{a['by_length'][n]:.2f}" for n in lengths)
                      + f" | {a['within_short']:.2f} | {a['beyond_short']:.2f} | {a['within_long']:.2f} |")
-    contexts = sorted({int(n) for row in ppl.values() for n in row})
+    contexts = sorted({n for row in ppl.values() for n in row}, key=int)  # JSON keys: "1024", ...
     lines += ["", "Perplexity by context length:", "",
-              "| model | " + " | ".join(_size(n) for n in contexts) + " |", "|---" * (len(contexts) + 1) + "|"]
+              "| model | " + " | ".join(_size(int(n)) for n in contexts) + " |", "|---" * (len(contexts) + 1) + "|"]
     for name, row in ppl.items():
-        lines.append(f"| {name} | " + " | ".join(f"{float(row.get(str(n), row.get(n, 'nan'))):.3f}"
-                                                 for n in contexts) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{row.get(n, float('nan')):.3f}" for n in contexts) + " |")
     lines += ["", "Goals:", ""] + [f"- {'MET' if met else 'NOT MET'}: `{goal}`"
                                    for goal, met in summary_["goals"].items()]
     lines += ["", "Settings:", "", "```"] + [f"{k}={v}" for k, v in settings.items()] + ["```", ""]

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from ..utils import is_zero3, rank_world
 
-_OWN_GROUP: list[bool] = []  # non-empty while this process holds a group that init_distributed() created
+_own_group = False  # True while this process holds a group that init_distributed() created
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -24,9 +24,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    global _own_group
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
-        _OWN_GROUP.append(True)
+        _own_group = True
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
@@ -35,9 +36,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def close_distributed() -> None:
     """Destroy the process group if :func:`init_distributed` created it (a script's last step: without it NCCL warns
     at exit that resources may leak); a group someone else made (tests) is left alone."""
-    if _OWN_GROUP and dist.is_initialized():
+    global _own_group
+    if _own_group and dist.is_initialized():
         dist.destroy_process_group()
-    _OWN_GROUP.clear()
+    _own_group = False
 
 
 def deepspeed_inference_config(dtype: torch.dtype, hidden_size: int) -> dict | None:
