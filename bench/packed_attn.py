@@ -63,6 +63,16 @@ def balance(algo, bounds, world):
     return max(per) / (sum(per) / world)
 
 
+def travel(algo, bounds, world):
+    """The share of each ring position's K/V rows that leave it (zigzag_ring.block_spans: what other ranks read)."""
+    from easy_context.attention.zigzag_ring import block_spans
+
+    if algo != "zigzag_ring_attn":
+        return None
+    n = bounds[-1] // world
+    return [round(sum(b - a for a, b in block_spans(s, world, n, True, (tuple(bounds),))) / n, 3) for s in range(world)]
+
+
 def timed(fn):
     torch.cuda.synchronize()
     dist.barrier()
@@ -134,7 +144,8 @@ def worker(rank, world, args, port):
                     row = dict(kind="packed", algo=algo, backend=backend, S=seq, docs=len(mix) - 1,
                                unmasked_fraction=round(pairs(mix) / pairs([0, seq]), 4),
                                balance=round(balance(algo, mix, world), 3),
-                               balance_given_order=round(balance(algo, raw, world), 3), cold_s=round(cold, 4),
+                               balance_given_order=round(balance(algo, raw, world), 3),
+                               kv_rows_sent=travel(algo, mix, world), cold_s=round(cold, 4),
                                warm_s=round(warm, 4), TFLOPs_per_rank=round(flops / world / warm / 1e12, 1),
                                cold_TFLOPs_per_rank=round(flops / world / cold / 1e12, 1))
                     if prof:

@@ -81,7 +81,9 @@ def flex(q, k, v, do, bounds):
 
     def mask(b, h, qi, ki):
         return (doc[qi] == doc[ki]) & (ki <= qi)
-    bm = create_block_mask(mask, None, None, seq, seq, device=q.device)
+    # _compile: the block mask from the mask function block by block (uncompiled it materialises S x S: 128 GiB at
+    # 128K, the out-of-memory of RESULTS 12)
+    bm = create_block_mask(mask, None, None, seq, seq, device=q.device, _compile=True)
     qq, kk, vv = (t(x).detach().requires_grad_() for x in (q, k, v))
     out = _FLEX["fn"](qq, kk, vv, block_mask=bm, scale=SCALE)
     out.backward(t(do))

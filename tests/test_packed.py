@@ -57,7 +57,7 @@ def _cases(world):
     return cases
 
 
-def _run(rank, world, algo, causal, b, h, hkv, d, opts):
+def _run(rank, world, algo, causal, b, h, hkv, d, opts, shared=False):
     gran = sequence_granularity(algo, world, **opts)
     seq = gran * max(3, -(-12 // gran))  # at least 12 tokens, a multiple of the layout's granularity
     gen = torch.Generator().manual_seed(zlib.crc32(repr((algo, causal, b, h, hkv, d, opts, world)).encode()))
@@ -68,8 +68,8 @@ def _run(rank, world, algo, causal, b, h, hkv, d, opts):
     named = mixes(seq)
     names = list(named)
     for i, name in enumerate(names):
-        # batch rows: this mix, and (b=2) the next mix in the second row
-        per_row = [named[name]] + [named[names[(i + 1) % len(names)]]] * (b - 1)
+        # batch rows: this mix, and (b=2) the next mix in the second row, or (shared) this mix in every row
+        per_row = [named[name]] * b if shared else [named[name]] + [named[names[(i + 1) % len(names)]]] * (b - 1)
         qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
         ref = doc_reference(qr, kr, vr, per_row, causal, scale)
         ref.backward(dout.double())
@@ -78,7 +78,7 @@ def _run(rank, world, algo, causal, b, h, hkv, d, opts):
             return shard_sequence(algo, x, rank, world, **opts)
 
         ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
-        cu = per_row[0] if b == 1 else per_row
+        cu = per_row[0] if b == 1 or shared else per_row
         out = DOC_FUNCS[algo](ql, kl, vl, causal, scale, None, cu_seqlens=cu, **opts)
         out.backward(shard(dout))
         errs = {"out": rel_err(out, shard(ref)), "dq": rel_err(ql.grad, shard(qr.grad)),
@@ -124,6 +124,29 @@ def test_document_masked_attention_matches_per_document_reference(world):
     assert max(run_distributed(_worker, world, timeout=600)) < TOL
 
 
+def _varlen_worker(rank, world):
+    """As _worker, with the math kernel's varlen entry point on: each diagonal block is one call over its documents
+    (the path FA2 varlen takes on GPUs), checked against the same per-document float64 reference."""
+    from easy_context.attention import backends as B, kernels as K
+
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return B.math_varlen_forward(*args)
+
+    K.KERNELS["math"] = K.KERNELS["math"]._replace(varlen=K.Varlen(counted, B.math_varlen_backward, float("inf")))
+    worst = max(max(_run(rank, world, *case) for case in _cases(world)),  # + batch rows sharing their documents:
+                max(_run(rank, world, *case, shared=True) for case in _cases(world) if case[2] > 1))  # one call
+    assert calls, "the varlen path never ran"
+    return worst
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_varlen_diagonal_blocks_match_per_document_reference(world):
+    assert max(run_distributed(_varlen_worker, world, timeout=600)) < TOL
+
+
 def test_one_document_plan_is_the_classic_zigzag_plan():
     """Without documents the planner gives the ring's three classic calls (one per block)."""
     w, n = 4, 16
@@ -154,6 +177,67 @@ def test_planner_skips_blocks_without_overlap_and_counts_work_exactly():
             pairs += nq * (nq + 1) // 2 if sg.causal else nq * nk
     assert pairs == 4 * 5 // 2 + 12 * 13 // 2
     assert work([bounds], ((0, 16),)) == pairs
+
+
+def test_only_the_rows_other_ranks_read_travel():
+    """block_spans: the key rows of a block that leave its owner are exactly those some other rank's calls read."""
+    from easy_context.attention.zigzag_ring import block_spans
+
+    w, n = 2, 8
+    # doc A = chunk 0 (rank 0); doc B = chunks 1-3: rank 0's block (chunks 0, 3) is read by nobody (A stays home,
+    # chunk 3 is the last), rank 1's (chunks 1, 2) is read whole by rank 0's chunk 3
+    assert block_spans(0, w, n, True, ((0, 4, 16),)) == ()
+    assert block_spans(1, w, n, True, ((0, 4, 16),)) == ((0, 8),)
+    # one document over chunks 0-2 and half of chunk 3: rank 1's queries read rank 0's chunk 0, never its chunk 3
+    assert block_spans(0, w, n, True, ((0, 14, 16),)) == ((0, 4),)
+    # a document inside each chunk: nothing travels either way
+    assert block_spans(0, w, n, True, ((0, 4, 8, 12, 16),)) == () == block_spans(1, w, n, True, ((0, 4, 8, 12, 16),))
+    # a document crossing the chunk 0 / chunk 1 boundary by 1 token on each side: one row of rank 0 travels
+    assert block_spans(0, w, n, True, ((0, 3, 5, 16),)) == ((3, 4),)
+    # one causal document: position 0's second chunk (the last of the sequence) is read by no later query
+    assert block_spans(0, 4, n, True, None) == ((0, 4),)
+    assert all(block_spans(s, 4, n, True, None) == ((0, n),) for s in range(1, 4))
+    assert block_spans(0, 4, n, False, None) == ((0, n),)  # unmasked: every key is read
+
+
+def _count_rows_worker(rank, world):
+    """Rows posted to the ring's sends in one fwd+bwd of zigzag over packed rows, and the per-document error."""
+    from easy_context.attention import comm as comm_mod
+
+    sent = []
+    real = comm_mod.exchange
+
+    def counting(send, dst, recv_like, src, group):
+        if dst is not None:
+            sent.extend(t.shape[1] for t in send)
+        return real(send, dst, recv_like, src, group)
+
+    comm_mod.exchange = counting
+    try:
+        seq, bounds = 32, [0, 7, 9, 23, 32]
+        gen = torch.Generator().manual_seed(0)
+        q, k, v, dout = (torch.randn(1, seq, 2, 8, generator=gen) for _ in range(4))
+        qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
+        ref = doc_reference(qr, kr, vr, [bounds], True, 0.3)
+        ref.backward(dout.double())
+        shard = lambda x: shard_sequence("zigzag_ring_attn", x, rank, world)  # noqa: E731
+        ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
+        out = DOC_FUNCS["zigzag_ring_attn"](ql, kl, vl, True, 0.3, None, cu_seqlens=bounds)
+        out.backward(shard(dout))
+        err = max(rel_err(out, shard(ref)), rel_err(kl.grad, shard(kr.grad)), rel_err(vl.grad, shard(vr.grad)))
+    finally:
+        comm_mod.exchange = real
+    return sum(sent), err
+
+
+def test_ring_sends_only_the_crossing_rows():
+    """2 ranks, chunks of 8: documents [0,7) [7,9) [9,23) [23,32). Rank 0 holds chunks 0 and 3 (rows 0-7, 24-31),
+    rank 1 chunks 1 and 2 (rows 8-23). Rank 1's queries read rank 0's row 7 (document [7,9)); rank 0's queries
+    (24-31, document [23,32)) read rank 1's row 23. Each of those one-row blocks travels as K and V forward, K and V
+    again in backward, and dK and dV home: 6 messages of one row per rank, against 8 rows each before."""
+    for sent, err in run_distributed(_count_rows_worker, 2):
+        assert sent == 6, sent
+        assert err < TOL, err
 
 
 def test_boundaries_from_positions():

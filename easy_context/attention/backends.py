@@ -179,6 +179,63 @@ def flash_backward(dout, q, k, v, out, lse, causal, scale):
     return dq, sum_kv(dk, n_rep), sum_kv(dv, n_rep)
 
 
+# ---------------------------------------------------------------- varlen: many documents in one call
+# ``(T, heads, head_dim)`` tokens of documents back to back, ``cu`` ``(N+1,)`` int32 their boundaries; attention only
+# within each document (causal: top-left within it). Returns ``out (T, H, D)`` and ``lse (H, T)`` float32 (FA2's
+# varlen layout); backward takes the same with the final out/lse.
+def _repeat_kv3(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def _sum_kv3(dx: torch.Tensor, n_rep: int) -> torch.Tensor:
+    return dx if n_rep == 1 else dx.view(dx.shape[0], dx.shape[1] // n_rep, n_rep, dx.shape[2]).sum(2)
+
+
+def flash_varlen_forward(q, k, v, cu, max_len, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv3(k, n_rep), _repeat_kv3(v, n_rep)
+    out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, max_len, max_len, 0.0, causal, False, scale=scale)
+    _PLACEHOLDERS[("flash_varlen", q.device)] = (seed, offset, seed, offset)  # read only with dropout (never on)
+    return out, lse.float().view(q.shape[1], q.shape[0])
+
+
+def flash_varlen_backward(dout, q, k, v, out, lse, cu, max_len, causal, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    ke, ve = _repeat_kv3(k, n_rep), _repeat_kv3(v, n_rep)
+    seed, offset = _placeholders("flash_varlen", q.device)[:2]
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        dout.contiguous(), q, ke, ve, out.contiguous(), lse.contiguous(), cu, cu, max_len, max_len, 0.0, causal,
+        seed, offset, scale=scale)
+    return dq, _sum_kv3(dk, n_rep), _sum_kv3(dv, n_rep)
+
+
+def _per_document(cu):
+    bounds = cu.tolist()
+    return zip(bounds[:-1], bounds[1:])
+
+
+def math_varlen_forward(q, k, v, cu, max_len, causal, scale):
+    """The varlen contract with the math kernel, one document at a time (the CPU reference of the varlen path)."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=acc_dtype(q.dtype), device=q.device)
+    for a, b in _per_document(cu):
+        o, l = math_forward(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), causal, scale)
+        out[a:b] = o[0].transpose(0, 1)
+        lse[:, a:b] = l[0]
+    return out, lse
+
+
+def math_varlen_backward(dout, q, k, v, out, lse, cu, max_len, causal, scale):
+    dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+    for a, b in _per_document(cu):
+        g = math_backward(*(x[a:b].transpose(0, 1)[None] for x in (dout, q, k, v, out)), lse[None, :, a:b], causal,
+                          scale)
+        for d, gx in zip((dq, dk, dv), g):
+            d[a:b] = gx[0].transpose(0, 1)
+    return dq, dk, dv
+
+
 # ---------------------------------------------------------------- torch memory-efficient (aten op; takes float32)
 # Its lse comes back padded to a multiple of this many rows per head; the backward wants that padded shape back.
 _EFFICIENT_LSE_ALIGN = 32

@@ -47,20 +47,39 @@ ENV_SPLIT_CAUSAL = "EASY_CONTEXT_SPLIT_CAUSAL"
 _HALF = (torch.float16, torch.bfloat16)
 
 
+class Varlen(NamedTuple):
+    """One call over many documents (the diagonal block of a packed row): ``forward(q, k, v, cu, max_len, causal,
+    scale) -> (out, lse)`` over ``(tokens, heads, head_dim)`` with ``lse (heads, tokens)``, and its backward
+    (backends.py). Used when a block's documents average fewer than ``below`` tokens each."""
+    forward: Callable
+    backward: Callable
+    below: float
+
+
 class Kernel(NamedTuple):
     name: str
     forward: Callable
     backward: Callable
     dtypes: tuple = (torch.float64, torch.float32, *_HALF)  # input dtypes the kernel takes
+    varlen: Varlen | None = None  # None: one call per document
 
+
+FLASH_VARLEN = Varlen(B.flash_varlen_forward, B.flash_varlen_backward, float("inf"))
+# auto on sm90 (cuDNN): the diagonal block of a packed row goes to FA2's varlen call when its documents average fewer
+# tokens than this. One H200, 128K rows (bench/RESULTS.md 12): documents of 1K-64K (mean 9.4K) run at 521 TFLOP/s
+# through one cuDNN call each against 318 through FA2 varlen; documents of 128-2K (mean 655) at 144 against 200, and
+# cuDNN first spends ~70 ms building a plan for every new document length (13.6 s for such a row), FA2 none.
+AUTO_VARLEN_BELOW = 2048
 
 KERNELS = {
     "math": Kernel("math", B.math_forward, B.math_backward),
     "cudnn": Kernel("cudnn", B.cudnn_forward, B.cudnn_backward, _HALF),
-    "flash": Kernel("flash", B.flash_forward, B.flash_backward, _HALF),
+    "flash": Kernel("flash", B.flash_forward, B.flash_backward, _HALF, FLASH_VARLEN),
     "efficient": Kernel("efficient", B.efficient_forward, B.efficient_backward, (torch.float32, *_HALF)),
     "flash_attn": Kernel("flash_attn", B.flash_attn_forward, B.flash_attn_backward, _HALF),
 }
+# what "auto" gives where it resolves to cudnn: cuDNN per document, FA2 varlen for rows of short documents
+AUTO_CUDNN = KERNELS["cudnn"]._replace(varlen=FLASH_VARLEN._replace(below=AUTO_VARLEN_BELOW))
 
 
 def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
@@ -135,16 +154,18 @@ def get_kernel(backend: str | None, device: torch.device, dtype: torch.dtype | N
     (see :func:`resolve_backend`); causal forwards of at least ``EASY_CONTEXT_SPLIT_CAUSAL`` tokens split
     (:func:`split_causal`; default off)."""
     name = resolve_backend(backend, device, dtype)
+    auto = backend in (None, "auto") and os.environ.get(ENV_BACKEND, "auto") in ("", "auto")
+    kernel = AUTO_CUDNN if auto and name == "cudnn" else KERNELS[name]
     env = os.environ.get(ENV_SPLIT_CAUSAL, "")
     try:
         min_len = int(env) if env else 0
     except ValueError:
         raise ValueError(f"{ENV_SPLIT_CAUSAL}={env!r}: expected a token count (0 turns splitting off)") from None
     if min_len <= 0:
-        return KERNELS[name]
-    if (name, min_len) not in _SPLIT_KERNELS:
-        _SPLIT_KERNELS[(name, min_len)] = split_causal(KERNELS[name], min_len)
-    return _SPLIT_KERNELS[(name, min_len)]
+        return kernel
+    if (kernel, min_len) not in _SPLIT_KERNELS:
+        _SPLIT_KERNELS[(kernel, min_len)] = split_causal(kernel, min_len)
+    return _SPLIT_KERNELS[(kernel, min_len)]
 
 
 def head_major(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ Non-causal attention sees every key from every query, so it needs no layout and 
 Packed documents (``cu_seqlens``): each block computes only the pairs within a document, with the same loop
 (documents.py plans the kernel calls; a block with no overlap costs no kernel call). The layout stays zigzag.
 Backward re-runs the ring; dK/dV (float32) travel with the K/V block and reach its owner after W steps.
+Only the rows of a block that some other rank reads travel (:func:`block_spans`): for packed rows, the parts of
+documents that cross a shard boundary.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from .documents import Documents, Segment, key as docs_key, normalize as normali
 from .kernels import Kernel, autocast_inputs, check_qkv, default_scale, get_kernel
 from .kernels import head_major as _t  # (b, s, h, d) <-> (b, h, s, d) views
 from .merge import merge_into, new_accumulators
+
+Spans = tuple[tuple[int, int], ...]  # ascending, disjoint [start, end) local rows
 
 
 @functools.lru_cache(maxsize=1024)
@@ -49,6 +53,92 @@ def block_calls(rank: int, src: int, world: int, local_len: int, causal: bool, d
                  for b, bounds in enumerate(rows))
 
 
+@functools.lru_cache(maxsize=1024)
+def block_spans(src: int, world: int, local_len: int, causal: bool, docs: Documents | None) -> Spans:
+    """The rows of ring position ``src``'s block that some other rank's calls read: ascending, disjoint
+    ``[start, end)`` spans of local rows. Only these rows travel around the ring (K/V forward, dK/dV back).
+
+    Every rank derives the same spans from the same documents, so sender and receiver agree on each message's size
+    without asking. Packed rows send only the parts of the documents that cross a shard boundary (none at all for a
+    block whose documents stay on their rank); a causal row that is one document still skips the second chunk of
+    position 0, which no later query reads; unmasked attention sends everything.
+    """
+    cuts = sorted((sg.k.start, sg.k.stop) for r in range(world) if r != src
+                  for _, segments in block_calls(r, src, world, local_len, causal, docs) for sg in segments)
+    spans: list[tuple[int, int]] = []
+    for lo, hi in cuts:
+        if spans and lo <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], hi))
+        else:
+            spans.append((lo, hi))
+    return tuple(spans)
+
+
+@functools.lru_cache(maxsize=1024)
+def ring_calls(rank: int, src: int, world: int, local_len: int, causal: bool, docs: Documents | None):
+    """:func:`block_calls` with the key rows of another rank's block in the coordinates of what travels (the rows
+    of :func:`block_spans`, concatenated); the own block keeps its local rows."""
+    calls = block_calls(rank, src, world, local_len, causal, docs)
+    if src == rank:
+        return calls
+    spans = block_spans(src, world, local_len, causal, docs)
+
+    def moved(k: slice) -> slice:
+        offset = 0
+        for lo, hi in spans:
+            if lo <= k.start and k.stop <= hi:  # a call's keys lie in one span: the spans are their union
+                return slice(offset + k.start - lo, offset + k.stop - lo)
+            offset += hi - lo
+        raise AssertionError(f"keys {k} outside the block's spans {spans}")
+
+    return tuple((rows, tuple(sg._replace(k=moved(sg.k)) for sg in segments)) for rows, segments in calls)
+
+
+def pack(x: torch.Tensor, spans: Spans) -> torch.Tensor:
+    """The rows ``spans`` of ``x`` ``(b, s, h, d)``, concatenated (``x`` itself when they are all of it)."""
+    if spans == ((0, x.shape[1]),):
+        return x
+    return torch.cat([x[:, lo:hi] for lo, hi in spans] or [x[:, :0]], dim=1)
+
+
+def _span_rows(spans: Spans) -> int:
+    return sum(hi - lo for lo, hi in spans)
+
+
+def _pass_on(comm: RingComm, send: list[torch.Tensor], send_spans: Spans, recv_spans: Spans, like, dtype=None):
+    """Post the block this rank holds (``send``, packed to ``send_spans``) to the next rank and the receive of the
+    previous rank's (packed to ``recv_spans``, shaped like ``like`` otherwise). An empty side is not posted."""
+    n = _span_rows(recv_spans)
+    recv_like = [torch.empty((), dtype=dtype or t.dtype, device=t.device).expand(t.shape[0], n, *t.shape[2:])
+                 for t in like]
+    w = comm.world
+    return comm.exchange(send, (comm.rank + 1) % w if _span_rows(send_spans) else None, recv_like,
+                         (comm.rank - 1) % w if n else None)
+
+
+def _varlen(kernel: Kernel, segments, local_len: int) -> bool:
+    """Whether the calls of a diagonal block (one per document, tiling the local rows) go to the kernel's varlen
+    entry point as one call: it has one, and the documents are short enough (kernels.Varlen.below)."""
+    vl = kernel.varlen
+    return (vl is not None and len(segments) > 1 and len({sg.causal for sg in segments}) == 1
+            and local_len / len(segments) < vl.below)
+
+
+def _cu(segments, batch_rows: int, local_len: int, device):
+    """Boundaries of the diagonal block's documents over ``batch_rows`` rows flattened back to back (int32), and the
+    longest document."""
+    starts = [sg.q.start for sg in segments]
+    cu = [i * local_len + a for i in range(batch_rows) for a in starts] + [batch_rows * local_len]
+    return torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True), max(sg.q.stop - sg.q.start
+                                                                                  for sg in segments)
+
+
+def _flat(x: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``x[rows]`` ``(nb, s, h, d)`` as ``(nb * s, h, d)`` tokens back to back."""
+    x = x[rows]
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
 def _single_call(comm: RingComm, causal: bool, local_len: int, docs) -> bool:
     """One rank and one document per row: the block is one kernel call over everything."""
     full = slice(0, local_len)
@@ -63,59 +153,99 @@ def ring_forward(comm: RingComm, q, k, v, causal: bool, scale: float, kernel: Ke
     if _single_call(comm, causal, q.shape[1], docs):  # the kernel's own output, no float32 accumulator
         return kernel.forward(_t(q), _t(k), _t(v), causal, scale)
     out, lse = new_accumulators(_t(q))
-    kv = [k, v]
-    for step in range(comm.world):
-        pending = comm.shift(kv) if step + 1 < comm.world else None  # overlap: next block in flight
-        src = (comm.rank - step) % comm.world
-        qh, kh, vh = _t(q), _t(kv[0]), _t(kv[1])
-        for rows, segments in block_calls(comm.rank, src, comm.world, q.shape[1], causal, docs):
+    r, w, n = comm.rank, comm.world, q.shape[1]
+
+    def spans(pos):
+        return block_spans(pos % w, w, n, causal, docs)
+
+    moving = [pack(k, spans(r)), pack(v, spans(r))]  # the rows of the block other ranks read
+    qh = _t(q)
+    for step in range(w):
+        src = (r - step) % w
+        pending = _pass_on(comm, moving, spans(src), spans(src - 1), (k, v)) if step + 1 < w else None
+        kh, vh = (_t(x) for x in ((k, v) if step == 0 else moving or (k[:, :0], v[:, :0])))  # none: no calls
+        for rows, segments in ring_calls(r, src, w, n, causal, docs):
+            if step == 0 and _varlen(kernel, segments, n):  # the own block's documents in one call
+                nb = len(range(*rows.indices(q.shape[0])))
+                cu, longest = _cu(segments, nb, n, q.device)
+                o, l = kernel.varlen.forward(_flat(q, rows), _flat(k, rows), _flat(v, rows), cu, longest,
+                                             segments[0].causal, scale)
+                merge_into(out[rows], lse[rows], o.view(nb, n, *o.shape[1:]).transpose(1, 2),
+                           l.view(l.shape[0], nb, n).transpose(0, 1))
+                continue
             for sg in segments:
                 o, l = kernel.forward(qh[rows, :, sg.q], kh[rows, :, sg.k], vh[rows, :, sg.k], sg.causal, scale)
                 merge_into(out[rows, :, sg.q], lse[rows, :, sg.q], o, l)
         if pending is not None:
-            kv = pending.wait()
+            moving = pending.wait()
     return out, lse
 
 
 def ring_backward(comm: RingComm, dout, q, k, v, out, lse, causal: bool, scale: float, kernel: Kernel,
                   docs: Documents | None = None):
-    """Backward ring with the final ``out``/``lse``. All tensors flash layout except lse ``(b, h, s)``."""
+    """Backward ring with the final ``out``/``lse``. All tensors flash layout except lse ``(b, h, s)``.
+
+    The K/V rows other ranks read travel as in the forward ring; the float32 dK/dV of those rows travel with them,
+    collecting each rank's contribution, and after the last step reach the owner, who adds them to the gradient of
+    its own block (the rows no other rank reads never leave it)."""
     if _single_call(comm, causal, q.shape[1], docs):  # the kernel's own gradients, no float32 accumulators
         g = kernel.backward(_t(dout), _t(q), _t(k), _t(v), _t(out), lse, causal, scale)
         return tuple(x.transpose(1, 2) for x in g)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    r, w, n = comm.rank, comm.world, q.shape[1]
+
+    def spans(pos):
+        return block_spans(pos % w, w, n, causal, docs)
+
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = [k, v]
-    dkv = None          # float32 dK/dV of the block currently held, accumulated along the ring
-    dkv_pending = None  # dK/dV of the next block, arriving from the previous rank
+    own = [torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)]
+    moving = [pack(k, spans(r)), pack(v, spans(r))]
+    dkv_pending = None  # dK/dV of the next block (or, after the last step, of the own block's rows others read)
     doh, qh, oh, dqh = _t(dout), _t(q), _t(out), _t(dq)
-    for step in range(comm.world):
-        kv_pending = comm.shift(kv) if step + 1 < comm.world else None
-        src = (comm.rank - step) % comm.world
-        kh, vh = _t(kv[0]), _t(kv[1])
+    for step in range(w):
+        src = (r - step) % w
+        kv_pending = _pass_on(comm, moving, spans(src), spans(src - 1), (k, v)) if step + 1 < w else None
+        kh, vh = (_t(x) for x in ((k, v) if step == 0 else moving or (k[:, :0], v[:, :0])))  # none: no calls
         grads = []  # (rows, key rows, dk, dv) of this block, added once its accumulated dK/dV has arrived
-        for rows, segments in block_calls(comm.rank, src, comm.world, q.shape[1], causal, docs):
+        for rows, segments in ring_calls(r, src, w, n, causal, docs):
+            if step == 0 and _varlen(kernel, segments, n):  # the own block's documents in one call
+                nb = len(range(*rows.indices(q.shape[0])))
+                cu, longest = _cu(segments, nb, n, q.device)
+                l = lse[rows].transpose(0, 1).reshape(lse.shape[1], nb * n)
+                g = kernel.varlen.backward(_flat(dout, rows), _flat(q, rows), _flat(k, rows), _flat(v, rows),
+                                           _flat(out, rows), l, cu, longest, segments[0].causal, scale)
+                dq_b, dk_b, dv_b = (x.view(nb, n, *x.shape[1:]).transpose(1, 2) for x in g)
+                dqh[rows] += dq_b
+                grads.append((rows, slice(0, n), dk_b, dv_b))
+                continue
             for sg in segments:
                 dq_b, dk_b, dv_b = kernel.backward(doh[rows, :, sg.q], qh[rows, :, sg.q], kh[rows, :, sg.k],
                                                    vh[rows, :, sg.k], oh[rows, :, sg.q], lse[rows, :, sg.q],
                                                    sg.causal, scale)
                 dqh[rows, :, sg.q] += dq_b
                 grads.append((rows, sg.k, dk_b, dv_b))
-        if dkv_pending is None:
-            dkv = [torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)]
+        if step == 0:
+            dkv = own
+        elif dkv_pending is None:  # the first rank after the owner starts the block's travelling gradient
+            dkv = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in moving]
         else:
             dkv = dkv_pending.wait()
         for rows, ks, dk_b, dv_b in grads:
             _t(dkv[0])[rows, :, ks] += dk_b
             _t(dkv[1])[rows, :, ks] += dv_b
         del grads
-        # pass the block's gradient on with the block; after the last step it arrives at the owner
-        dkv_pending = comm.shift(dkv) if comm.world > 1 else None
+        if step > 0:  # on with the block: after the last step it arrives at the owner
+            dkv_pending = _pass_on(comm, dkv, spans(src), spans(src - 1), (k, v), acc)
         if kv_pending is not None:
-            kv = kv_pending.wait()
+            moving = kv_pending.wait()
     if dkv_pending is not None:
-        dkv = dkv_pending.wait()
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+        home = dkv_pending.wait()
+        offset = 0
+        for lo, hi in spans(r) if home else ():
+            own[0][:, lo:hi] += home[0][:, offset:offset + hi - lo]
+            own[1][:, lo:hi] += home[1][:, offset:offset + hi - lo]
+            offset += hi - lo
+    return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype)
 
 
 class _ZigzagRingAttn(torch.autograd.Function):
