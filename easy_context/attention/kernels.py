@@ -22,7 +22,9 @@ Backends and the input dtypes each takes:
 * ``math`` (pure torch, any device and dtype; float32 accumulation at least).
 
 ``auto`` picks by device and dtype: on CUDA cudnn (sm90+) or flash (older GPUs) for 16-bit inputs, efficient for
-float32, math for float64; math elsewhere. The environment variable ``EASY_CONTEXT_ATTN_BACKEND`` overrides
+float32, math for float64; math elsewhere. Packed rows (documents): ``flash`` computes the diagonal block's documents
+in one FA2 varlen call; ``auto`` on sm90 too when they average fewer than ``AUTO_VARLEN_BELOW`` tokens, and one cuDNN
+call per document otherwise (see :class:`Varlen`). The environment variable ``EASY_CONTEXT_ATTN_BACKEND`` overrides
 ``auto``. A backend named explicitly that does not take the inputs' dtype is an error naming the fix (cuDNN was
 seen to return NaN for float32 instead of refusing it).
 """
@@ -66,10 +68,16 @@ class Kernel(NamedTuple):
 
 FLASH_VARLEN = Varlen(B.flash_varlen_forward, B.flash_varlen_backward, float("inf"))
 # auto on sm90 (cuDNN): the diagonal block of a packed row goes to FA2's varlen call when its documents average fewer
-# tokens than this. One H200, 128K rows (bench/RESULTS.md 12): documents of 1K-64K (mean 9.4K) run at 521 TFLOP/s
-# through one cuDNN call each against 318 through FA2 varlen; documents of 128-2K (mean 655) at 144 against 200, and
-# cuDNN first spends ~70 ms building a plan for every new document length (13.6 s for such a row), FA2 none.
-AUTO_VARLEN_BELOW = 2048
+# tokens than this. One H200, 128K rows, in-document TFLOP/s warm, and seconds cuDNN spends on plans for a row of new
+# lengths (bench/RESULTS.md 12b):   mean length   cuDNN per document   FA2 varlen
+#                                      9.4K (1K-64K)    504, 1.2 s       315
+#                                      6.5K (2K-16K)    497, 1.7 s       311
+#                                      2.5K (512-8K)    420, 5.0 s       284
+#                                      655 (128-2K)     131, 16.7 s      198
+# A training step of packed rows meets new lengths (its 32 layers share one set of plans): on such a step cuDNN loses
+# 4x at 2.5K (6.0 s against 1.5 s), 17% at 6.5K (3.6 against 3.0; once its plans exist it wins 1.6x) and wins 11% at
+# 9.4K. Below 4096 varlen; at or above it cuDNN. backend="cudnn" / "flash" choose one for every row.
+AUTO_VARLEN_BELOW = 4096
 
 KERNELS = {
     "math": Kernel("math", B.math_forward, B.math_backward),
