@@ -92,7 +92,9 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
             evaluation that needs token order. ``train.py`` turns it on for packed data.
     Returns:
         ``{"local_input_ids", "local_position_ids", "local_target_ids"}``, each ``(batch, padded_seq / sp)``
-        (``local_target_ids`` is None when ``target_ids`` is None). The sequence is right-padded to a multiple of
+        (``local_target_ids`` is None when ``target_ids`` is None), and ``"work_balance"``: with
+        ``balance_documents``, the busiest ring position's causal attention work over the mean after reordering,
+        the worst row of the batch (1.0: balanced; an algorithm without a ring: 1.0); else None. The sequence is right-padded to a multiple of
         ``sequence_granularity``: padded inputs ``pad_token_id``, positions continue past the end, targets
         ``ignore_index``. Causal attention makes the padding invisible to the real tokens, so results are exact.
         ``data_parallel`` returns the full (unpadded) tensors.
@@ -118,13 +120,13 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
             raise ValueError(DOCUMENTS_UNSUPPORTED)
 
     opts = algorithm_options(seq_algo, ring_degree=ring_degree)
-    pad = 0
+    pad, balance = 0, None
     if sequence_parallel:
         granularity = sequence_granularity(seq_algo, sp_world, **opts)
         pad = -seq % granularity
         if balance_documents:
-            input_ids, position_ids, target_ids = _balance_documents(seq_algo, sp_world, opts, pad, input_ids,
-                                                                     position_ids, target_ids)
+            input_ids, position_ids, target_ids, balance = _balance_documents(seq_algo, sp_world, opts, pad,
+                                                                              input_ids, position_ids, target_ids)
     if pad:
         # (batch, seq) -> (batch, seq + pad): right padding, positions continue so RoPE and causality stay intact
         input_ids = torch.cat([input_ids, input_ids.new_full((batch, pad), pad_token_id)], dim=1)
@@ -144,6 +146,7 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
         "local_input_ids": shard(input_ids),
         "local_position_ids": shard(position_ids),
         "local_target_ids": shard(target_ids),
+        "work_balance": balance,
     }
 
 
@@ -154,26 +157,27 @@ def _balance_documents(seq_algo, world, opts, pad, input_ids, position_ids, targ
 
     ring = get_algorithm(seq_algo).ring(world, **opts)
     if ring == 1:
-        return input_ids, position_ids, target_ids
+        return input_ids, position_ids, target_ids, 1.0
     batch, seq = input_ids.shape
     position_ids = position_ids.expand(batch, seq)
     local = (seq + pad) // ring
     runs = [zigzag_runs(p, ring, local) for p in range(ring)]
-    order = []
+    order, worst = [], 1.0
     for b in range(batch):
         docs = boundaries_from_positions(position_ids[b:b + 1])
         if docs is None:
             order.append(torch.arange(seq))
             continue
         bounds = docs[0]
-        perm, _ = balanced_order(bounds, runs, tail=pad)
+        perm, cost = balanced_order(bounds, runs, tail=pad)
+        worst = max(worst, cost)
         order.append(torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in perm]))
     index = torch.stack(order).to(input_ids.device)
 
     def take(x):
         return None if x is None else x.gather(1, index.to(x.device))
 
-    return take(input_ids), take(position_ids), take(target_ids)
+    return take(input_ids), take(position_ids), take(target_ids), worst
 
 
 def gather_seq_parallel_outputs(seq_algo: str, local_outputs: torch.Tensor, *, seq_len: int | None = None,

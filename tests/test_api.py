@@ -53,7 +53,8 @@ def test_prepare_inputs_pads_and_shards(algo):
     pieces = []
     for rank in range(world):
         out = prepare_seq_parallel_inputs(algo, ids, pos, tgt, rank, world, "cpu", pad_token_id=7)
-        assert set(out) == {"local_input_ids", "local_position_ids", "local_target_ids"}
+        assert set(out) == {"local_input_ids", "local_position_ids", "local_target_ids", "work_balance"}
+        assert out["work_balance"] is None  # reported only when asked to balance documents
         for key, full in (("local_input_ids", pids), ("local_position_ids", ppos), ("local_target_ids", ptgt)):
             expect = full if algo == "data_parallel" else shard_sequence(algo, full, rank, world)
             assert torch.equal(out[key], expect), (algo, rank, key)

@@ -50,6 +50,20 @@ from .config import TrainConfig, from_namespace, parse_config
 from .deepspeed import describe_precision, mixed_precision_of, prepare_optimization
 from .models import CausalLMWithShardedLoss, apply_memory_features, config_for, load_causal_lm
 
+# packed rows: above this busiest-rank / mean attention work after reordering documents, train.py says once which
+# algorithm balances them (issue 15's goal)
+BALANCE_WARN = 1.1
+
+
+def balance_warning(work_balance: float | None, seq_algo: str, sp: int) -> str | None:
+    """What train.py says (once) when reordering documents left a ring's ranks off balance, naming the fix."""
+    if work_balance is None or work_balance <= BALANCE_WARN:
+        return None
+    return (f"warning: packed rows: after reordering documents the busiest ring rank still does {work_balance:.2f}x "
+            f"the mean attention work ({seq_algo} over {sp} ranks: documents longer than a zigzag chunk cannot be "
+            "spread evenly); usp_attn with --ring-degree 2, or ulysses_attn, balances any mix of documents "
+            "(bench/RESULTS.md 10f)")
+
 def micro_batches(cfg: TrainConfig, dataset, accelerator, start: int, vocab_size: int | None = None):
     """Endless micro-batches (``input_ids`` ``(batch, seq)``; ``labels`` and ``position_ids`` if the dataset has
     them) in the documented order, skipping the first ``start`` of them; token ids are checked against
@@ -166,7 +180,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=cfg.max_train_steps, initial=completed, disable=rank != 0)
     stop_at = min(cfg.max_train_steps, cfg.stop_after_steps or cfg.max_train_steps)
     losses, grad_norms, micro_losses, step_tokens, tic = {}, {}, [], 0, time.perf_counter()
-    grad_norm = None
+    grad_norm, warned_balance = None, False
     wrapper.train()
     batches = micro_batches(cfg, dataset, accelerator, completed * cfg.gradient_accumulate_every, config.vocab_size)
     while completed < stop_at:
@@ -178,6 +192,10 @@ def train(cfg: TrainConfig) -> dict:
         prepared = prepare_seq_parallel_inputs(cfg.seq_algo, ids, positions, targets, rank, world, accelerator.device,
                                                sp_size=cfg.sp_size, ring_degree=cfg.ring_degree,
                                                balance_documents=positions is not None)
+        warning = None if warned_balance else balance_warning(prepared["work_balance"], cfg.seq_algo, sp)
+        if warning:
+            warned_balance = True
+            accelerator.print(warning)
         with accelerator.accumulate(wrapper):
             out = wrapper(prepared["local_input_ids"], prepared["local_position_ids"], prepared["local_target_ids"])
             accelerator.backward(out.loss)  # under DeepSpeed this also steps the engine (clipping included)
