@@ -11,7 +11,8 @@ two runs), kept in ascending global order. :func:`plan_block` turns a block into
 of a local kernel on contiguous query rows and contiguous key rows, either top-left causal or unmasked:
 
 * the block of the rank's own rows (``diagonal``): one causal call per document over that document's rows; a
-  document's rows are contiguous in local order and ordered as in the sequence, so top-left causal is exact;
+  document's rows are contiguous in local order and ordered as in the sequence, so top-left causal is exact (these
+  calls tile the local rows; a kernel with a varlen entry point makes them one call: kernels.Varlen);
 * another rank's block (disjoint rows): each run of queries of a document attends, unmasked, to the document's
   keys that come before the run (a prefix of the block's rows of that document); consecutive runs with the same
   keys are one call. Pairs with no overlap are never computed.
