@@ -13,6 +13,10 @@
     #         the step bench/comm_model.py --step --layers 4 --keep predicts (compare s/step)
     PYTHONUNBUFFERED=1 torchrun --nproc_per_node 2 bench/peers.py step --seqs 262144 --ec-mode ec+keep \
         --methods ec_zigzag ec_ulysses --step-ref none
+    # the same step on packed rows vs one document per row (issue 15; the one-GPU reference would materialise a
+    # document mask, so: --step-ref none, or consensus over several ec methods)
+    PYTHONUNBUFFERED=1 torchrun --nproc_per_node 2 bench/peers.py step --seqs 131072 --layers 8 --ec-mode ec+keep \
+        --methods ec_zigzag ec_ulysses --step-ref consensus --packed 1024:65536
     # the script itself on CPU (gloo, 2 processes spawned here, tiny shapes; timings mean nothing)
     python bench/peers.py attn step --cpu-smoke
 
@@ -601,13 +605,31 @@ def build_model(env: Env, a, dtype):
     return model
 
 
+def packed_bounds(a, s: int) -> list[int] | None:
+    """``--packed MIN:MAX``: the document boundaries of a row of S tokens (log-uniform lengths, seeded by S, as
+    bench/packed_attn.py draws them); None without it."""
+    if not a.packed:
+        return None
+    from packed_attn import doc_mix  # bench/packed_attn.py (this script's folder is on sys.path)
+
+    lo, hi = (int(x) for x in a.packed.split(":"))
+    return doc_mix(s, lo, hi, seed=s)
+
+
 def step_batch(env: Env, a, s: int) -> dict:
-    """One random sequence (rank 0's on every rank), positions 0..S-1, targets shifted by one (last -100)."""
+    """One random sequence (rank 0's on every rank), positions 0..S-1, targets shifted by one (last -100).
+    ``--packed``: positions restart at each document and a document's last token predicts nothing (as train.py)."""
     g = torch.Generator(device=env.dev).manual_seed(a.seed + s)
     ids = torch.randint(0, a.vocab, (a.batch, s), device=env.dev, generator=g)
     dist.broadcast(ids, src=0)
-    pos = torch.arange(s, device=env.dev).unsqueeze(0).expand(a.batch, s).contiguous()
+    bounds = packed_bounds(a, s)
+    if bounds is None:
+        pos = torch.arange(s, device=env.dev).unsqueeze(0).expand(a.batch, s).contiguous()
+    else:
+        pos = torch.cat([torch.arange(y - x) for x, y in zip(bounds[:-1], bounds[1:])]).to(env.dev)
+        pos = pos.unsqueeze(0).expand(a.batch, s).contiguous()
     tgt = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    tgt[:, :-1][pos[:, 1:] == 0] = -100
     return {"ids": ids, "pos": pos, "tgt": tgt}
 
 
@@ -655,7 +677,7 @@ class EcStep:
 
         env, a = self.env, self.a
         p = ec.prepare_seq_parallel_inputs(self.algo, batch["ids"], batch["pos"], batch["tgt"], env.rank, env.world,
-                                           env.dev, **self.opts)
+                                           env.dev, balance_documents=bool(a.packed), **self.opts)
         hidden = model.model(input_ids=p["local_input_ids"], position_ids=p["local_position_ids"]).last_hidden_state
         if a.loss == "native":
             res = ec.sharded_cross_entropy(hidden, model.lm_head.weight, p["local_target_ids"], chunk_size=a.loss_chunk)
@@ -848,6 +870,8 @@ class AlstStep:
 def step_method(env: Env, a, name: str):
     if name in EC_ALGOS:
         return EcStep(env, a, name)
+    if a.packed:
+        raise Skip("--packed: the peers' steps here take one document per row")
     if name in TORCH_CP:
         return TorchCpStep(env, a, name)
     if name == "ds_alst":
@@ -937,7 +961,11 @@ def step_row(env: Env, a, name: str, s: int, per_rank: list[dict]) -> dict:
     t = max(sum(r["times"]) / len(r["times"]) for r in per_rank)  # the slowest rank's mean
     n_params = per_rank[0]["n_params"]
     tokens = a.batch * s
-    flops = 6.0 * n_params * tokens + 3.5 * a.layers * 2.0 * a.batch * s * s * a.hidden
+    bounds = packed_bounds(a, s)
+    pairs = s * s / 2 if bounds is None else sum((y - x) * (y - x + 1) / 2 for x, y in zip(bounds[:-1], bounds[1:]))
+    flops = 6.0 * n_params * tokens + 3.5 * a.layers * 4.0 * a.batch * pairs * a.hidden  # attention: in-document
+    if bounds is not None:
+        row.update(packed=a.packed, docs=len(bounds) - 1, attn_pairs_fraction=round(pairs / (s * s / 2), 4))
     row.update(s_per_step=round(t, 3), steps_s=[round(x, 3) for x in per_rank[0]["times"]], tok_per_s=round(tokens / t),
                tflops_per_gpu=round(flops / env.world / t / 1e12, 1),
                mfu=round(flops / env.world / t / (a.peak_tflops * 1e12), 4),
@@ -1095,6 +1123,9 @@ def parse_args(argv=None):
     p.add_argument("--loss", default="native", choices=["native", "common"],
                    help="native: each framework's own loss; common: easy_context's chunked CE (no liger) for all")
     p.add_argument("--loss-chunk", type=int, default=4096, help="tokens per loss chunk / tile")
+    p.add_argument("--packed", metavar="MIN:MAX", default=None,
+                   help="step: packed rows of documents log-uniform in MIN..MAX tokens (easy_context methods only, "
+                        "documents balanced as train.py does; MFU counts in-document attention)")
     p.add_argument("--step-ref", default="single", choices=["single", "consensus", "none"])
     p.add_argument("--gnorm-tol", type=float, default=2e-2, help="step: relative gnorm difference that is WRONG")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU for MFU")

@@ -175,3 +175,20 @@ def test_sdpa_case_repeats_kv_when_the_backend_refuses_gqa(monkeypatch):
     assert case.info["gqa"] == "repeat" and "No available kernel" in case.info["gqa_refused"]
     ref = real(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True, scale=0.3)
     assert torch.allclose(got["out"], ref.transpose(1, 2)) and got["dk"].shape == (1, 16, 2, 8)
+
+
+def test_peers_step_on_packed_rows_matches_the_per_document_reference(tmp_path):
+    """``step --packed``: easy_context's steps on packed rows (documents balanced as train.py does) equal the one-GPU
+    reference, which transformers masks per document from the restarting positions; the peers are skipped with the
+    reason; the row reports its documents and counts only in-document attention."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, os.path.join(BENCH, "peers.py"), "step", "--cpu-smoke", "--seqs", "128",
+                          "--packed", "8:40", "--methods", "ec_zigzag", "ec_ulysses", "ds_alst"],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    by = {r["method"]: r for r in _rows(tmp_path / "peers_step.jsonl") if r["kind"] == "step"}
+    for name in ("ec_zigzag", "ec_ulysses"):
+        r = by[name]
+        assert r["check"] == "ok", r
+        assert r["docs"] > 2 and 0 < r["attn_pairs_fraction"] < 1, r
+    assert "--packed" in by["ds_alst"]["skipped"]
