@@ -94,7 +94,8 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
         ``{"local_input_ids", "local_position_ids", "local_target_ids"}``, each ``(batch, padded_seq / sp)``
         (``local_target_ids`` is None when ``target_ids`` is None), and ``"work_balance"``: with
         ``balance_documents``, the busiest ring position's causal attention work over the mean after reordering,
-        the worst row of the batch (1.0: balanced; an algorithm without a ring: 1.0); else None. The sequence is right-padded to a multiple of
+        the worst row of the batch (1.0: balanced; an algorithm without a ring: 1.0); else None. The sequence is
+        right-padded to a multiple of
         ``sequence_granularity``: padded inputs ``pad_token_id``, positions continue past the end, targets
         ``ignore_index``. Causal attention makes the padding invisible to the real tokens, so results are exact.
         ``data_parallel`` returns the full (unpadded) tensors.
