@@ -176,7 +176,7 @@ def exchange(send: list[torch.Tensor], dst: int | None, recv_like: list[torch.Te
 
 
 class RingComm:
-    """Rank position and neighbours of one ring (a process group); posts shifted exchanges."""
+    """Rank position and size of one ring (a process group); posts exchanges with its members."""
 
     def __init__(self, group=None):
         self.group = group
@@ -185,12 +185,6 @@ class RingComm:
     def exchange(self, send: list[torch.Tensor], dst: int | None, recv_like: list[torch.Tensor], src: int | None) -> Pending:
         """Post sends of ``send`` to group rank ``dst`` and receives shaped like ``recv_like`` from ``src``."""
         return exchange(send, dst, recv_like, src, self.group)
-
-    def shift(self, send: list[torch.Tensor], offset: int = 1, recv_like: list[torch.Tensor] | None = None) -> Pending:
-        """Send ``send`` to rank+offset and receive the same shapes (or ``recv_like``) from rank-offset."""
-        w = self.world
-        return self.exchange(send, (self.rank + offset) % w, send if recv_like is None else recv_like,
-                             (self.rank - offset) % w)
 
 
 # ---------------------------------------------------------------- Ulysses all-to-all
