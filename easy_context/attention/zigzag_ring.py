@@ -308,7 +308,9 @@ def zigzag_ring_attn_func(q, k, v, causal: bool = True, softmax_scale: float | N
         k, v: ``(batch, local_seqlen, nheads_kv, head_dim)``; ``nheads % nheads_kv == 0`` (GQA).
         causal: causal attention in *global* positions. softmax_scale: default ``head_dim ** -0.5``.
         group: process group of the ring (None = world). backend: kernel backend (see kernels.py).
-        check: run the cross-rank shape check first (one tiny all-gather per call).
+        check: run the cross-rank shape check first (one tiny all-gather per call). ``False``: the caller
+            guarantees the same shapes and ``cu_seqlens`` on every rank (the ring's message sizes follow from the
+            documents; ranks that disagree would post different sizes).
         cu_seqlens: packed documents: the boundaries ``[0, ..., S]`` of the documents in the *global* sequence
             (``S = local_seqlen * world``, padding included), the same on every rank; one list for every batch row or
             one per row. Each token then attends only within its document (documents.py). None: one document.
