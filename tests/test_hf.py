@@ -1,5 +1,5 @@
-"""The transformers integration (easy_context/integrations/hf.py): tiny Llama/Mistral/Qwen2/Qwen3 models under every seq_algo
-on 2 and 4 gloo ranks, against a single-process unpatched forward/backward of the full sequence.
+"""The transformers integration (easy_context/integrations/hf.py): tiny Llama/Mistral/Qwen2/Qwen3 models under every
+seq_algo on 2 and 4 gloo ranks, against a single-process unpatched forward/backward of the full sequence.
 
 One process group per world size runs all cases. Every rank builds the same model and batch from a shared seed,
 computes the unpatched reference itself, then runs the patched copy on its shard.

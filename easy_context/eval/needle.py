@@ -394,4 +394,5 @@ def plot_heatmap(rows: list[dict], path: str, *, title: str | None = None) -> No
 
 
 __all__ = ["NeedleConfig", "NeedlePrompt", "NeedleTask", "NEEDLE_TASKS", "SentenceBoundaries", "build_prompt",
-           "split_answer", "answer_predictions", "evaluate_needle", "plot_heatmap", "NEEDLE_FORMAT", "QUESTION_FORMAT", "PREFIX"]
+           "split_answer", "answer_predictions", "evaluate_needle", "plot_heatmap", "NEEDLE_FORMAT", "QUESTION_FORMAT",
+           "PREFIX"]
