@@ -7,6 +7,7 @@ length. Prints one JSON line per evaluation. Used to pick the demo's task after 
 
     OMP_NUM_THREADS=1 python bench/needle_probe.py --seq 256 --facts 4 --key-length 3 --digits 3 --steps 2000
     OMP_NUM_THREADS=1 python bench/needle_probe.py --curriculum 256:4:1500 512:8:600   # one stage after another
+    OMP_NUM_THREADS=1 python bench/needle_probe.py --eval-beyond 2 4   # also scored at 2x and 4x the trained length
     python bench/needle_probe.py --hidden 512 --intermediate 1408 --layers 8 --heads 8 --kv-heads 4 --bf16 \
         --seconds 300        # the demo's model shape on a GPU (bench/needle_sweep.sh runs several side by side)
 """
@@ -39,6 +40,8 @@ def main():
     ap.add_argument("--curriculum", nargs="*", default=None, metavar="SEQ:FACTS:STEPS[:NEAR]",
                     help="stages trained one after another (instead of --seq/--facts/--steps); NEAR: the stage's "
                     "share of near-miss keys (default --near-keys)")
+    ap.add_argument("--eval-beyond", type=int, nargs="*", default=[], metavar="X",
+                    help="also score at X times the trained length (e.g. 2 4): does retrieval extend past it?")
     ap.add_argument("--near-keys", type=float, default=0.0,
                     help="share of a row's keys drawn as near misses of its other keys (facts.draw_facts)")
     a = ap.parse_args()
@@ -108,8 +111,9 @@ def main():
             opt.step()
             opt.zero_grad()
             if step % a.eval_every == 0:
+                beyond = {f"accuracy_x{x}": accuracy(x * seq, facts)["accuracy"] for x in a.eval_beyond}
                 print(json.dumps({"step": step, "seq": seq, "facts": facts, "loss": round(loss.item(), 3),
-                                  **accuracy(seq, facts), "s": round(time.time() - t0)}), flush=True)
+                                  **accuracy(seq, facts), **beyond, "s": round(time.time() - t0)}), flush=True)
                 if a.seconds and time.time() - t0 > a.seconds:
                     return
 
