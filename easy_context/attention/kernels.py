@@ -90,6 +90,13 @@ KERNELS = {
 AUTO_CUDNN = KERNELS["cudnn"]._replace(varlen=FLASH_VARLEN._replace(below=AUTO_VARLEN_BELOW))
 
 
+def _requested(backend: str | None) -> str:
+    """The backend asked for: ``backend``, or for None/"auto" the environment's override (default "auto")."""
+    if backend in (None, "auto"):
+        return os.environ.get(ENV_BACKEND, "auto") or "auto"
+    return backend
+
+
 def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Return the concrete backend name for ``backend`` (None/"auto" -> env override or the default for the device
     and ``dtype``, see the module docstring).
@@ -97,8 +104,7 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
     Raises:
         ValueError: an unknown name, a CUDA backend on another device, or a backend that does not take ``dtype``.
     """
-    if backend in (None, "auto"):
-        backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
+    backend = _requested(backend)
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS} "
                          f"(argument `backend` or env {ENV_BACKEND})")
@@ -162,8 +168,7 @@ def get_kernel(backend: str | None, device: torch.device, dtype: torch.dtype | N
     (see :func:`resolve_backend`); causal forwards of at least ``EASY_CONTEXT_SPLIT_CAUSAL`` tokens split
     (:func:`split_causal`; default off)."""
     name = resolve_backend(backend, device, dtype)
-    auto = backend in (None, "auto") and os.environ.get(ENV_BACKEND, "auto") in ("", "auto")
-    kernel = AUTO_CUDNN if auto and name == "cudnn" else KERNELS[name]
+    kernel = AUTO_CUDNN if name == "cudnn" and _requested(backend) == "auto" else KERNELS[name]
     env = os.environ.get(ENV_SPLIT_CAUSAL, "")
     try:
         min_len = int(env) if env else 0

@@ -127,10 +127,16 @@ def _varlen(kernel: Kernel, segments, local_len: int) -> bool:
 def _cu(segments, batch_rows: int, local_len: int, device):
     """Boundaries of the diagonal block's documents over ``batch_rows`` rows flattened back to back (int32), and the
     longest document."""
-    starts = [sg.q.start for sg in segments]
+    return _cu_of(tuple(sg.q.start for sg in segments), batch_rows, local_len, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cu_of(starts: tuple, batch_rows: int, local_len: int, device):
+    """:func:`_cu` by the documents' starts: built and copied to the device once per row of documents, not once per
+    layer, forward and backward."""
     cu = [i * local_len + a for i in range(batch_rows) for a in starts] + [batch_rows * local_len]
-    return torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True), max(sg.q.stop - sg.q.start
-                                                                                  for sg in segments)
+    longest = max(b - a for a, b in zip(starts, (*starts[1:], local_len)))
+    return torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True), longest
 
 
 def _flat(x: torch.Tensor, rows: slice) -> torch.Tensor:
