@@ -95,9 +95,9 @@ def ring_calls(rank: int, src: int, world: int, local_len: int, causal: bool, do
 
 
 def pack(x: torch.Tensor, spans: Spans) -> torch.Tensor:
-    """The rows ``spans`` of ``x`` ``(b, s, h, d)``, concatenated (``x`` itself when they are all of it)."""
-    if spans == ((0, x.shape[1]),):
-        return x
+    """The rows ``spans`` of ``x`` ``(b, s, h, d)``, concatenated (a view of ``x`` when they are one span)."""
+    if len(spans) == 1:  # a view: exchange sends it as it is (b == 1) or contiguous
+        return x[:, spans[0][0]:spans[0][1]]
     return torch.cat([x[:, lo:hi] for lo, hi in spans] or [x[:, :0]], dim=1)
 
 
