@@ -430,3 +430,21 @@ def test_balanced_order_evens_the_ring_work():
     assert sorted(full_ids[0].tolist()) == list(range(56))  # the same tokens
     assert torch.equal(pos[0, full_ids[0]], full_pos[0])  # each with its own position ...
     assert torch.equal(shards[0]["local_target_ids"], shards[0]["local_input_ids"] + 1000)  # ... and target
+
+
+def test_backward_splits_the_own_block_around_the_ring():
+    """split_own: the own block's calls in two parts that together compute exactly its pairs, the first about a
+    quarter of the work (it hides the first K/V arrival; the rest hides the last dK/dV hop)."""
+    from easy_context.attention.documents import Segment
+    from easy_context.attention.zigzag_ring import _work, split_own
+
+    one = (Segment(slice(0, 8), slice(0, 8), True),)
+    first, rest = split_own(one)
+    assert first == (Segment(slice(0, 4), slice(0, 4), True),)
+    assert rest == (Segment(slice(4, 8), slice(0, 4), False), Segment(slice(4, 8), slice(4, 8), True))
+    assert sum(map(_work, first + rest)) == _work(one[0]) == 36
+    unmasked = (Segment(slice(0, 8), slice(0, 8), False),)
+    assert sum(map(_work, sum(split_own(unmasked), ()))) == 64
+    docs = tuple(Segment(slice(a, b), slice(a, b), True) for a, b in ((0, 2), (2, 3), (3, 10), (10, 16)))
+    first, rest = split_own(docs)
+    assert first + rest == docs and 4 * sum(map(_work, first)) <= sum(map(_work, docs))

@@ -116,33 +116,61 @@ def _pass_on(comm: RingComm, send: list[torch.Tensor], send_spans: Spans, recv_s
                          (comm.rank - 1) % w if n else None)
 
 
-def _varlen(kernel: Kernel, segments, local_len: int) -> bool:
-    """Whether the calls of a diagonal block (one per document, tiling the local rows) go to the kernel's varlen
-    entry point as one call: it has one, and the documents are short enough (kernels.Varlen.below)."""
+def _varlen(kernel: Kernel, segments) -> bool:
+    """Whether consecutive calls of the own block (one per document, ``q == k``) go to the kernel's varlen entry point
+    as one call: it has one, and the documents are short enough (kernels.Varlen.below)."""
     vl = kernel.varlen
     return (vl is not None and len(segments) > 1 and len({sg.causal for sg in segments}) == 1
-            and local_len / len(segments) < vl.below)
+            and (segments[-1].q.stop - segments[0].q.start) / len(segments) < vl.below)
 
 
-def _cu(segments, batch_rows: int, local_len: int, device):
-    """Boundaries of the diagonal block's documents over ``batch_rows`` rows flattened back to back (int32), and the
+def _cu(segments, batch_rows: int, device):
+    """Boundaries of consecutive own-block documents over ``batch_rows`` rows flattened back to back (int32), and the
     longest document."""
-    return _cu_of(tuple(sg.q.start for sg in segments), batch_rows, local_len, device)
+    lo = segments[0].q.start
+    return _cu_of(tuple(sg.q.start - lo for sg in segments), batch_rows, segments[-1].q.stop - lo, device)
 
 
 @functools.lru_cache(maxsize=64)
-def _cu_of(starts: tuple, batch_rows: int, local_len: int, device):
-    """:func:`_cu` by the documents' starts: built and copied to the device once per row of documents, not once per
-    layer, forward and backward."""
-    cu = [i * local_len + a for i in range(batch_rows) for a in starts] + [batch_rows * local_len]
-    longest = max(b - a for a, b in zip(starts, (*starts[1:], local_len)))
+def _cu_of(starts: tuple, batch_rows: int, width: int, device):
+    """:func:`_cu` by the documents' starts within their ``width`` rows: built and copied to the device once per row
+    of documents, not once per layer, forward and backward."""
+    cu = [i * width + a for i in range(batch_rows) for a in starts] + [batch_rows * width]
+    longest = max(b - a for a, b in zip(starts, (*starts[1:], width)))
     return torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True), longest
 
 
-def _flat(x: torch.Tensor, rows: slice) -> torch.Tensor:
-    """``x[rows]`` ``(nb, s, h, d)`` as ``(nb * s, h, d)`` tokens back to back."""
-    x = x[rows]
+def _flat(x: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    """``x[rows, cols]`` ``(nb, s, h, d)`` as ``(nb * s, h, d)`` tokens back to back."""
+    x = x[rows, cols]
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _work(sg: Segment) -> int:
+    nq, nk = sg.q.stop - sg.q.start, sg.k.stop - sg.k.start
+    return nq * (nq + 1) // 2 if sg.causal else nq * nk
+
+
+def split_own(segments: tuple) -> tuple[tuple, tuple]:
+    """The own block's calls (``q == k`` each, consecutive) in two parts for the backward ring: the first (about a
+    quarter of the work) runs while the first remote block arrives, the rest while the last dK/dV hop travels, so
+    that neither transfer finds the GPU idle. One call is cut at half its rows (causal: the top-left quarter first,
+    then the lower half as an unmasked and a causal call); several go as a prefix and the rest."""
+    if len(segments) == 1:
+        sg = segments[0]
+        a, b = sg.q.start, sg.q.stop
+        if b - a < 2:
+            return (), segments
+        h = a + (b - a) // 2
+        if not sg.causal:
+            return (Segment(slice(a, h), sg.k, False),), (Segment(slice(h, b), sg.k, False),)
+        return (Segment(slice(a, h), slice(a, h), True),), (Segment(slice(h, b), slice(a, h), False),
+                                                             Segment(slice(h, b), slice(h, b), True))
+    total, done, cut = sum(_work(sg) for sg in segments), 0, 0
+    while cut < len(segments) and 4 * (done + _work(segments[cut])) <= total:
+        done += _work(segments[cut])
+        cut += 1
+    return segments[:cut], segments[cut:]
 
 
 def _single_call(comm: RingComm, causal: bool, local_len: int, docs) -> bool:
@@ -171,11 +199,11 @@ def ring_forward(comm: RingComm, q, k, v, causal: bool, scale: float, kernel: Ke
         pending = _pass_on(comm, moving, spans(src), spans(src - 1), (k, v)) if step + 1 < w else None
         kh, vh = (_t(x) for x in ((k, v) if step == 0 else moving or (k[:, :0], v[:, :0])))  # none: no calls
         for rows, segments in ring_calls(r, src, w, n, causal, docs):
-            if step == 0 and _varlen(kernel, segments, n):  # the own block's documents in one call
+            if step == 0 and _varlen(kernel, segments):  # the own block's documents in one call
                 nb = len(range(*rows.indices(q.shape[0])))
-                cu, longest = _cu(segments, nb, n, q.device)
-                o, l = kernel.varlen.forward(_flat(q, rows), _flat(k, rows), _flat(v, rows), cu, longest,
-                                             segments[0].causal, scale)
+                cu, longest = _cu(segments, nb, q.device)
+                o, l = kernel.varlen.forward(_flat(q, rows, slice(None)), _flat(k, rows, slice(None)),
+                                             _flat(v, rows, slice(None)), cu, longest, segments[0].causal, scale)
                 merge_into(out[rows], lse[rows], o.view(nb, n, *o.shape[1:]).transpose(1, 2),
                            l.view(l.shape[0], nb, n).transpose(0, 1))
                 continue
@@ -208,21 +236,22 @@ def ring_backward(comm: RingComm, dout, q, k, v, out, lse, causal: bool, scale: 
     moving = [pack(k, spans(r)), pack(v, spans(r))]
     dkv_pending = None  # dK/dV of the next block (or, after the last step, of the own block's rows others read)
     doh, qh, oh, dqh = _t(dout), _t(q), _t(out), _t(dq)
-    for step in range(w):
-        src = (r - step) % w
-        kv_pending = _pass_on(comm, moving, spans(src), spans(src - 1), (k, v)) if step + 1 < w else None
-        kh, vh = (_t(x) for x in ((k, v) if step == 0 else moving or (k[:, :0], v[:, :0])))  # none: no calls
-        grads = []  # (rows, key rows, dk, dv) of this block, added once its accumulated dK/dV has arrived
-        for rows, segments in ring_calls(r, src, w, n, causal, docs):
-            if step == 0 and _varlen(kernel, segments, n):  # the own block's documents in one call
+
+    def block_grads(calls, kh, vh, own_block: bool) -> list:
+        """dq of the calls added; returns their (rows, key rows, dk, dv)."""
+        grads = []
+        for rows, segments in calls:
+            if own_block and _varlen(kernel, segments):  # consecutive documents of the own block in one call
                 nb = len(range(*rows.indices(q.shape[0])))
-                cu, longest = _cu(segments, nb, n, q.device)
-                l = lse[rows].transpose(0, 1).reshape(lse.shape[1], nb * n)
-                g = kernel.varlen.backward(_flat(dout, rows), _flat(q, rows), _flat(k, rows), _flat(v, rows),
-                                           _flat(out, rows), l, cu, longest, segments[0].causal, scale)
-                dq_b, dk_b, dv_b = (x.view(nb, n, *x.shape[1:]).transpose(1, 2) for x in g)
-                dqh[rows] += dq_b
-                grads.append((rows, slice(0, n), dk_b, dv_b))
+                cols = slice(segments[0].q.start, segments[-1].q.stop)
+                cu, longest = _cu(segments, nb, q.device)
+                width = cols.stop - cols.start
+                l = lse[rows, :, cols].transpose(0, 1).reshape(lse.shape[1], nb * width)
+                g = kernel.varlen.backward(*(_flat(x, rows, cols) for x in (dout, q, k, v, out)), l, cu, longest,
+                                           segments[0].causal, scale)
+                dq_b, dk_b, dv_b = (x.view(nb, width, *x.shape[1:]).transpose(1, 2) for x in g)
+                dqh[rows, :, cols] += dq_b
+                grads.append((rows, cols, dk_b, dv_b))
                 continue
             for sg in segments:
                 dq_b, dk_b, dv_b = kernel.backward(doh[rows, :, sg.q], qh[rows, :, sg.q], kh[rows, :, sg.k],
@@ -230,6 +259,17 @@ def ring_backward(comm: RingComm, dout, q, k, v, out, lse, causal: bool, scale: 
                                                    sg.causal, scale)
                 dqh[rows, :, sg.q] += dq_b
                 grads.append((rows, sg.k, dk_b, dv_b))
+        return grads
+
+    own_calls = ring_calls(r, r, w, n, causal, docs)
+    parts = [(rows, split_own(segments)) for rows, segments in own_calls] if w > 1 else ()
+    own_first = tuple((rows, a) for rows, (a, _) in parts) if w > 1 else own_calls
+    for step in range(w):
+        src = (r - step) % w
+        kv_pending = _pass_on(comm, moving, spans(src), spans(src - 1), (k, v)) if step + 1 < w else None
+        kh, vh = (_t(x) for x in ((k, v) if step == 0 else moving or (k[:, :0], v[:, :0])))  # none: no calls
+        # (rows, key rows, dk, dv) of this block, added once its accumulated dK/dV has arrived
+        grads = block_grads(own_first if step == 0 else ring_calls(r, src, w, n, causal, docs), kh, vh, step == 0)
         if step == 0:
             dkv = own
         elif dkv_pending is None:  # the first rank after the owner starts the block's travelling gradient
@@ -244,6 +284,10 @@ def ring_backward(comm: RingComm, dout, q, k, v, out, lse, causal: bool, scale: 
             dkv_pending = _pass_on(comm, dkv, spans(src), spans(src - 1), (k, v), acc)
         if kv_pending is not None:
             moving = kv_pending.wait()
+    if w > 1:  # the rest of the own block while the last hop travels
+        for rows, ks, dk_b, dv_b in block_grads(tuple((rows, b) for rows, (_, b) in parts), _t(k), _t(v), True):
+            _t(own[0])[rows, :, ks] += dk_b
+            _t(own[1])[rows, :, ks] += dv_b
     if dkv_pending is not None:
         home = dkv_pending.wait()
         offset = 0
