@@ -173,19 +173,71 @@ def split_own(segments: tuple) -> tuple[tuple, tuple]:
     return segments[:cut], segments[cut:]
 
 
-def _single_call(comm: RingComm, causal: bool, local_len: int, docs) -> bool:
-    """One rank and one document per row: the block is one kernel call over everything."""
+def _single_call(causal: bool, local_len: int, docs) -> bool:
+    """One document per row: a ring of one rank is one kernel call over everything."""
     full = slice(0, local_len)
-    return comm.world == 1 and block_calls(0, 0, 1, local_len, causal, docs) == (
-        (slice(None), (Segment(full, full, causal),)),)
+    return block_calls(0, 0, 1, local_len, causal, docs) == ((slice(None), (Segment(full, full, causal),)),)
+
+
+def _local_forward(q, k, v, causal: bool, scale: float, kernel: Kernel, docs):
+    """A ring of one rank: each document's call is the final result of its rows (no other keys), so it is written
+    straight into the output, without float32 accumulators or merges. Returns ``(out (b,h,s,d) view, lse)``."""
+    n = q.shape[1]
+    if _single_call(causal, n, docs):  # the kernel's own output
+        return kernel.forward(_t(q), _t(k), _t(v), causal, scale)
+    out = torch.empty_like(q).transpose(1, 2)  # (b, h, s, d) view of flash-layout memory
+    lse = torch.empty(q.shape[0], q.shape[2], n, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                      device=q.device)
+    qh, kh, vh = _t(q), _t(k), _t(v)
+    for rows, segments in block_calls(0, 0, 1, n, causal, docs):  # the documents tile the rows
+        if _varlen(kernel, segments):
+            nb = len(range(*rows.indices(q.shape[0])))
+            cu, longest = _cu(segments, nb, q.device)
+            o, l = kernel.varlen.forward(*(_flat(x, rows, slice(None)) for x in (q, k, v)), cu, longest,
+                                         segments[0].causal, scale)
+            out[rows] = o.view(nb, n, *o.shape[1:]).transpose(1, 2)
+            lse[rows] = l.view(l.shape[0], nb, n).transpose(0, 1)
+            continue
+        for sg in segments:
+            o, l = kernel.forward(qh[rows, :, sg.q], kh[rows, :, sg.k], vh[rows, :, sg.k], sg.causal, scale)
+            out[rows, :, sg.q] = o
+            lse[rows, :, sg.q] = l
+    return out, lse
+
+
+def _local_backward(dout, q, k, v, out, lse, causal: bool, scale: float, kernel: Kernel, docs):
+    """Backward of :func:`_local_forward`: each document's gradients are written straight into dq/dk/dv (its rows are
+    its own in q and k alike)."""
+    n = q.shape[1]
+    if _single_call(causal, n, docs):  # the kernel's own gradients
+        g = kernel.backward(_t(dout), _t(q), _t(k), _t(v), _t(out), lse, causal, scale)
+        return tuple(x.transpose(1, 2) for x in g)
+    dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+    doh, qh, kh, vh, oh = (_t(x) for x in (dout, q, k, v, out))
+    for rows, segments in block_calls(0, 0, 1, n, causal, docs):
+        if _varlen(kernel, segments):
+            nb = len(range(*rows.indices(q.shape[0])))
+            cu, longest = _cu(segments, nb, q.device)
+            l = lse[rows].transpose(0, 1).reshape(lse.shape[1], nb * n)
+            g = kernel.varlen.backward(*(_flat(x, rows, slice(None)) for x in (dout, q, k, v, out)), l, cu, longest,
+                                       segments[0].causal, scale)
+            for dst, x in zip((dq, dk, dv), g):
+                dst[rows] = x.view(nb, n, *x.shape[1:])
+            continue
+        for sg in segments:
+            g = kernel.backward(doh[rows, :, sg.q], qh[rows, :, sg.q], kh[rows, :, sg.k], vh[rows, :, sg.k],
+                                oh[rows, :, sg.q], lse[rows, :, sg.q], sg.causal, scale)
+            for dst, x, sl in zip((dq, dk, dv), g, (sg.q, sg.k, sg.k)):
+                _t(dst)[rows, :, sl] = x
+    return dq, dk, dv
 
 
 def ring_forward(comm: RingComm, q, k, v, causal: bool, scale: float, kernel: Kernel, docs: Documents | None = None):
     """Forward ring. q/k/v are flash-layout ``(b, s, h, d)``. Returns ``(out (b,h,s,d) view, lse (b,h,s))``.
 
     ``docs``: the document boundaries of each batch row over the ring's global sequence (None: one document)."""
-    if _single_call(comm, causal, q.shape[1], docs):  # the kernel's own output, no float32 accumulator
-        return kernel.forward(_t(q), _t(k), _t(v), causal, scale)
+    if comm.world == 1:
+        return _local_forward(q, k, v, causal, scale, kernel, docs)
     out, lse = new_accumulators(_t(q))
     r, w, n = comm.rank, comm.world, q.shape[1]
 
@@ -222,9 +274,8 @@ def ring_backward(comm: RingComm, dout, q, k, v, out, lse, causal: bool, scale: 
     The K/V rows other ranks read travel as in the forward ring; the float32 dK/dV of those rows travel with them,
     collecting each rank's contribution, and after the last step reach the owner, who adds them to the gradient of
     its own block (the rows no other rank reads never leave it)."""
-    if _single_call(comm, causal, q.shape[1], docs):  # the kernel's own gradients, no float32 accumulators
-        g = kernel.backward(_t(dout), _t(q), _t(k), _t(v), _t(out), lse, causal, scale)
-        return tuple(x.transpose(1, 2) for x in g)
+    if comm.world == 1:
+        return _local_backward(dout, q, k, v, out, lse, causal, scale, kernel, docs)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     r, w, n = comm.rank, comm.world, q.shape[1]
 
