@@ -249,8 +249,26 @@ def _size(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def report_markdown(summary_: dict, run: dict, stage_times: list[tuple[str, float]]) -> str:
-    """The run's report (``publish``'s README.md): every figure read from the run's files."""
+def by_distance(samples_path: str, short: int) -> dict[str, tuple[float, int]]:
+    """Accuracy by how far before the question the needle sits, about ``(1 - depth) x context length`` tokens
+    (the needle goes to the first sentence boundary at or after its depth): up to the short length, up to twice it,
+    and beyond. ``{bucket: (accuracy, samples)}`` from an eval_needle.py ``samples.jsonl``; a grid cell of a long
+    context whose needle sits near the question tests a short distance."""
+    edges = [(f"≤ {_size(short)}", short), (f"{_size(short)}-{_size(2 * short)}", 2 * short),
+             (f"> {_size(2 * short)}", math.inf)]
+    hits: dict[str, list[bool]] = {name: [] for name, _ in edges}
+    with open(samples_path) as f:
+        for line in f:
+            s = json.loads(line)
+            distance = (1 - s["depth_percent"] / 100) * s["context_length"]
+            hits[next(name for name, edge in edges if distance <= edge)].append(bool(s["correct"]))
+    return {name: (_mean(v), len(v)) for name, v in hits.items()}
+
+
+def report_markdown(summary_: dict, run: dict, stage_times: list[tuple[str, float]],
+                    distances: dict[str, dict[str, tuple[float, int]]] | None = None) -> str:
+    """The run's report (``publish``'s README.md): every figure read from the run's files; ``distances``:
+    :func:`by_distance` of each model's samples."""
     acc, ppl = summary_["accuracy"], summary_["perplexity"]
     short, long_ = summary_["short_length"], summary_["long_length"]
     settings = run.get("settings", {})
@@ -279,6 +297,13 @@ def report_markdown(summary_: dict, run: dict, stage_times: list[tuple[str, floa
         a = acc[name]
         lines.append(f"| {name} | " + " | ".join(f"{a['by_length'][n]:.2f}" for n in lengths)
                      + f" | {a['within_short']:.2f} | {a['beyond_short']:.2f} | {a['within_long']:.2f} |")
+    if distances:
+        buckets = list(next(iter(distances.values())))
+        lines += ["", "The same samples by the needle's distance before the question, about (1 − depth) × context "
+                  "length (samples in brackets):", "", "| model | " + " | ".join(buckets) + " |",
+                  "|---" * (len(buckets) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{acc_:.2f} ({n})" for acc_, n in row.values()) + " |"
+                  for name, row in distances.items()]
     contexts = sorted({n for row in ppl.values() for n in row}, key=int)  # JSON keys: "1024", ...
     lines += ["", "Perplexity by context length:", "",
               "| model | " + " | ".join(_size(int(n)) for n in contexts) + " |", "|---" * (len(contexts) + 1) + "|"]
@@ -297,16 +322,25 @@ def publish(args) -> str:
     os.makedirs(to, exist_ok=True)
     for src, dst in PUBLISHED.items():
         shutil.copyfile(os.path.join(out, src), os.path.join(to, dst))
-    with open(os.path.join(out, "summary.json")) as f:
-        summary_ = json.load(f)
-    with open(os.path.join(out, "run.json")) as f:
-        run = json.load(f)
-    with open(os.path.join(out, "stage_times.tsv")) as f:
-        stage_times = [(cols[1], float(cols[2])) for cols in (line.split("\t") for line in f) if len(cols) == 3]
-    with open(os.path.join(to, "README.md"), "w") as f:
-        f.write(report_markdown(summary_, run, stage_times))
+    write_report(to)
     print(f"published to {to}")
     return to
+
+
+def write_report(folder: str) -> str:
+    """(Re)write a published folder's README.md from the files in it; returns its path."""
+    with open(os.path.join(folder, "summary.json")) as f:
+        summary_ = json.load(f)
+    with open(os.path.join(folder, "run.json")) as f:
+        run = json.load(f)
+    with open(os.path.join(folder, "stage_times.tsv")) as f:
+        stage_times = [(cols[1], float(cols[2])) for cols in (line.split("\t") for line in f) if len(cols) == 3]
+    distances = {name: by_distance(os.path.join(folder, f"samples_{name}.jsonl"), summary_["short_length"])
+                 for name in ("short", "long")}
+    path = os.path.join(folder, "README.md")
+    with open(path, "w") as f:
+        f.write(report_markdown(summary_, run, stage_times, distances))
+    return path
 
 
 def main(argv=None) -> None:
@@ -339,9 +373,13 @@ def main(argv=None) -> None:
     u = sub.add_parser("publish", help="the run's images and numbers, and a report of them, into one folder")
     u.add_argument("--output-dir", required=True)
     u.add_argument("--to", required=True, help="e.g. docs/needle_demo, or the run's publish/ folder")
+    r = sub.add_parser("report", help="rewrite a published folder's README.md from its own files")
+    r.add_argument("folder")
     args = p.parse_args(argv)
     if args.command == "publish":
         publish(args)
+    elif args.command == "report":
+        print(f"wrote {write_report(args.folder)}")
     elif args.command == "prepare":
         report = prepare(args)
         if report["leak"]:

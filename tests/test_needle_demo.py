@@ -103,6 +103,24 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+def test_accuracy_by_needle_distance(tmp_path):
+    """Cells are bucketed by (1 - depth) x length, not by context length: a 64K cell with the needle at depth 100
+    is a short-distance test. Expected buckets worked out by hand."""
+    from easy_context.needle_demo import by_distance
+
+    rows = [(1024, 0, True),      # 1024 before the question: <= 2K
+            (65536, 100, True),   # 0: <= 2K
+            (4096, 50, False),    # 2048: <= 2K (the edge belongs to the lower bucket)
+            (4096, 25, True),     # 3072: 2K-4K
+            (8192, 50, False),    # 4096: 2K-4K
+            (8192, 0, False),     # 8192: > 4K
+            (65536, 90, False)]   # 6553.6: > 4K
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({"context_length": n, "depth_percent": d, "correct": c}) + "\n"
+                            for n, d, c in rows))
+    assert by_distance(str(path), 2048) == {"≤ 2K": (2 / 3, 3), "2K-4K": (0.5, 2), "> 4K": (0.0, 2)}
+
+
 def test_needle_demo_cpu_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "NEEDLE_DEMO_CPU": "1", "NEEDLE_DEMO_DIR": str(out), "PORT": str(_free_port()),
@@ -153,7 +171,7 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
 
     # stage 5: the published folder holds every image and number, and its report states them as the files do
     published = out / "publish"
-    from easy_context.needle_demo import PUBLISHED
+    from easy_context.needle_demo import PUBLISHED, by_distance
 
     assert sorted(p.name for p in published.iterdir()) == sorted([*PUBLISHED.values(), "README.md"])
     summary = json.loads((published / "summary.json").read_text())
@@ -166,3 +184,5 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
     row = "| long | " + " | ".join(f"{v:.2f}" for v in long_["by_length"].values())
     assert row in report, (row, report)
     assert "![](heatmap_short.png)" in report and ("NOT MET" in report or "MET" in report)
+    assert "| long | " + " | ".join(f"{a:.2f} ({n})" for a, n in by_distance(  # the distance table, from the samples
+        str(published / "samples_long.jsonl"), 128).values()) + " |" in report

@@ -25,21 +25,20 @@
 #   5  publish/: the heatmaps, the perplexity plot and CSV, summary.json, run.json (date, device, commit, these
 #      settings), stage_times.tsv, leak_check.json and README.md, a report of them all (easy_context/needle_demo.py)
 #
-# Device time on 2 x H200 (measured 2026-11-30 for stages 0-2, bench/RESULTS.md 11b; stage_times.tsv records each
-# run's):
-#   0  109-119 s (64,000 + 38,400 + 300 rows generated and leak-checked on 16 host processes, now one per core;
-#                 untrained-model grid)
-#   1  232-253 s (2000 steps x 32 rows x 256 tokens, then 1200 steps x 32 rows x 2048 tokens = 95M tokens)
-#   2  45-51 s   (7 lengths x 11 depths x 4 samples = 308 forwards, the longest 64K, zigzag over 2 GPUs)
-#   3  ~3 min    (est.: 300 steps x 65536 tokens = 20M tokens; ~130 TFLOP per step, mostly attention)
-#   4  ~1.5 min  (est.: as stage 2, plus perplexity of both models at 1K..64K, plot, summary)
-# Total ~11 min, plus the machine start. A device call is limited to 10 min: run STAGES="0 1 2" and STAGES="3 4 5"
+# Device time on 2 x H200 (measured 2026-11-30, the full run published in docs/needle_demo, bench/RESULTS.md 13c;
+# stage_times.tsv records each run's):
+#   0  107 s   (64,000 + 38,400 + 300 rows generated and leak-checked on one host process per core; untrained grid)
+#   1  266 s   (2000 steps x 32 rows x 256 tokens, then 1200 steps x 32 rows x 2048 tokens = 95M tokens)
+#   2  39 s    (7 lengths x 11 depths x 4 samples = 308 forwards, the longest 64K, zigzag over 2 GPUs)
+#   3  100 s   (300 steps x 65536 tokens = 20M tokens, zigzag_ring_attn over 2 GPUs, RoPE base 1e6)
+#   4  87 s    (as stage 2, plus perplexity of both models at 1K..64K, plot, summary)
+# 599 s in all, plus the machine start. A device call is limited to 10 min: run STAGES="0 1 2" and STAGES="3 4 5"
 # as two calls on the same warm machine (runs/ stays there; it is given back 30 s after a call), the second ending
 # in: tar czf "$OUT/publish.tgz" -C "$NEEDLE_DEMO_DIR" publish; then unpack it here as docs/needle_demo. Where the
 # tree has no .git, EASY_CONTEXT_COMMIT=<hash> names the commit in run.json.
-# STATUS (RESULTS 11): stages 0-2 learn retrieval, 0.75 within 2K (the goal is 0.95), fading over 4K-16K; stages 3-4
-# have not completed: stage 3 met a bug (sequence-parallel attention refused bf16 autocast over float32 weights),
-# fixed since. NEAR_KEYS=0.5 (below) is new since that run. bench/needle_probe.py / bench/needle_sweep.sh check a task's learnability first (RESULTS 10e, 11a).
+# RESULT (docs/needle_demo/README.md): after the extension 0.96 over the 1K-64K grid and perplexity flat to 64K (two
+# goals met); the 2K model scores 0.29 beyond 2K (goal <= 0.2): 0.00 wherever the needle sits more than 4K before
+# the question, but the grid's deep cells put the needle close to the question at every context length.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
