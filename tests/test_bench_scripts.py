@@ -192,3 +192,26 @@ def test_peers_step_on_packed_rows_matches_the_per_document_reference(tmp_path):
         assert r["check"] == "ok", r
         assert r["docs"] > 2 and 0 < r["attn_pairs_fraction"] < 1, r
     assert "--packed" in by["ds_alst"]["skipped"]
+
+
+def test_detached_runs_outlive_their_starter_and_report_their_end(tmp_path):
+    """bench/detached.sh (a step longer than one device call): start returns while the command runs, the
+    arguments arrive as given (spaces kept), wait reports "still running" (exit 3) and then the command's own exit
+    code; a second start under a running name is refused."""
+    script = os.path.join(BENCH, "detached.sh")
+    env = dict(os.environ, DETACHED_DIR=str(tmp_path))
+
+    def sh(*args):
+        return subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True, timeout=60)
+
+    t0 = time.time()
+    start = sh("start", "job", "--", sys.executable, "-c",
+               "import sys, time; print(sys.argv[1:], flush=True); time.sleep(3); sys.exit(4)", "a b", "c")
+    assert start.returncode == 0 and time.time() - t0 < 2.5, start  # did not wait for the 3-s command
+    assert sh("start", "job", "--", "true").returncode == 2  # the name is taken while it runs
+    running = sh("wait", "job", "0")
+    assert running.returncode == 3 and "still running" in running.stdout, running
+    done = sh("wait", "job", "30")
+    assert done.returncode == 0 and "['a b', 'c']" in done.stdout and "job ended: exit 4" in done.stdout, done
+    assert (tmp_path / "job.rc").read_text().strip() == "4"
+    assert sh("wait", "other", "1").returncode == 2  # an unknown name is an error, not a wait
