@@ -312,9 +312,9 @@ def ring_backward(comm: RingComm, dout, q, k, v, out, lse, causal: bool, scale: 
                 grads.append((rows, sg.k, dk_b, dv_b))
         return grads
 
-    own_calls = ring_calls(r, r, w, n, causal, docs)
-    parts = [(rows, split_own(segments)) for rows, segments in own_calls] if w > 1 else ()
-    own_first = tuple((rows, a) for rows, (a, _) in parts) if w > 1 else own_calls
+    # the own block in two parts (w > 1 here: a ring of one rank returned above)
+    parts = [(rows, split_own(segments)) for rows, segments in ring_calls(r, r, w, n, causal, docs)]
+    own_first = tuple((rows, a) for rows, (a, _) in parts)
     for step in range(w):
         src = (r - step) % w
         kv_pending = _pass_on(comm, moving, spans(src), spans(src - 1), (k, v)) if step + 1 < w else None
@@ -335,10 +335,10 @@ def ring_backward(comm: RingComm, dout, q, k, v, out, lse, causal: bool, scale: 
             dkv_pending = _pass_on(comm, dkv, spans(src), spans(src - 1), (k, v), acc)
         if kv_pending is not None:
             moving = kv_pending.wait()
-    if w > 1:  # the rest of the own block while the last hop travels
-        for rows, ks, dk_b, dv_b in block_grads(tuple((rows, b) for rows, (_, b) in parts), _t(k), _t(v), True):
-            _t(own[0])[rows, :, ks] += dk_b
-            _t(own[1])[rows, :, ks] += dv_b
+    # the rest of the own block while the last hop travels
+    for rows, ks, dk_b, dv_b in block_grads(tuple((rows, b) for rows, (_, b) in parts), _t(k), _t(v), True):
+        _t(own[0])[rows, :, ks] += dk_b
+        _t(own[1])[rows, :, ks] += dv_b
     if dkv_pending is not None:
         home = dkv_pending.wait()
         offset = 0
