@@ -30,7 +30,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # 540 s: inside one 600-s call
 root=${OUT:-bench/results/speed_set}
 mkdir -p "$root"
-echo "# speed set, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo "${EASY_CONTEXT_COMMIT:-?}")"
+echo "# speed set, $(date -u +%Y-%m-%dT%H:%MZ), commit ${EASY_CONTEXT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}"
+# (EASY_CONTEXT_COMMIT first, as run.json does: a lent GPU's copy of the tree can carry a stale .git)
 
 part() {  # name, seconds, command...: run it with a time limit, its output in $root/<name>.log
   local name=$1 secs=$2
