@@ -101,9 +101,9 @@ def main():
             if (1 - depth) * seq <= within:
                 close, close_ok = close + 1, close_ok + hit
         model.train()
+        within_ = {"within": close, "accuracy_within": round(close_ok / close, 3) if close else None}
         return {"accuracy": ok / needle.num_samples, "near": near,
-                "accuracy_near": round(near_ok / near, 3) if near else None,
-                **({"within": close, "accuracy_within": round(close_ok / close, 3) if close else None} if within else {})}
+                "accuracy_near": round(near_ok / near, 3) if near else None, **(within_ if within else {})}
 
     t0, step = time.time(), 0
     for stage, (seg, per_row, facts, steps, near_share) in enumerate(stages):
