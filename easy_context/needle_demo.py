@@ -12,8 +12,9 @@ images and numbers into one folder with a report of them (README.md), for ``docs
 * ``init/``: a random Llama of the given shape with the byte tokenizer (``make_tokenizer("bytes")``: token id = byte
   value, ``<s>`` = 256, ``</s>`` = 257), a ``--model`` folder for train.py and the evaluations;
 * ``data/train_warm`` (with ``--warm-rows``; ``--warm-segments K``: rows of K of them), ``data/train_short``,
-  ``data/train_long``: ``save_to_disk`` rows of :func:`easy_context.eval.facts.fact_rows` (``input_ids`` and ``labels``) from the *train* key space; ``data/ppl``: documents for eval_ppl.py from the *eval*
-  key space (``input_ids`` without BOS: eval_ppl adds it per window);
+  ``data/train_long``: ``save_to_disk`` rows of :func:`easy_context.eval.facts.fact_rows` (``input_ids`` and
+  ``labels``) from the *train* key space; ``data/ppl``: documents for eval_ppl.py from the *eval* key space
+  (``input_ids`` without BOS: eval_ppl adds it per window);
 * ``data/leak_check.json``: every run of capitals in the decoded training rows against every key eval_needle.py
   will ask (the needles and distractors of ``--eval-samples``/``--eval-distractors``/``--eval-seed``) and every key
   of the perplexity documents; any overlap stops the demo (exit status 1);
