@@ -11,10 +11,10 @@ images and numbers into one folder with a report of them (README.md), for ``docs
 
 * ``init/``: a random Llama of the given shape with the byte tokenizer (``make_tokenizer("bytes")``: token id = byte
   value, ``<s>`` = 256, ``</s>`` = 257), a ``--model`` folder for train.py and the evaluations;
-* ``data/train_warm`` (with ``--warm-rows``; ``--warm-segments K``: rows of K of them), ``data/train_short``,
-  ``data/train_long``: ``save_to_disk`` rows of :func:`easy_context.eval.facts.fact_rows` (``input_ids`` and
-  ``labels``) from the *train* key space; ``data/ppl``: documents for eval_ppl.py from the *eval* key space
-  (``input_ids`` without BOS: eval_ppl adds it per window);
+* ``data/train_warm`` (with ``--warm-rows``), ``data/train_short``, ``data/train_long``: ``save_to_disk`` rows of
+  :func:`easy_context.eval.facts.fact_rows`
+  (``input_ids`` and ``labels``) from the *train* key space; ``data/ppl``: documents for eval_ppl.py from the *eval*
+  key space (``input_ids`` without BOS: eval_ppl adds it per window);
 * ``data/leak_check.json``: every run of capitals in the decoded training rows against every key eval_needle.py
   will ask (the needles and distractors of ``--eval-samples``/``--eval-distractors``/``--eval-seed``) and every key
   of the perplexity documents; any overlap stops the demo (exit status 1);
@@ -33,30 +33,23 @@ import shutil
 import sys
 
 
-def _generate(shards: list[int], tokenizer, num_rows: int, num_shards: int, with_labels: bool, kw: dict,
-              segments: int = 1):
+def _generate(shards: list[int], tokenizer, num_rows: int, num_shards: int, with_labels: bool, kw: dict):
     """Rows of :func:`fact_rows` for ``shards`` (shard ``i`` of ``num_shards``: its share of ``num_rows``, seed
     ``1000 * kw["seed"] + i``), with their keys; ``with_labels=False``: no labels and no BOS (eval_ppl.py documents:
-    it prepends the BOS per window). ``segments > 1``: each row is that many fact rows one after another (a
-    pretraining row of concatenated documents: its positions run on across them)."""
+    it prepends the BOS per window)."""
     from .eval.facts import fact_rows
 
     for shard in shards:
         rows = num_rows * (shard + 1) // num_shards - num_rows * shard // num_shards
-        parts = fact_rows(tokenizer, num_rows=rows * segments, **{**kw, "seed": 1000 * kw["seed"] + shard})
-        for _ in range(rows):
-            group = [next(parts) for _ in range(segments)]
-            row = {k: [x for part in group for x in part[k]] for k in group[0]}
+        for row in fact_rows(tokenizer, num_rows=rows, **{**kw, "seed": 1000 * kw["seed"] + shard}):
             if not with_labels:
                 row = {"input_ids": row["input_ids"][1:], "keys": row["keys"]}
             yield row
 
 
-def _write_rows(tokenizer, path: str, *, num_rows: int, num_proc: int, with_labels: bool = True, segments: int = 1,
-                **kw):
-    """Write :func:`fact_rows` (columns ``input_ids``, ``labels``, ``keys``; ``segments`` of them per row, see
-    :func:`_generate`) to a ``save_to_disk`` folder, generated in ``num_proc`` processes, under ``path.tmp`` and
-    renamed when complete."""
+def _write_rows(tokenizer, path: str, *, num_rows: int, num_proc: int, with_labels: bool = True, **kw):
+    """Write :func:`fact_rows` (columns ``input_ids``, ``labels``, ``keys``) to a ``save_to_disk`` folder, generated in
+    ``num_proc`` processes, under ``path.tmp`` and renamed when complete."""
     from datasets import Dataset, Features, Sequence, Value
 
     ids = Sequence(Value("int32"))
@@ -67,7 +60,7 @@ def _write_rows(tokenizer, path: str, *, num_rows: int, num_proc: int, with_labe
                                   num_proc=shards if shards > 1 else None,
                                   gen_kwargs={"shards": list(range(shards)), "tokenizer": tokenizer,
                                               "num_rows": num_rows, "num_shards": shards,
-                                              "with_labels": with_labels, "kw": kw, "segments": segments})
+                                              "with_labels": with_labels, "kw": kw})
     shutil.rmtree(path + ".tmp", ignore_errors=True)
     data.save_to_disk(path + ".tmp")
     del data
@@ -121,13 +114,10 @@ def prepare(args) -> dict:
     if args.warm_rows:  # the curriculum's first step: shorter rows, where attention finds the facts sooner
         corpora.insert(0, ("train_warm", args.warm_length, args.warm_rows, args.warm_facts, args.warm_facts,
                            args.seed + 4, args.warm_near_keys))
-    # --warm-segments K: each warm-up row is K of those short rows one after another, so that the model only ever
-    # sees rows of one length (K x --warm-length), as a model pretrained on fixed-length rows does
-    segments = {"train_warm": args.warm_segments}
     for name, length, rows, facts, questions, seed, near in corpora:
         _write_rows(tokenizer, os.path.join(out, "data", name), num_rows=rows, seq_length=length, split="train",
                     num_facts=facts, num_questions=questions, other_labels=args.other_labels, near_keys=near,
-                    seed=seed, segments=segments.get(name, 1), **task)
+                    seed=seed, **task)
     _write_rows(tokenizer, os.path.join(out, "data", "ppl"), num_rows=args.ppl_docs, with_labels=False,
                 seq_length=args.ppl_length + 1, split="eval", num_facts=args.eval_distractors + 1, num_questions=1,
                 seed=args.seed + 3, **task)
@@ -146,8 +136,7 @@ def prepare(args) -> dict:
     trained = [name for name, *_ in corpora]
     for name, length, *_ in corpora:
         found = find_key_leaks(_texts(tokenizer, os.path.join(out, "data", name), args.num_proc), eval_keys)
-        report[name] = {"rows": found["texts"], "seq_length": length * segments.get(name, 1),
-                        "distinct_keys_in_text": found["keys_seen"],
+        report[name] = {"rows": found["texts"], "seq_length": length, "distinct_keys_in_text": found["keys_seen"],
                         "eval_keys_found": found["leaks"]}
     report["leak"] = any(report[n]["eval_keys_found"] for n in trained)
     with open(os.path.join(out, "data", "leak_check.json"), "w") as f:
@@ -364,8 +353,7 @@ def main(argv=None) -> None:
                           ("short-questions", 8), ("long-length", 65536), ("long-rows", 64), ("long-facts", 32),
                           ("long-questions", 32), ("key-length", 3), ("value-digits", 4), ("ppl-length", 65536),
                           ("ppl-docs", 4), ("eval-samples", 4), ("eval-distractors", 4), ("eval-seed", 24242424),
-                          ("seed", 0), ("num-proc", 1), ("warm-length", 512), ("warm-rows", 0), ("warm-facts", 4),
-                          ("warm-segments", 1)):
+                          ("seed", 0), ("num-proc", 1), ("warm-length", 512), ("warm-rows", 0), ("warm-facts", 4)):
         a.add_argument(f"--{flag}", type=int, default=default)
     a.add_argument("--rope-theta", type=float, default=10000.0)
     a.add_argument("--other-labels", type=float, default=0.0,

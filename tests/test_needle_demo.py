@@ -89,28 +89,6 @@ def test_fact_rows_format_and_labels():
         next(fact_rows(tokenizer, num_rows=1, seq_length=400, split="train", num_facts=2, num_questions=3))
 
 
-def test_warm_rows_of_several_segments_are_consecutive_fact_rows():
-    """--warm-segments K: a row is K fact rows one after another, each whole (its BOS, facts, questions and labels
-    where fact_rows put them), in the order the generator draws them; the reference is fact_rows itself."""
-    from easy_context.needle_demo import _generate
-
-    tokenizer = make_tokenizer("bytes")
-    kw = dict(seq_length=200, split="train", num_facts=2, num_questions=2, key_length=3, value_digits=3,
-              other_labels=0.0, near_keys=0.0, seed=5)
-    rows = list(_generate([0], tokenizer, num_rows=2, num_shards=1, with_labels=True, kw=kw, segments=3))
-    parts = list(fact_rows(tokenizer, num_rows=6, **{**kw, "seed": 1000 * 5}))
-    assert len(rows) == 2
-    for r, row in enumerate(rows):
-        group = parts[3 * r:3 * r + 3]
-        assert len(row["input_ids"]) == len(row["labels"]) == 600
-        for k in ("input_ids", "labels", "keys"):
-            assert row[k] == [x for part in group for x in part[k]]
-        assert [row["input_ids"][200 * j] for j in range(3)] == [tokenizer.bos_token_id] * 3
-    # one segment: fact_rows' rows as they are (the filler pool depends on the row count, hence a call of its own)
-    assert list(_generate([0], tokenizer, num_rows=2, num_shards=1, with_labels=True, kw=kw)) == \
-        list(fact_rows(tokenizer, num_rows=2, **{**kw, "seed": 1000 * 5}))
-
-
 def test_find_key_leaks():
     texts = ["Facts:\n On Ideas. ABC: 1234. The user builds.\n? ABC: 1234", "The QZ key. XYZ: 99."]
     assert find_key_leaks(texts, ["XYZ", "QQQ"]) == {"texts": 2, "keys_seen": 3, "leaks": ["XYZ"]}

@@ -83,19 +83,13 @@ fi
 # ends like the key) where plain rows plateaued at 0.94; near misses from the start stalled at 0.2. Not yet on GPUs.
 if [[ "${NEEDLE_DEMO_CPU:-0}" == 1 ]]; then : "${NEAR_KEYS:=0}"; else : "${NEAR_KEYS:=0.5}"; fi
 : "${NEAR_KEYS_WARM:=0}"
-# WARM_SEGMENTS=K: each warm-up row is K rows of WARM tokens one after another (positions run on across them), so
-# the warm-up trains at K x WARM tokens and the model only ever sees rows of one length, as a model pretrained on
-# fixed-length rows does (e.g. WARM_SEGMENTS=8 BATCH_WARM=2: the same 256-token segments per step, in 2K rows).
-# 1 (default): rows of WARM tokens; the published run (docs/needle_demo) used 1. On the CPU probe a warm-up at a
-# shorter length left retrieval working by distance beyond the trained length (RESULTS 14d).
-: "${WARM_SEGMENTS:=1}"
 : "${SEQ_ALGO:=zigzag_ring_attn}" "${STAGES:=0 1 2 3 4 5}" "${PORT:=29531}" "${EVAL_SEED:=24242424}"
 if [[ "$GPUS" == 1 ]]; then SEQ_ALGO=data_parallel; fi  # one process: no ring
 if [[ "$EVAL_PROCS" == 1 ]]; then EVAL_ALGO=data_parallel; fi
-SETTINGS=(GPUS DTYPE_FLAGS MODEL_FLAGS KEY_LENGTH VALUE_DIGITS DISTRACTORS OTHER_LABELS NEAR_KEYS NEAR_KEYS_WARM
-          WARM WARM_SEGMENTS STEPS_WARM BATCH_WARM LR_WARM FACTS_WARM SHORT STEPS_SHORT BATCH_SHORT LR_SHORT
-          FACTS_SHORT LONG STEPS_LONG BATCH_LONG LR_LONG FACTS_LONG ROPE_SHORT ROPE_LONG WARMUP LR_SCHEDULE
-          WEIGHT_DECAY GRID DEPTH_INTERVAL SAMPLES PPL_DOCS PPL_MIN SEQ_ALGO EVAL_ALGO EVAL_PROCS EVAL_SEED)
+SETTINGS=(GPUS DTYPE_FLAGS MODEL_FLAGS KEY_LENGTH VALUE_DIGITS DISTRACTORS OTHER_LABELS NEAR_KEYS NEAR_KEYS_WARM WARM
+          STEPS_WARM BATCH_WARM LR_WARM FACTS_WARM SHORT STEPS_SHORT BATCH_SHORT LR_SHORT FACTS_SHORT LONG STEPS_LONG
+          BATCH_LONG LR_LONG FACTS_LONG ROPE_SHORT ROPE_LONG WARMUP LR_SCHEDULE WEIGHT_DECAY GRID DEPTH_INTERVAL SAMPLES
+          PPL_DOCS PPL_MIN SEQ_ALGO EVAL_ALGO EVAL_PROCS EVAL_SEED)
 export "${SETTINGS[@]}"  # recorded in run.json by prepare
 DIR=$NEEDLE_DEMO_DIR
 MODEL_SHORT="$DIR/stage1_$SHORT"
@@ -135,7 +129,6 @@ prepare() {
         --key-length "$KEY_LENGTH" --value-digits "$VALUE_DIGITS" --other-labels "$OTHER_LABELS" \
         --near-keys "$NEAR_KEYS" --warm-near-keys "$NEAR_KEYS_WARM" \
         --warm-length "$WARM" --warm-rows "$((STEPS_WARM * BATCH_WARM * GPUS))" --warm-facts "$FACTS_WARM" \
-        --warm-segments "$WARM_SEGMENTS" \
         --short-length "$SHORT" --short-rows "$((STEPS_SHORT * BATCH_SHORT * GPUS))" --short-facts "$FACTS_SHORT" \
         --short-questions "$FACTS_SHORT" --long-length "$LONG" --long-rows "$((STEPS_LONG * BATCH_LONG))" \
         --long-facts "$FACTS_LONG" --long-questions "$FACTS_LONG" --ppl-length "$LONG" --ppl-docs "$PPL_DOCS" \
@@ -146,8 +139,8 @@ prepare() {
 short() {
     local from="$DIR/init"
     if [[ "$STEPS_WARM" -gt 0 ]]; then
-        train "$from" "$DIR/stage1_warm_$WARM" "$((WARM * WARM_SEGMENTS))" "$ROPE_SHORT" "$STEPS_WARM" "$BATCH_WARM" \
-            "$LR_WARM" data_parallel "$DIR/data/train_warm"
+        train "$from" "$DIR/stage1_warm_$WARM" "$WARM" "$ROPE_SHORT" "$STEPS_WARM" "$BATCH_WARM" "$LR_WARM" \
+            data_parallel "$DIR/data/train_warm"
         from="$DIR/stage1_warm_$WARM"
     fi
     train "$from" "$MODEL_SHORT" "$SHORT" "$ROPE_SHORT" "$STEPS_SHORT" "$BATCH_SHORT" "$LR_SHORT" data_parallel \
