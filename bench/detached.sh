@@ -9,7 +9,8 @@
 #                                                            # the command has ended (its code in NAME.rc), 3 while
 #                                                            # it still runs
 # The 1M-token step (RESULTS 12f, the settings `python -m easy_context.advise --model-config llama-2-7b --seq-length
-# 1048576 --gpus 2 --host-mem-gib 256 --optimizer-host-bytes 0` prints; ~20 minutes of device time):
+# 1048576 --gpus 2 --host-mem-gib 256 --optimizer-host-bytes 0` prints; it took 1331 s, 1483 s of device time with
+# the machine start, on 2026-11-30: bench/RESULTS.md 14a):
 #   bash bench/detached.sh start step1m -- torchrun --nproc_per_node 2 bench/peers.py step --seqs 1048576 \
 #     --layers 32 --ec-mode ec+fuse+tile+keep=1+off=25 --methods ec_ulysses --warmup 0 --reps 1 --out-dir runs/step1m
 #   bash bench/detached.sh wait step1m 570     # in this call and the next ones, until it reports the end
