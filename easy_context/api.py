@@ -96,7 +96,8 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
         ``balance_documents``, the busiest ring position's causal attention work over the mean after reordering,
         the worst row of the batch (1.0: balanced; an algorithm without a ring: 1.0); else None. The sequence is
         right-padded to a multiple of ``sequence_granularity``: padded inputs ``pad_token_id``, positions continue
-        past the end, targets ``ignore_index``. Causal attention makes the padding invisible to the real tokens, so results are exact.
+        past the end, targets ``ignore_index``. Causal attention makes the padding invisible to the real tokens, so
+        results are exact.
         ``data_parallel`` returns the full (unpadded) tensors.
     Raises:
         ValueError: unknown ``seq_algo``, ``sp_size`` not dividing ``world_size``, mismatched shapes, positions that

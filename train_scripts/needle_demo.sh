@@ -25,7 +25,7 @@
 #   5  publish/: the heatmaps, the perplexity plot and CSV, summary.json, run.json (date, device, commit, these
 #      settings), stage_times.tsv, leak_check.json and README.md, a report of them all (easy_context/needle_demo.py)
 #
-# Device time on 2 x H200 (measured 2026-11-30, the full run published in docs/needle_demo, bench/RESULTS.md 13c;
+# Device time on 2 x H200 (measured 2026-11-30, the full run published in docs/needle_demo, bench/RESULTS.md 13d;
 # stage_times.tsv records each run's):
 #   0  107 s   (64,000 + 38,400 + 300 rows generated and leak-checked on one host process per core; untrained grid)
 #   1  266 s   (2000 steps x 32 rows x 256 tokens, then 1200 steps x 32 rows x 2048 tokens = 95M tokens)
