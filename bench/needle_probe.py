@@ -48,12 +48,15 @@ def main():
     ap.add_argument("--near-keys", type=float, default=0.0,
                     help="share of a row's keys drawn as near misses of its other keys (facts.draw_facts)")
     a = ap.parse_args()
-    # a stage's SEQ may be SEGxK: rows of K segments of SEG tokens, positions running on across them (documents
-    # concatenated into fixed-length rows, as pretraining corpora are), so every row has SEG x K positions
-    stages = [(*(int(t) for t in (p[0] + "x1").split("x")[:2]), int(p[1]), int(p[2]),
-               float(p[3]) if len(p) > 3 else a.near_keys)
-              for p in (c.split(":") for c in a.curriculum)] if a.curriculum else \
-        [(a.seq, 1, a.facts, a.steps, a.near_keys)]
+    def stage(spec: str) -> tuple:
+        """SEQ:FACTS:STEPS[:NEAR] -> (segment, segments per row, facts, steps, near). SEQ may be SEGxK: rows of K
+        segments of SEG tokens, positions running on across them (documents concatenated into fixed-length rows, as
+        pretraining corpora are), so every row has SEG x K positions."""
+        seq, facts, steps, *near = spec.split(":")
+        seg, _, per_row = seq.partition("x")
+        return int(seg), int(per_row or 1), int(facts), int(steps), float(near[0]) if near else a.near_keys
+
+    stages = [stage(c) for c in a.curriculum] if a.curriculum else [(a.seq, 1, a.facts, a.steps, a.near_keys)]
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=a.bf16)
@@ -111,11 +114,10 @@ def main():
         segments = fact_rows(tok, num_rows=steps * a.batch * per_row, seq_length=seg, split="train",
                              num_facts=facts, num_questions=facts, key_length=a.key_length, value_digits=a.digits,
                              other_labels=a.other_labels, near_keys=near_share, seed=7 + stage)
-        rows = ({k: sum((r[k] for r in parts), []) for k in ("input_ids", "labels")}
-                for parts in iter(lambda: [next(segments) for _ in range(per_row)], None))
         for _ in range(steps):
             step += 1
-            batch = [next(rows) for _ in range(a.batch)]
+            parts = [[next(segments) for _ in range(per_row)] for _ in range(a.batch)]
+            batch = [{k: [t for part in row for t in part[k]] for k in ("input_ids", "labels")} for row in parts]
             for g in opt.param_groups:
                 g["lr"] = a.lr * min(1.0, step / 50)
             ids, labels = (torch.tensor([r[k] for r in batch], device=device) for k in ("input_ids", "labels"))
