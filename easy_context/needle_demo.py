@@ -11,7 +11,7 @@ images and numbers into one folder with a report of them (README.md), for ``docs
 
 * ``init/``: a random Llama of the given shape with the byte tokenizer (``make_tokenizer("bytes")``: token id = byte
   value, ``<s>`` = 256, ``</s>`` = 257), a ``--model`` folder for train.py and the evaluations;
-* ``data/train_warm`` (with ``--warm-rows``), ``data/train_short``, ``data/train_long``: ``save_to_disk`` rows of
+* ``data/train_short``, ``data/train_mid`` (with ``--mid-rows``), ``data/train_long``: ``save_to_disk`` rows of
   :func:`easy_context.eval.facts.fact_rows`
   (``input_ids`` and ``labels``) from the *train* key space; ``data/ppl``: documents for eval_ppl.py from the *eval*
   key space (``input_ids`` without BOS: eval_ppl adds it per window);
@@ -106,14 +106,15 @@ def prepare(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     task = dict(key_length=args.key_length, value_digits=args.value_digits, num_proc=args.num_proc)
     # each corpus its own seed; the eval needles (and their haystack) use eval_needle.py's --seed
+    # (name, length, rows, facts, questions, seed, near keys): the short stage's rows have no near misses (they stall
+    # a model still looking for the lookup); the extension's (mid, long) have --near-keys
     corpora = [
         ("train_short", args.short_length, args.short_rows, args.short_facts, args.short_questions, args.seed + 1,
-         args.near_keys),
+         0.0),
+        ("train_mid", args.mid_length, args.mid_rows, args.mid_facts, args.mid_facts, args.seed + 4, args.near_keys),
         ("train_long", args.long_length, args.long_rows, args.long_facts, args.long_questions, args.seed + 2,
          args.near_keys)]
-    if args.warm_rows:  # the curriculum's first step: shorter rows, where attention finds the facts sooner
-        corpora.insert(0, ("train_warm", args.warm_length, args.warm_rows, args.warm_facts, args.warm_facts,
-                           args.seed + 4, args.warm_near_keys))
+    corpora = [c for c in corpora if c[2]]  # no mid stage: no mid rows
     for name, length, rows, facts, questions, seed, near in corpora:
         _write_rows(tokenizer, os.path.join(out, "data", name), num_rows=rows, seq_length=length, split="train",
                     num_facts=facts, num_questions=questions, other_labels=args.other_labels, near_keys=near,
@@ -237,7 +238,7 @@ PUBLISHED = {"needle_init/heatmap.png": "heatmap_init.png", "needle_short/heatma
              "data/leak_check.json": "leak_check.json", "needle_short/samples.jsonl": "samples_short.jsonl",
              "needle_long/samples.jsonl": "samples_long.jsonl"}
 STAGE_NAMES = {"prepare": "0 prepare (data, leak check, untrained grid)", "short": "1 train at the short length",
-               "eval_short": "2 grid of the short model", "long": "3 sequence-parallel training at the long length",
+               "eval_short": "2 grid of the short model", "long": "3 extension (raised RoPE base): the mid length, then sequence parallel at the long length",
                "eval_long": "4 grid, perplexity and plot of the extended model"}
 
 
@@ -353,15 +354,14 @@ def main(argv=None) -> None:
                           ("short-questions", 8), ("long-length", 65536), ("long-rows", 64), ("long-facts", 32),
                           ("long-questions", 32), ("key-length", 3), ("value-digits", 4), ("ppl-length", 65536),
                           ("ppl-docs", 4), ("eval-samples", 4), ("eval-distractors", 4), ("eval-seed", 24242424),
-                          ("seed", 0), ("num-proc", 1), ("warm-length", 512), ("warm-rows", 0), ("warm-facts", 4)):
+                          ("seed", 0), ("num-proc", 1), ("mid-length", 2048), ("mid-rows", 0), ("mid-facts", 16)):
         a.add_argument(f"--{flag}", type=int, default=default)
     a.add_argument("--rope-theta", type=float, default=10000.0)
     a.add_argument("--other-labels", type=float, default=0.0,
                    help="share of filler tokens with a loss (answers always; facts and questions never)")
     a.add_argument("--near-keys", type=float, default=0.0,
-                   help="share of the keys of the short and long rows drawn one letter away from another key of "
-                   "the row (hard negatives: facts.draw_facts)")
-    a.add_argument("--warm-near-keys", type=float, default=0.0, help="the same for the warm-up rows")
+                   help="share of the keys of the extension's rows (mid and long) drawn one letter away from another "
+                   "key of the row (hard negatives: facts.draw_facts); the short rows have none")
     a.add_argument("--settings", nargs="*", default=[],
                    help="names of environment variables to record in run.json (the script's settings)")
     s = sub.add_parser("summary", help="accuracies, perplexities and goals from the run's output files")

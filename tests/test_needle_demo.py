@@ -131,14 +131,16 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     # every stage's files
-    for name in ("init", "stage1_128", "stage3_512"):
+    for name in ("init", "stage1_128", "stage3_mid_256", "stage3_512"):
         assert (out / name / "config.json").exists() and (out / name / "model.safetensors").exists(), name
         assert (out / name / "tokenizer.json").exists(), name
-    for name in ("stage1_128", "stage3_512"):
+    steps = {"stage1_128": 200, "stage3_mid_256": 10, "stage3_512": 20}
+    for name, n in steps.items():
         log = [json.loads(line) for line in (out / name / "train_log.jsonl").read_text().splitlines()]
-        assert len(log) == {"stage1_128": 200, "stage3_512": 20}[name]
-    rope = json.loads((out / "stage3_512" / "config.json").read_text())
-    assert rope.get("rope_parameters", rope).get("rope_theta") == 40000  # the raised base was trained and saved
+        assert len(log) == n, name
+    for name, base in (("stage1_128", 10000), ("stage3_mid_256", 40000), ("stage3_512", 40000)):
+        config = json.loads((out / name / "config.json").read_text())  # the raised base was trained and saved
+        assert config.get("rope_parameters", config).get("rope_theta") == base, name
     for name in ("init", "short", "long"):
         folder = out / f"needle_{name}"
         assert (folder / "results.csv").exists() and (folder / "heatmap.png").stat().st_size > 1000, name
@@ -155,9 +157,9 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
     needles = [config.needles(s) for s in range(4)]
     from datasets import load_from_disk
 
-    text = "".join(bytes(i for i in row if i < 256).decode() for name in ("train_short", "train_long")
+    text = "".join(bytes(i for i in row if i < 256).decode() for name in ("train_short", "train_mid", "train_long")
                    for row in load_from_disk(str(out / "data" / name))["input_ids"])
-    assert text.count("\n? ") == 200 * 16 + 20 * 2  # one question per row: the text really is all the rows
+    assert text.count("\n? ") == 200 * 16 + 10 * 8 + 20 * 2  # one question per row: the text really is all the rows
     for key, value, _ in needles:
         assert f" {key}: {value}." not in text and f"{key}:" not in text and key_split(key) == "eval"
 
@@ -165,7 +167,7 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
     acc = json.loads((out / "summary.json").read_text())["accuracy"]
     init, short, long_ = acc["init"], acc["short"], acc["long"]
     assert init["all"] <= 0.1, init
-    # measured 1.0 and 1.0; chance is 0.1 (one digit); the margin allows another CPU's float rounding
+    # measured 0.83 and 0.97; chance is 0.1 (one digit); the margin allows another CPU's float rounding
     assert short["within_short"] >= 0.5 > init["within_short"], short
     assert long_["within_long"] >= 0.5 > init["within_long"], long_
 
@@ -175,7 +177,7 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
 
     assert sorted(p.name for p in published.iterdir()) == sorted([*PUBLISHED.values(), "README.md"])
     summary = json.loads((published / "summary.json").read_text())
-    assert summary["tokens_trained"] == {"train_warm": 30 * 8 * 2 * 64, "train_short": 200 * 8 * 2 * 128,
+    assert summary["tokens_trained"] == {"train_short": 200 * 8 * 2 * 128, "train_mid": 10 * 4 * 2 * 256,
                                          "train_long": 20 * 2 * 512}  # steps x batch x processes x length
     report = (published / "README.md").read_text()
     run = json.loads((published / "run.json").read_text())

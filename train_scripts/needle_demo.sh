@@ -14,11 +14,12 @@
 #      data/train_long), perplexity documents from the *eval* key space (data/ppl), leak check (data/leak_check.json:
 #      no eval key anywhere in the training text, else the run stops); eval_needle.py on the untrained model
 #      (needle_init/)
-#   1  train.py at WARM tokens (stage1_warm_<WARM>/; STEPS_WARM=0 skips it), then at SHORT tokens, data_parallel
-#      over GPUS processes (stage1_<SHORT>/)
+#   1  train.py at SHORT tokens from the untrained model, one row length throughout, data_parallel over GPUS
+#      processes (stage1_<SHORT>/)
 #   2  eval_needle.py on the grid GRID (needle_short/: results.csv, results.json, heatmap.png)
-#   3  train.py from stage 1 at LONG tokens, sequence parallel (SEQ_ALGO over GPUS processes), RoPE base ROPE_LONG
-#      (stage3_<LONG>/)
+#   3  the extension, from stage 1 with the RoPE base raised: train.py at MID tokens, data_parallel, base ROPE_MID
+#      (stage3_mid_<MID>/; STEPS_MID=0 skips it), then at LONG tokens, sequence parallel (SEQ_ALGO over GPUS
+#      processes), base ROPE_LONG (stage3_<LONG>/)
 #   4  eval_needle.py (needle_long/), eval_ppl.py on both models (ppl.csv: one row each, contexts PPL_MIN..LONG
 #      doubling), plot.py (ppl.png/.pdf), summary.json (accuracies within and beyond each trained length,
 #      perplexities, the goals)
@@ -44,17 +45,18 @@ cd "$(dirname "$0")/.."
 
 if [[ "${NEEDLE_DEMO_CPU:-0}" == 1 ]]; then
     # CPU size: the same stages and code, a task a 0.1M-parameter model learns in ~100 steps (one fact, a one-digit
-    # value, no distractors, the question right after the filler) and contexts of 128 -> 512 tokens
+    # value, no distractors, the question right after the filler) and contexts of 128 -> 256 -> 512 tokens
     export OMP_NUM_THREADS=1
     : "${GPUS:=2}" "${ACCEL_CONFIG:=accelerate_configs/cpu_2proc.yaml}" "${DTYPE_FLAGS:=--dtype float32}"
     : "${MODEL_FLAGS:=--hidden-size 64 --intermediate-size 128 --num-layers 2 --num-heads 4 --num-kv-heads 2}"
     : "${KEY_LENGTH:=2}" "${VALUE_DIGITS:=1}" "${DISTRACTORS:=0}" "${OTHER_LABELS:=0}"
-    : "${WARM:=64}" "${STEPS_WARM:=30}" "${BATCH_WARM:=8}" "${LR_WARM:=3e-3}" "${FACTS_WARM:=1}"
     : "${SHORT:=128}" "${STEPS_SHORT:=200}" "${BATCH_SHORT:=8}" "${LR_SHORT:=3e-3}" "${FACTS_SHORT:=1}"
+    : "${MID:=256}" "${STEPS_MID:=10}" "${BATCH_MID:=4}" "${LR_MID:=1e-3}" "${FACTS_MID:=1}"
     : "${LONG:=512}" "${STEPS_LONG:=20}" "${BATCH_LONG:=2}" "${LR_LONG:=1e-3}" "${FACTS_LONG:=1}"
-    : "${ROPE_SHORT:=10000}" "${ROPE_LONG:=40000}" "${WARMUP:=10}" "${LR_SCHEDULE:=constant}" "${WEIGHT_DECAY:=0}"
-    : "${GRID:=128,256,512}" "${DEPTH_INTERVAL:=0.5}" "${SAMPLES:=4}" "${PPL_DOCS:=2}" "${PPL_MIN:=128}"
+    : "${ROPE_SHORT:=10000}" "${ROPE_MID:=40000}" "${ROPE_LONG:=40000}" "${WARMUP:=10}" "${LR_SCHEDULE:=constant}"
+    : "${WEIGHT_DECAY:=0}" "${GRID:=128,256,512}" "${DEPTH_INTERVAL:=0.5}" "${SAMPLES:=4}" "${PPL_DOCS:=2}"
     : "${EVAL_ALGO:=data_parallel}" "${EVAL_PROCS:=1}" "${NUM_PROC:=1}" "${NEEDLE_DEMO_DIR:=runs/needle_demo_cpu}"
+    : "${NEAR_KEYS:=0}"
 else
     : "${GPUS:=2}" "${ACCEL_CONFIG:=accelerate_configs/multi_gpu.yaml}"
     # fp32 master weights, bf16 compute: a model trained from scratch loses small updates in pure bf16
@@ -64,32 +66,34 @@ else
     # eight settings in which this 24M model found the lookup (at 1e-3, or with 5% of the filler labelled, it did not:
     # RESULTS 11a)
     : "${KEY_LENGTH:=3}" "${VALUE_DIGITS:=3}" "${DISTRACTORS:=4}" "${OTHER_LABELS:=1}"
-    # a curriculum: rows of WARM tokens first (1200 steps at 2048 straight away, or 1500 at 512 with 8 facts and a
-    # cosine schedule, learned no retrieval: RESULTS 10e); 256 tokens with 4 facts at a constant rate is where the
-    # lookup is found (RESULTS 11a: >= 0.9 on unseen keys from step 1500)
-    : "${WARM:=256}" "${STEPS_WARM:=2000}" "${BATCH_WARM:=16}" "${LR_WARM:=3e-4}" "${FACTS_WARM:=4}"
-    : "${SHORT:=2048}" "${STEPS_SHORT:=1200}" "${BATCH_SHORT:=16}" "${LR_SHORT:=3e-4}" "${FACTS_SHORT:=16}"
+    # the short stage: 256 tokens with 4 facts from the start, the one row length at which this model learns the
+    # lookup from scratch (>= 0.9 on unseen keys from step 1750; at 512, 1K and 2K it learned nothing or little in
+    # the same time, and a curriculum of 256 then 2K tokens gives a model that keeps answering near needles far past
+    # 2K instead of failing beyond its length: RESULTS 15a)
+    : "${SHORT:=256}" "${STEPS_SHORT:=2000}" "${BATCH_SHORT:=16}" "${LR_SHORT:=3e-4}" "${FACTS_SHORT:=4}"
+    # the extension: 2K tokens data-parallel, then 64K sequence-parallel, both with the base raised to 1e6 at once
+    # (raised only at 64K, as in RESULTS 13d, the model lost the needles in the first sentence of 1K-2K contexts:
+    # 64K rows have too few facts near their start and their question to relearn that under the new base)
+    : "${MID:=2048}" "${STEPS_MID:=1200}" "${BATCH_MID:=16}" "${LR_MID:=3e-4}" "${FACTS_MID:=16}"
     : "${LONG:=65536}" "${STEPS_LONG:=300}" "${BATCH_LONG:=1}" "${LR_LONG:=2e-4}" "${FACTS_LONG:=64}"
-    : "${ROPE_SHORT:=10000}" "${ROPE_LONG:=1000000}" "${WARMUP:=50}" "${LR_SCHEDULE:=constant}" "${WEIGHT_DECAY:=0}"
-    : "${GRID:=1024,2048,4096,8192,16384,32768,65536}" "${DEPTH_INTERVAL:=0.1}" "${SAMPLES:=4}" "${PPL_DOCS:=4}"
-    : "${PPL_MIN:=1024}" "${EVAL_ALGO:=zigzag_ring_attn}" "${EVAL_PROCS:=$GPUS}" "${NUM_PROC:=$(nproc)}"
+    : "${ROPE_SHORT:=10000}" "${ROPE_MID:=1000000}" "${ROPE_LONG:=1000000}" "${WARMUP:=50}"
+    : "${LR_SCHEDULE:=constant}" "${WEIGHT_DECAY:=0}"
+    : "${GRID:=256,512,1024,2048,4096,8192,16384,32768,65536}" "${DEPTH_INTERVAL:=0.1}" "${SAMPLES:=4}"
+    : "${PPL_DOCS:=4}" "${EVAL_ALGO:=zigzag_ring_attn}" "${EVAL_PROCS:=$GPUS}" "${NUM_PROC:=$(nproc)}"
     : "${NEEDLE_DEMO_DIR:=runs/needle_demo}"
+    # hard negatives in the extension's rows: the share of a row's keys drawn one letter away from another key of
+    # the row (0: keys drawn independently). After the lookup is found they make it exact (RESULTS 11f, CPU); from
+    # the start they stall it, so the short stage has none.
+    : "${NEAR_KEYS:=0.5}"
 fi
-# hard negatives: the share of a row's keys drawn one letter away from another key of the row (warm-up rows, then
-# the short and long rows); 0: keys drawn independently. After the lookup is found, they make it exact. The 2K model
-# missed one of the four eval needles at every depth (likely QJJ, the only one with a distractor ending in the same
-# letter; needle_short/samples.jsonl will say). On the CPU (bench/needle_probe.py, 0.85M parameters, RESULTS 11f)
-# near misses after a plain warm-up lifted unseen-key accuracy from 0.90 to 0.99 (1.00 on prompts whose distractor
-# ends like the key) where plain rows plateaued at 0.94; near misses from the start stalled at 0.2. Not yet on GPUs.
-if [[ "${NEEDLE_DEMO_CPU:-0}" == 1 ]]; then : "${NEAR_KEYS:=0}"; else : "${NEAR_KEYS:=0.5}"; fi
-: "${NEAR_KEYS_WARM:=0}"
+: "${PPL_MIN:=$SHORT}"
 : "${SEQ_ALGO:=zigzag_ring_attn}" "${STAGES:=0 1 2 3 4 5}" "${PORT:=29531}" "${EVAL_SEED:=24242424}"
 if [[ "$GPUS" == 1 ]]; then SEQ_ALGO=data_parallel; fi  # one process: no ring
 if [[ "$EVAL_PROCS" == 1 ]]; then EVAL_ALGO=data_parallel; fi
-SETTINGS=(GPUS DTYPE_FLAGS MODEL_FLAGS KEY_LENGTH VALUE_DIGITS DISTRACTORS OTHER_LABELS NEAR_KEYS NEAR_KEYS_WARM WARM
-          STEPS_WARM BATCH_WARM LR_WARM FACTS_WARM SHORT STEPS_SHORT BATCH_SHORT LR_SHORT FACTS_SHORT LONG STEPS_LONG
-          BATCH_LONG LR_LONG FACTS_LONG ROPE_SHORT ROPE_LONG WARMUP LR_SCHEDULE WEIGHT_DECAY GRID DEPTH_INTERVAL SAMPLES
-          PPL_DOCS PPL_MIN SEQ_ALGO EVAL_ALGO EVAL_PROCS EVAL_SEED)
+SETTINGS=(GPUS DTYPE_FLAGS MODEL_FLAGS KEY_LENGTH VALUE_DIGITS DISTRACTORS OTHER_LABELS NEAR_KEYS SHORT STEPS_SHORT
+          BATCH_SHORT LR_SHORT FACTS_SHORT MID STEPS_MID BATCH_MID LR_MID FACTS_MID LONG STEPS_LONG BATCH_LONG LR_LONG
+          FACTS_LONG ROPE_SHORT ROPE_MID ROPE_LONG WARMUP LR_SCHEDULE WEIGHT_DECAY GRID DEPTH_INTERVAL SAMPLES PPL_DOCS
+          PPL_MIN SEQ_ALGO EVAL_ALGO EVAL_PROCS EVAL_SEED)
 export "${SETTINGS[@]}"  # recorded in run.json by prepare
 DIR=$NEEDLE_DEMO_DIR
 MODEL_SHORT="$DIR/stage1_$SHORT"
@@ -127,28 +131,29 @@ prepare() {
     rm -rf "$DIR/init" "$DIR/data"
     python -m easy_context.needle_demo prepare --output-dir "$DIR" $MODEL_FLAGS --rope-theta "$ROPE_SHORT" \
         --key-length "$KEY_LENGTH" --value-digits "$VALUE_DIGITS" --other-labels "$OTHER_LABELS" \
-        --near-keys "$NEAR_KEYS" --warm-near-keys "$NEAR_KEYS_WARM" \
-        --warm-length "$WARM" --warm-rows "$((STEPS_WARM * BATCH_WARM * GPUS))" --warm-facts "$FACTS_WARM" \
+        --near-keys "$NEAR_KEYS" \
         --short-length "$SHORT" --short-rows "$((STEPS_SHORT * BATCH_SHORT * GPUS))" --short-facts "$FACTS_SHORT" \
-        --short-questions "$FACTS_SHORT" --long-length "$LONG" --long-rows "$((STEPS_LONG * BATCH_LONG))" \
+        --short-questions "$FACTS_SHORT" \
+        --mid-length "$MID" --mid-rows "$((STEPS_MID * BATCH_MID * GPUS))" --mid-facts "$FACTS_MID" \
+        --long-length "$LONG" --long-rows "$((STEPS_LONG * BATCH_LONG))" \
         --long-facts "$FACTS_LONG" --long-questions "$FACTS_LONG" --ppl-length "$LONG" --ppl-docs "$PPL_DOCS" \
         --eval-samples "$SAMPLES" --eval-distractors "$DISTRACTORS" --eval-seed "$EVAL_SEED" --num-proc "$NUM_PROC" \
         --settings "${SETTINGS[@]}"
     needle "$DIR/init" init
 }
 short() {
-    local from="$DIR/init"
-    if [[ "$STEPS_WARM" -gt 0 ]]; then
-        train "$from" "$DIR/stage1_warm_$WARM" "$WARM" "$ROPE_SHORT" "$STEPS_WARM" "$BATCH_WARM" "$LR_WARM" \
-            data_parallel "$DIR/data/train_warm"
-        from="$DIR/stage1_warm_$WARM"
-    fi
-    train "$from" "$MODEL_SHORT" "$SHORT" "$ROPE_SHORT" "$STEPS_SHORT" "$BATCH_SHORT" "$LR_SHORT" data_parallel \
+    train "$DIR/init" "$MODEL_SHORT" "$SHORT" "$ROPE_SHORT" "$STEPS_SHORT" "$BATCH_SHORT" "$LR_SHORT" data_parallel \
         "$DIR/data/train_short"
 }
 eval_short() { needle "$MODEL_SHORT" short; }
 long() {
-    train "$MODEL_SHORT" "$MODEL_LONG" "$LONG" "$ROPE_LONG" "$STEPS_LONG" "$BATCH_LONG" "$LR_LONG" "$SEQ_ALGO" \
+    local from="$MODEL_SHORT"
+    if [[ "$STEPS_MID" -gt 0 ]]; then
+        train "$from" "$DIR/stage3_mid_$MID" "$MID" "$ROPE_MID" "$STEPS_MID" "$BATCH_MID" "$LR_MID" data_parallel \
+            "$DIR/data/train_mid"
+        from="$DIR/stage3_mid_$MID"
+    fi
+    train "$from" "$MODEL_LONG" "$LONG" "$ROPE_LONG" "$STEPS_LONG" "$BATCH_LONG" "$LR_LONG" "$SEQ_ALGO" \
         "$DIR/data/train_long"
 }
 eval_long() {
