@@ -3,8 +3,9 @@ eval_ppl.py and plot.py): ``prepare`` writes the tokenizer, the untrained model,
 ``summary`` reads the evaluations' output files and states the demo's goals against them; ``publish`` copies the
 images and numbers into one folder with a report of them (README.md), for ``docs/``.
 
+    python -m easy_context.needle_demo record --output-dir runs/needle_demo --stages "0 1 2" --settings SHORT ...
     python -m easy_context.needle_demo prepare --output-dir runs/needle_demo [sizes ...]
-    python -m easy_context.needle_demo summary --output-dir runs/needle_demo --short-length 2048 --long-length 65536
+    python -m easy_context.needle_demo summary --output-dir runs/needle_demo --short-length 256 --long-length 65536
     python -m easy_context.needle_demo publish --output-dir runs/needle_demo --to docs/needle_demo
 
 ``prepare`` writes under ``--output-dir``:
@@ -12,14 +13,15 @@ images and numbers into one folder with a report of them (README.md), for ``docs
 * ``init/``: a random Llama of the given shape with the byte tokenizer (``make_tokenizer("bytes")``: token id = byte
   value, ``<s>`` = 256, ``</s>`` = 257), a ``--model`` folder for train.py and the evaluations;
 * ``data/train_short``, ``data/train_mid`` (with ``--mid-rows``), ``data/train_long``: ``save_to_disk`` rows of
-  :func:`easy_context.eval.facts.fact_rows`
-  (``input_ids`` and ``labels``) from the *train* key space; ``data/ppl``: documents for eval_ppl.py from the *eval*
-  key space (``input_ids`` without BOS: eval_ppl adds it per window);
+  :func:`easy_context.eval.facts.fact_rows` (``input_ids`` and ``labels``; the long rows also ``position_ids``
+  with ``--long-packed``) from the *train* key space; ``data/ppl``: documents for eval_ppl.py from the *eval* key
+  space (``input_ids`` without BOS: eval_ppl adds it per window);
 * ``data/leak_check.json``: every run of capitals in the decoded training rows against every key eval_needle.py
   will ask (the needles and distractors of ``--eval-samples``/``--eval-distractors``/``--eval-seed``) and every key
-  of the perplexity documents; any overlap stops the demo (exit status 1);
-* ``run.json``: the date, the device, the commit and the script's settings (``--settings``: the names of the
-  environment variables it exported).
+  of the perplexity documents; any overlap stops the demo (exit status 1).
+
+``record`` writes ``run.json``: the date, the device, the commit and the script's settings (``--settings``: the
+names of the environment variables it exported), and each later invocation's stages and changed settings.
 
 Nothing here reads a number written by hand: ``summary`` computes everything from ``results.json`` / the CSVs.
 """
@@ -33,34 +35,60 @@ import shutil
 import sys
 
 
-def _generate(shards: list[int], tokenizer, num_rows: int, num_shards: int, with_labels: bool, kw: dict):
+def _generate(shards: list[int], tokenizer, num_rows: int, num_shards: int, with_labels: bool, kw: dict,
+              packed: dict | None = None):
     """Rows of :func:`fact_rows` for ``shards`` (shard ``i`` of ``num_shards``: its share of ``num_rows``, seed
     ``1000 * kw["seed"] + i``), with their keys; ``with_labels=False``: no labels and no BOS (eval_ppl.py documents:
-    it prepends the BOS per window)."""
+    it prepends the BOS per window).
+
+    ``packed`` (``{"share", "doc_length", "doc_facts"}``): that share of the rows, spread evenly, is made of whole
+    documents of ``doc_length`` tokens (fact rows of their own, ``doc_facts`` facts and questions each), with
+    ``position_ids`` restarting at 0 at each (train.py then lets each attend only to itself); every row gets
+    ``position_ids``."""
     from .eval.facts import fact_rows
 
     for shard in shards:
-        rows = num_rows * (shard + 1) // num_shards - num_rows * shard // num_shards
-        for row in fact_rows(tokenizer, num_rows=rows, **{**kw, "seed": 1000 * kw["seed"] + shard}):
+        first, end = num_rows * shard // num_shards, num_rows * (shard + 1) // num_shards
+        seed = 1000 * kw["seed"] + shard
+        is_packed = [bool(packed) and int((i + 1) * packed["share"]) > int(i * packed["share"])
+                     for i in range(first, end)]  # row i of the whole set; the packed rows spread evenly
+        rows = fact_rows(tokenizer, num_rows=is_packed.count(False), **{**kw, "seed": seed})
+        if any(is_packed):
+            per_row = kw["seq_length"] // packed["doc_length"]
+            docs = fact_rows(tokenizer, num_rows=is_packed.count(True) * per_row,
+                             **{**kw, "seq_length": packed["doc_length"], "num_facts": packed["doc_facts"],
+                                "num_questions": packed["doc_facts"], "seed": seed + 500})
+        for row_is_packed in is_packed:
+            if row_is_packed:
+                parts = [next(docs) for _ in range(per_row)]
+                row = {k: [x for part in parts for x in part[k]] for k in ("input_ids", "labels", "keys")}
+                row["position_ids"] = list(range(packed["doc_length"])) * per_row
+            else:
+                row = next(rows)
+                if packed:
+                    row["position_ids"] = list(range(len(row["input_ids"])))
             if not with_labels:
                 row = {"input_ids": row["input_ids"][1:], "keys": row["keys"]}
             yield row
 
 
-def _write_rows(tokenizer, path: str, *, num_rows: int, num_proc: int, with_labels: bool = True, **kw):
-    """Write :func:`fact_rows` (columns ``input_ids``, ``labels``, ``keys``) to a ``save_to_disk`` folder, generated in
-    ``num_proc`` processes, under ``path.tmp`` and renamed when complete."""
+def _write_rows(tokenizer, path: str, *, num_rows: int, num_proc: int, with_labels: bool = True,
+                packed: dict | None = None, **kw):
+    """Write :func:`fact_rows` (columns ``input_ids``, ``labels``, ``keys``; ``position_ids`` with ``packed``, see
+    :func:`_generate`) to a ``save_to_disk`` folder, generated in ``num_proc`` processes, under ``path.tmp`` and
+    renamed when complete."""
     from datasets import Dataset, Features, Sequence, Value
 
     ids = Sequence(Value("int32"))
     columns = {"input_ids": ids} | ({"labels": ids} if with_labels else {}) | {"keys": Sequence(Value("string"))}
+    columns |= {"position_ids": ids} if packed else {}
     shards = max(1, min(num_proc, num_rows))
     cache = path + ".cache"
     data = Dataset.from_generator(_generate, features=Features(columns), cache_dir=cache,
                                   num_proc=shards if shards > 1 else None,
                                   gen_kwargs={"shards": list(range(shards)), "tokenizer": tokenizer,
                                               "num_rows": num_rows, "num_shards": shards,
-                                              "with_labels": with_labels, "kw": kw})
+                                              "with_labels": with_labels, "kw": kw, "packed": packed})
     shutil.rmtree(path + ".tmp", ignore_errors=True)
     data.save_to_disk(path + ".tmp")
     del data
@@ -106,19 +134,25 @@ def prepare(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     task = dict(key_length=args.key_length, value_digits=args.value_digits, num_proc=args.num_proc)
     # each corpus its own seed; the eval needles (and their haystack) use eval_needle.py's --seed
-    # (name, length, rows, facts, questions, seed, near keys): the short stage's rows have no near misses (they stall
-    # a model still looking for the lookup); the extension's (mid, long) have --near-keys
+    # (name, length, rows, facts, questions, seed, near keys, packed): the short stage's rows have no near misses
+    # (they stall a model still looking for the lookup); the extension's (mid, long) have --near-keys; a share of the
+    # long rows (--long-packed) can be made of mid-length documents, as the mid rows are
+    if args.long_packed and (not 0 < args.long_packed <= 1 or args.long_length % args.mid_length):
+        raise ValueError(f"--long-packed {args.long_packed} needs a share in (0, 1] and a --long-length "
+                         f"({args.long_length}) that is a multiple of --mid-length ({args.mid_length})")
+    packed = {"share": args.long_packed, "doc_length": args.mid_length, "doc_facts": args.mid_facts}
     corpora = [
         ("train_short", args.short_length, args.short_rows, args.short_facts, args.short_questions, args.seed + 1,
-         0.0),
-        ("train_mid", args.mid_length, args.mid_rows, args.mid_facts, args.mid_facts, args.seed + 4, args.near_keys),
+         0.0, None),
+        ("train_mid", args.mid_length, args.mid_rows, args.mid_facts, args.mid_facts, args.seed + 4, args.near_keys,
+         None),
         ("train_long", args.long_length, args.long_rows, args.long_facts, args.long_questions, args.seed + 2,
-         args.near_keys)]
+         args.near_keys, packed if args.long_packed else None)]
     corpora = [c for c in corpora if c[2]]  # no mid stage: no mid rows
-    for name, length, rows, facts, questions, seed, near in corpora:
+    for name, length, rows, facts, questions, seed, near, pack in corpora:
         _write_rows(tokenizer, os.path.join(out, "data", name), num_rows=rows, seq_length=length, split="train",
                     num_facts=facts, num_questions=questions, other_labels=args.other_labels, near_keys=near,
-                    seed=seed, **task)
+                    seed=seed, packed=pack, **task)
     _write_rows(tokenizer, os.path.join(out, "data", "ppl"), num_rows=args.ppl_docs, with_labels=False,
                 seq_length=args.ppl_length + 1, split="eval", num_facts=args.eval_distractors + 1, num_questions=1,
                 seed=args.seed + 3, **task)
@@ -142,23 +176,23 @@ def prepare(args) -> dict:
     report["leak"] = any(report[n]["eval_keys_found"] for n in trained)
     with open(os.path.join(out, "data", "leak_check.json"), "w") as f:
         json.dump(report, f, indent=1)
-    _write_run(out, args.settings)
     print(f"prepare: {params / 1e6:.2f}M parameters; leak check over {report['eval_keys']} eval keys: "
           f"{'LEAK' if report['leak'] else 'none found'} ("
           f"{' + '.join(str(report[n]['distinct_keys_in_text']) for n in trained)} distinct training keys) -> {out}")
     return report
 
 
-def _write_run(out: str, names: list[str]) -> None:
-    """``run.json``: when and where this run started, the commit, and the script's settings (``names``: environment
-    variables the script exported)."""
+def record(out: str, stages: str, names: list[str]) -> dict:
+    """``run.json``, written at the start of every invocation of the script: an invocation with stage 0 starts it
+    (the date, the device, the commit and the script's settings: ``names``, environment variables it exported); a
+    later one (``STAGES="3 4 5"``, say) adds its own date, device, commit, stages and the settings it changed, so a
+    stage re-run with other settings is on record. Returns the record."""
     import datetime
     import subprocess
 
     import torch
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = f"{n} x {torch.cuda.get_device_name(0)}" if n else "CPU"
     commit = os.environ.get("EASY_CONTEXT_COMMIT")  # given where the tree is a copy without .git (a lent GPU)
     if not commit:
         try:
@@ -166,10 +200,25 @@ def _write_run(out: str, names: list[str]) -> None:
                                     check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             commit = "unknown"
-    run = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
-           "commit": commit, "settings": {k: os.environ.get(k) for k in names}}
-    with open(os.path.join(out, "run.json"), "w") as f:
+    now = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "device": f"{n} x {torch.cuda.get_device_name(0)}" if n else "CPU", "commit": commit}
+    settings = {k: os.environ.get(k) for k in names}
+    path = os.path.join(out, "run.json")
+    if "0" in stages.split():
+        run = {**now, "settings": settings, "invocations": [{**now, "stages": stages}]}
+    elif not os.path.exists(path):
+        raise SystemExit(f"{path} is missing: stages {stages} continue a run, whose stage 0 starts it "
+                         f"(STAGES=\"0 ...\")")
+    else:
+        with open(path) as f:
+            run = json.load(f)
+        changed = {k: v for k, v in settings.items() if run["settings"].get(k) != v}
+        run.setdefault("invocations", []).append({**now, "stages": stages, "changed": changed})
+    os.makedirs(out, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
         json.dump(run, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return run
 
 
 def _cells(path: str) -> list[dict]:
@@ -312,7 +361,12 @@ def report_markdown(summary_: dict, run: dict, stage_times: list[tuple[str, floa
         lines.append(f"| {name} | " + " | ".join(f"{row.get(n, float('nan')):.3f}" for n in contexts) + " |")
     lines += ["", "Goals:", ""] + [f"- {'MET' if met else 'NOT MET'}: `{goal}`"
                                    for goal, met in summary_["goals"].items()]
-    lines += ["", "Settings:", "", "```"] + [f"{k}={v}" for k, v in settings.items()] + ["```", ""]
+    lines += ["", "Settings:", "", "```"] + [f"{k}={v}" for k, v in settings.items()] + ["```"]
+    for later in run.get("invocations", [])[1:]:  # stages run again by a later invocation, and what it changed
+        changed = ", ".join(f"{k}={v}" for k, v in later.get("changed", {}).items()) or "no setting changed"
+        lines += ["", f"Stages {later['stages']} ran again on {later['date']} ({later['device']}, commit "
+                  f"{later['commit']}): {changed}."]
+    lines += [""]
     return "\n".join(lines)
 
 
@@ -362,8 +416,14 @@ def main(argv=None) -> None:
     a.add_argument("--near-keys", type=float, default=0.0,
                    help="share of the keys of the extension's rows (mid and long) drawn one letter away from another "
                    "key of the row (hard negatives: facts.draw_facts); the short rows have none")
-    a.add_argument("--settings", nargs="*", default=[],
-                   help="names of environment variables to record in run.json (the script's settings)")
+    a.add_argument("--long-packed", type=float, default=0.0,
+                   help="share of the long rows made of whole --mid-length documents (--mid-facts facts each, "
+                   "attending only to themselves), spread evenly among the others; 0: every long row is one document")
+    c = sub.add_parser("record", help="run.json: started by stage 0, added to by every later invocation")
+    c.add_argument("--output-dir", required=True)
+    c.add_argument("--stages", required=True, help="the stages this invocation runs, e.g. \"3 4 5\"")
+    c.add_argument("--settings", nargs="*", default=[],
+                   help="names of environment variables to record (the script's settings)")
     s = sub.add_parser("summary", help="accuracies, perplexities and goals from the run's output files")
     s.add_argument("--output-dir", required=True)
     s.add_argument("--short-length", type=int, required=True)
@@ -380,6 +440,8 @@ def main(argv=None) -> None:
         publish(args)
     elif args.command == "report":
         print(f"wrote {write_report(args.folder)}")
+    elif args.command == "record":
+        record(args.output_dir, args.stages, args.settings)
     elif args.command == "prepare":
         report = prepare(args)
         if report["leak"]:

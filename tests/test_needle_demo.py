@@ -138,7 +138,7 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
     for name, n in steps.items():
         log = [json.loads(line) for line in (out / name / "train_log.jsonl").read_text().splitlines()]
         assert len(log) == n, name
-    for name, base in (("stage1_128", 10000), ("stage3_mid_256", 40000), ("stage3_512", 40000)):
+    for name, base in (("stage1_128", 10000), ("stage3_mid_256", 10000), ("stage3_512", 40000)):
         config = json.loads((out / name / "config.json").read_text())  # the raised base was trained and saved
         assert config.get("rope_parameters", config).get("rope_theta") == base, name
     for name in ("init", "short", "long"):
@@ -159,7 +159,10 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
 
     text = "".join(bytes(i for i in row if i < 256).decode() for name in ("train_short", "train_mid", "train_long")
                    for row in load_from_disk(str(out / "data" / name))["input_ids"])
-    assert text.count("\n? ") == 200 * 16 + 10 * 8 + 20 * 2  # one question per row: the text really is all the rows
+    # one question per document: the text really is all the rows (half the 40 long rows are two 256-token documents)
+    assert text.count("\n? ") == 200 * 16 + 10 * 8 + 20 * 1 + 20 * 2
+    positions = load_from_disk(str(out / "data" / "train_long"))["position_ids"]
+    assert positions[0::2] == [list(range(512))] * 20 and positions[1::2] == [list(range(256)) * 2] * 20
     for key, value, _ in needles:
         assert f" {key}: {value}." not in text and f"{key}:" not in text and key_split(key) == "eval"
 
@@ -188,3 +191,29 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
     assert "![](heatmap_short.png)" in report and ("NOT MET" in report or "MET" in report)
     assert "| long | " + " | ".join(f"{a:.2f} ({n})" for a, n in by_distance(  # the distance table, from the samples
         str(published / "samples_long.jsonl"), 128).values()) + " |" in report
+
+
+def test_run_record_keeps_a_later_invocations_changed_settings(tmp_path, monkeypatch):
+    """Stage 0 starts run.json; an invocation of later stages with another setting adds it, and the report says so
+    (a stage re-run with ROPE_MID changed once went on record with stage 0's value)."""
+    from easy_context.needle_demo import record, report_markdown
+
+    monkeypatch.setenv("EASY_CONTEXT_COMMIT", "abc1234")
+    monkeypatch.setenv("ROPE_MID", "1000000")
+    monkeypatch.setenv("SHORT", "256")
+    with pytest.raises(SystemExit, match="stage 0 starts it"):
+        record(str(tmp_path), "3 4 5", ["ROPE_MID", "SHORT"])  # nothing to continue
+    first = record(str(tmp_path), "0 1 2", ["ROPE_MID", "SHORT"])
+    monkeypatch.setenv("ROPE_MID", "10000")
+    run = record(str(tmp_path), "3 4 5", ["ROPE_MID", "SHORT"])
+    assert run["settings"] == first["settings"] == {"ROPE_MID": "1000000", "SHORT": "256"}
+    assert [i["stages"] for i in run["invocations"]] == ["0 1 2", "3 4 5"]
+    assert run["invocations"][1]["changed"] == {"ROPE_MID": "10000"}
+    assert json.loads((tmp_path / "run.json").read_text()) == run
+    summary = {"accuracy": {m: {"by_length": {"256": 1.0}, "within_short": 1.0, "beyond_short": 0.0,
+                                "within_long": 1.0} for m in ("init", "short", "long")},
+               "perplexity": {"short": {"256": 1.2}, "long": {"256": 1.2}}, "short_length": 256,
+               "long_length": 256, "model_parameters": 1e6, "tokens_trained": {"train_short": 1000}, "goals": {}}
+    report = report_markdown(summary, run, [("prepare", 1.0)])
+    later = run["invocations"][1]
+    assert f"Stages 3 4 5 ran again on {later['date']} ({later['device']}, commit abc1234): ROPE_MID=10000." in report

@@ -53,10 +53,10 @@ if [[ "${NEEDLE_DEMO_CPU:-0}" == 1 ]]; then
     : "${SHORT:=128}" "${STEPS_SHORT:=200}" "${BATCH_SHORT:=8}" "${LR_SHORT:=3e-3}" "${FACTS_SHORT:=1}"
     : "${MID:=256}" "${STEPS_MID:=10}" "${BATCH_MID:=4}" "${LR_MID:=1e-3}" "${FACTS_MID:=1}"
     : "${LONG:=512}" "${STEPS_LONG:=20}" "${BATCH_LONG:=2}" "${LR_LONG:=1e-3}" "${FACTS_LONG:=1}"
-    : "${ROPE_SHORT:=10000}" "${ROPE_MID:=40000}" "${ROPE_LONG:=40000}" "${WARMUP:=10}" "${LR_SCHEDULE:=constant}"
+    : "${ROPE_SHORT:=10000}" "${ROPE_MID:=10000}" "${ROPE_LONG:=40000}" "${WARMUP:=10}" "${LR_SCHEDULE:=constant}"
     : "${WEIGHT_DECAY:=0}" "${GRID:=128,256,512}" "${DEPTH_INTERVAL:=0.5}" "${SAMPLES:=4}" "${PPL_DOCS:=2}"
     : "${EVAL_ALGO:=data_parallel}" "${EVAL_PROCS:=1}" "${NUM_PROC:=1}" "${NEEDLE_DEMO_DIR:=runs/needle_demo_cpu}"
-    : "${NEAR_KEYS:=0}"
+    : "${NEAR_KEYS:=0}" "${LONG_PACKED:=0.5}"
 else
     : "${GPUS:=2}" "${ACCEL_CONFIG:=accelerate_configs/multi_gpu.yaml}"
     # fp32 master weights, bf16 compute: a model trained from scratch loses small updates in pure bf16
@@ -71,12 +71,12 @@ else
     # the same time, and a curriculum of 256 then 2K tokens gives a model that keeps answering near needles far past
     # 2K instead of failing beyond its length: RESULTS 15a)
     : "${SHORT:=256}" "${STEPS_SHORT:=2000}" "${BATCH_SHORT:=16}" "${LR_SHORT:=3e-4}" "${FACTS_SHORT:=4}"
-    # the extension: 2K tokens data-parallel, then 64K sequence-parallel, both with the base raised to 1e6 at once
-    # (raised only at 64K, as in RESULTS 13d, the model lost the needles in the first sentence of 1K-2K contexts:
-    # 64K rows have too few facts near their start and their question to relearn that under the new base)
+    # the extension: 2K tokens data-parallel at the short stage's RoPE base, then 64K sequence-parallel with the
+    # base raised to 1e6 (raising it already for the 2K stage did worse: 0.83 against 0.91 over the grid, RESULTS
+    # 15b)
     : "${MID:=2048}" "${STEPS_MID:=1200}" "${BATCH_MID:=16}" "${LR_MID:=3e-4}" "${FACTS_MID:=16}"
     : "${LONG:=65536}" "${STEPS_LONG:=300}" "${BATCH_LONG:=1}" "${LR_LONG:=2e-4}" "${FACTS_LONG:=64}"
-    : "${ROPE_SHORT:=10000}" "${ROPE_MID:=1000000}" "${ROPE_LONG:=1000000}" "${WARMUP:=50}"
+    : "${ROPE_SHORT:=10000}" "${ROPE_MID:=10000}" "${ROPE_LONG:=1000000}" "${WARMUP:=50}"
     : "${LR_SCHEDULE:=constant}" "${WEIGHT_DECAY:=0}"
     : "${GRID:=256,512,1024,2048,4096,8192,16384,32768,65536}" "${DEPTH_INTERVAL:=0.1}" "${SAMPLES:=4}"
     : "${PPL_DOCS:=4}" "${EVAL_ALGO:=zigzag_ring_attn}" "${EVAL_PROCS:=$GPUS}" "${NUM_PROC:=$(nproc)}"
@@ -85,6 +85,10 @@ else
     # the row (0: keys drawn independently). After the lookup is found they make it exact (RESULTS 11f, CPU); from
     # the start they stall it, so the short stage has none.
     : "${NEAR_KEYS:=0.5}"
+    # the share of the 64K rows made of whole 2K documents (as the mid rows are, each attending only to itself);
+    # 0: every 64K row is one document (the published run). Not yet run on GPUs: see RESULTS 15c for why it may
+    # keep the needles in a context's first sentence, which the extended model loses
+    : "${LONG_PACKED:=0}"
 fi
 : "${PPL_MIN:=$SHORT}"
 : "${SEQ_ALGO:=zigzag_ring_attn}" "${STAGES:=0 1 2 3 4 5}" "${PORT:=29531}" "${EVAL_SEED:=24242424}"
@@ -93,7 +97,7 @@ if [[ "$EVAL_PROCS" == 1 ]]; then EVAL_ALGO=data_parallel; fi
 SETTINGS=(GPUS DTYPE_FLAGS MODEL_FLAGS KEY_LENGTH VALUE_DIGITS DISTRACTORS OTHER_LABELS NEAR_KEYS SHORT STEPS_SHORT
           BATCH_SHORT LR_SHORT FACTS_SHORT MID STEPS_MID BATCH_MID LR_MID FACTS_MID LONG STEPS_LONG BATCH_LONG LR_LONG
           FACTS_LONG ROPE_SHORT ROPE_MID ROPE_LONG WARMUP LR_SCHEDULE WEIGHT_DECAY GRID DEPTH_INTERVAL SAMPLES PPL_DOCS
-          PPL_MIN SEQ_ALGO EVAL_ALGO EVAL_PROCS EVAL_SEED)
+          PPL_MIN LONG_PACKED SEQ_ALGO EVAL_ALGO EVAL_PROCS EVAL_SEED)
 export "${SETTINGS[@]}"  # recorded in run.json by prepare
 DIR=$NEEDLE_DEMO_DIR
 MODEL_SHORT="$DIR/stage1_$SHORT"
@@ -102,6 +106,8 @@ TASK_FLAGS=(--task kv --key-length "$KEY_LENGTH" --rnd-number-digits "$VALUE_DIG
             --context-lengths "$GRID" --depth-interval "$DEPTH_INTERVAL" --num-samples "$SAMPLES" --seed "$EVAL_SEED")
 mkdir -p "$DIR"
 if [[ " $STAGES " == *" 0 "* ]]; then rm -f "$DIR/stage_times.tsv"; fi  # a fresh run
+# run.json: stage 0 starts it; an invocation of later stages adds the settings it changed (a re-run is on record)
+python -m easy_context.needle_demo record --output-dir "$DIR" --stages "$STAGES" --settings "${SETTINGS[@]}"
 
 launch() {  # launch <processes> <script> <args...> (one process: plain python, no launcher to start)
     local n=$1; shift
@@ -137,8 +143,8 @@ prepare() {
         --mid-length "$MID" --mid-rows "$((STEPS_MID * BATCH_MID * GPUS))" --mid-facts "$FACTS_MID" \
         --long-length "$LONG" --long-rows "$((STEPS_LONG * BATCH_LONG))" \
         --long-facts "$FACTS_LONG" --long-questions "$FACTS_LONG" --ppl-length "$LONG" --ppl-docs "$PPL_DOCS" \
-        --eval-samples "$SAMPLES" --eval-distractors "$DISTRACTORS" --eval-seed "$EVAL_SEED" --num-proc "$NUM_PROC" \
-        --settings "${SETTINGS[@]}"
+        --long-packed "$LONG_PACKED" --eval-samples "$SAMPLES" --eval-distractors "$DISTRACTORS" \
+        --eval-seed "$EVAL_SEED" --num-proc "$NUM_PROC"
     needle "$DIR/init" init
 }
 short() {
