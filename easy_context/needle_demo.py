@@ -315,10 +315,23 @@ def by_distance(samples_path: str, short: int) -> dict[str, tuple[float, int]]:
     return {name: (_mean(v), len(v)) for name, v in hits.items()}
 
 
+def by_depth(samples_path: str) -> dict[str, tuple[float, int]]:
+    """Accuracy by the needle's depth over all context lengths, ``{"0%": (accuracy, samples), ...}``, from an
+    eval_needle.py ``samples.jsonl``: a model that loses one position of the context (its first sentence, say) shows
+    it here, where every length's average hides it."""
+    hits: dict[float, list[bool]] = {}
+    with open(samples_path) as f:
+        for line in f:
+            s = json.loads(line)
+            hits.setdefault(s["depth_percent"], []).append(bool(s["correct"]))
+    return {f"{d:g}%": (_mean(v), len(v)) for d, v in sorted(hits.items())}
+
+
 def report_markdown(summary_: dict, run: dict, stage_times: list[tuple[str, float]],
-                    distances: dict[str, dict[str, tuple[float, int]]] | None = None) -> str:
-    """The run's report (``publish``'s README.md): every figure read from the run's files; ``distances``:
-    :func:`by_distance` of each model's samples."""
+                    distances: dict[str, dict[str, tuple[float, int]]] | None = None,
+                    depths: dict[str, dict[str, tuple[float, int]]] | None = None) -> str:
+    """The run's report (``publish``'s README.md): every figure read from the run's files; ``distances`` and
+    ``depths``: :func:`by_distance` and :func:`by_depth` of each model's samples."""
     acc, ppl = summary_["accuracy"], summary_["perplexity"]
     short, long_ = summary_["short_length"], summary_["long_length"]
     settings = run.get("settings", {})
@@ -354,6 +367,12 @@ def report_markdown(summary_: dict, run: dict, stage_times: list[tuple[str, floa
                   "|---" * (len(buckets) + 1) + "|"]
         lines += [f"| {name} | " + " | ".join(f"{acc_:.2f} ({n})" for acc_, n in row.values()) + " |"
                   for name, row in distances.items()]
+    if depths:
+        columns = list(next(iter(depths.values())))
+        lines += ["", "By the needle's depth, all context lengths together:", "",
+                  "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{row[c][0]:.2f}" for c in columns) + " |"
+                  for name, row in depths.items()]
     contexts = sorted({n for row in ppl.values() for n in row}, key=int)  # JSON keys: "1024", ...
     lines += ["", "Perplexity by context length:", "",
               "| model | " + " | ".join(_size(int(n)) for n in contexts) + " |", "|---" * (len(contexts) + 1) + "|"]
@@ -364,8 +383,9 @@ def report_markdown(summary_: dict, run: dict, stage_times: list[tuple[str, floa
     lines += ["", "Settings:", "", "```"] + [f"{k}={v}" for k, v in settings.items()] + ["```"]
     for later in run.get("invocations", [])[1:]:  # stages run again by a later invocation, and what it changed
         changed = ", ".join(f"{k}={v}" for k, v in later.get("changed", {}).items()) or "no setting changed"
+        note = f" ({later['note']})" if later.get("note") else ""
         lines += ["", f"Stages {later['stages']} ran again on {later['date']} ({later['device']}, commit "
-                  f"{later['commit']}): {changed}."]
+                  f"{later['commit']}): {changed}.{note}"]
     lines += [""]
     return "\n".join(lines)
 
@@ -390,11 +410,12 @@ def write_report(folder: str) -> str:
         run = json.load(f)
     with open(os.path.join(folder, "stage_times.tsv")) as f:
         stage_times = [(cols[1], float(cols[2])) for cols in (line.split("\t") for line in f) if len(cols) == 3]
-    distances = {name: by_distance(os.path.join(folder, f"samples_{name}.jsonl"), summary_["short_length"])
-                 for name in ("short", "long")}
+    samples = {name: os.path.join(folder, f"samples_{name}.jsonl") for name in ("short", "long")}
+    distances = {name: by_distance(path, summary_["short_length"]) for name, path in samples.items()}
+    depths = {name: by_depth(path) for name, path in samples.items()}
     path = os.path.join(folder, "README.md")
     with open(path, "w") as f:
-        f.write(report_markdown(summary_, run, stage_times, distances))
+        f.write(report_markdown(summary_, run, stage_times, distances, depths))
     return path
 
 

@@ -106,7 +106,7 @@ def _free_port():
 def test_accuracy_by_needle_distance(tmp_path):
     """Cells are bucketed by (1 - depth) x length, not by context length: a 64K cell with the needle at depth 100
     is a short-distance test. Expected buckets worked out by hand."""
-    from easy_context.needle_demo import by_distance
+    from easy_context.needle_demo import by_depth, by_distance
 
     rows = [(1024, 0, True),      # 1024 before the question: <= 2K
             (65536, 100, True),   # 0: <= 2K
@@ -119,6 +119,8 @@ def test_accuracy_by_needle_distance(tmp_path):
     path.write_text("".join(json.dumps({"context_length": n, "depth_percent": d, "correct": c}) + "\n"
                             for n, d, c in rows))
     assert by_distance(str(path), 2048) == {"≤ 2K": (2 / 3, 3), "2K-4K": (0.5, 2), "> 4K": (0.0, 2)}
+    assert by_depth(str(path)) == {"0%": (0.5, 2), "25%": (1.0, 1), "50%": (0.0, 2), "90%": (0.0, 1),
+                                   "100%": (1.0, 1)}
 
 
 def test_needle_demo_cpu_end_to_end(tmp_path):
@@ -176,7 +178,7 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
 
     # stage 5: the published folder holds every image and number, and its report states them as the files do
     published = out / "publish"
-    from easy_context.needle_demo import PUBLISHED, by_distance
+    from easy_context.needle_demo import PUBLISHED, by_depth, by_distance
 
     assert sorted(p.name for p in published.iterdir()) == sorted([*PUBLISHED.values(), "README.md"])
     summary = json.loads((published / "summary.json").read_text())
@@ -191,6 +193,9 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
     assert "![](heatmap_short.png)" in report and ("NOT MET" in report or "MET" in report)
     assert "| long | " + " | ".join(f"{a:.2f} ({n})" for a, n in by_distance(  # the distance table, from the samples
         str(published / "samples_long.jsonl"), 128).values()) + " |" in report
+    assert "| long | " + " | ".join(f"{a:.2f}" for a, _ in by_depth(str(published / "samples_long.jsonl")).values()) \
+        + " |" in report  # and the depth table
+    assert [i["stages"] for i in run["invocations"]] == ["0 1 2 3 4 5"]  # one invocation, on record
 
 
 def test_run_record_keeps_a_later_invocations_changed_settings(tmp_path, monkeypatch):
