@@ -3,7 +3,7 @@
 # context, fails beyond it, and is extended to a long context with sequence parallelism and a raised RoPE base, as
 # in the seed's progressive recipe. Every number and image comes from this run's output files.
 #
-#   bash train_scripts/needle_demo.sh                      # 2 GPUs (H200), ~10 min of device time (estimate below)
+#   bash train_scripts/needle_demo.sh                      # 2 GPUs (H200), ~9 min of device time (measured below)
 #   GPUS=1 bash train_scripts/needle_demo.sh               # 1 GPU: stage 3 as data_parallel (no sequence parallelism)
 #   NEEDLE_DEMO_CPU=1 bash train_scripts/needle_demo.sh    # CPU size, 2 gloo processes, ~1 min (the test runs it)
 #   STAGES="3 4 5" bash train_scripts/needle_demo.sh       # only some stages (earlier outputs must be in place)
@@ -11,9 +11,9 @@
 # Every size, step count and path is an environment variable with the defaults below. Stages (all outputs under
 # NEEDLE_DEMO_DIR, default runs/needle_demo, git-ignored):
 #   0  prepare: byte tokenizer, random Llama (init/), training rows from the *train* key space (data/train_short,
-#      data/train_long), perplexity documents from the *eval* key space (data/ppl), leak check (data/leak_check.json:
-#      no eval key anywhere in the training text, else the run stops); eval_needle.py on the untrained model
-#      (needle_init/)
+#      data/train_mid, data/train_long), perplexity documents from the *eval* key space (data/ppl), leak check
+#      (data/leak_check.json: no eval key anywhere in the training text, else the run stops); eval_needle.py on the
+#      untrained model (needle_init/)
 #   1  train.py at SHORT tokens from the untrained model, one row length throughout, data_parallel over GPUS
 #      processes (stage1_<SHORT>/)
 #   2  eval_needle.py on the grid GRID (needle_short/: results.csv, results.json, heatmap.png)
@@ -24,22 +24,24 @@
 #      doubling), plot.py (ppl.png/.pdf), summary.json (accuracies within and beyond each trained length,
 #      perplexities, the issue's goals)
 #   5  publish/: the heatmaps, the perplexity plot and CSV, summary.json, run.json (date, device, commit, these
-#      settings), stage_times.tsv, leak_check.json and README.md, a report of them all (easy_context/needle_demo.py)
+#      settings, and each later invocation's stages and changed settings), stage_times.tsv, leak_check.json and
+#      README.md, a report of them all (easy_context/needle_demo.py)
 #
-# Device time on 2 x H200 (measured 2026-11-30, the full run published in docs/needle_demo, bench/RESULTS.md 13d;
+# Device time on 2 x H200 (measured 2026-11-30, the run published in docs/needle_demo, bench/RESULTS.md 15b;
 # stage_times.tsv records each run's):
-#   0  107 s   (64,000 + 38,400 + 300 rows generated and leak-checked on one host process per core; untrained grid)
-#   1  266 s   (2000 steps x 32 rows x 256 tokens, then 1200 steps x 32 rows x 2048 tokens = 95M tokens)
-#   2  39 s    (7 lengths x 11 depths x 4 samples = 308 forwards, the longest 64K, zigzag over 2 GPUs)
-#   3  100 s   (300 steps x 65536 tokens = 20M tokens, zigzag_ring_attn over 2 GPUs, RoPE base 1e6)
-#   4  87 s    (as stage 2, plus perplexity of both models at 1K..64K, plot, summary)
-# 599 s in all, plus the machine start. A device call is limited to 10 min: run STAGES="0 1 2" and STAGES="3 4 5"
+#   0  80 s    (64,000 + 38,400 + 300 rows generated and leak-checked on one host process per core; untrained grid)
+#   1  104 s   (2000 steps x 32 rows x 256 tokens = 16M tokens)
+#   2  39 s    (9 lengths x 11 depths x 4 samples = 396 forwards, the longest 64K, zigzag over 2 GPUs)
+#   3  194 s   (1200 steps x 32 rows x 2048 tokens, then 300 steps x 65536 tokens with zigzag_ring_attn over 2 GPUs
+#              and RoPE base 1e6 = 98M tokens)
+#   4  86 s    (as stage 2, plus perplexity of both models at 256..64K, plot, summary)
+# 503 s in all, plus the machine start. A device call is limited to 10 min: run STAGES="0 1 2" and STAGES="3 4 5"
 # as two calls on the same warm machine (runs/ stays there; it is given back 30 s after a call), the second ending
 # in: tar czf "$OUT/publish.tgz" -C "$NEEDLE_DEMO_DIR" publish; then unpack it here as docs/needle_demo. Where the
 # tree has no .git, EASY_CONTEXT_COMMIT=<hash> names the commit in run.json.
-# RESULT (docs/needle_demo/README.md): after the extension 0.96 over the 1K-64K grid and perplexity flat to 64K (two
-# goals met); the 2K model scores 0.29 beyond 2K (goal <= 0.2): 0.00 wherever the needle sits more than 4K before
-# the question, but the grid's deep cells put the needle close to the question at every context length.
+# RESULT (docs/needle_demo/README.md): the 256 model scores 0.00 beyond 256 and perplexity is flat to 64K after the
+# extension (two goals met); the extended model scores 0.91 over the 256-64K grid (goal >= 0.95): 1.00 at every
+# depth but 0, where the needle is the context's first sentence (RESULTS 15c: why, and the next run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
