@@ -1,16 +1,16 @@
 """Why does the needle demo's extended model miss the needle at depth 0, and only there (bench/RESULTS.md 15c)?
 
-At depth 0 eval_needle.py puts the needle right after the prompt's prefix and before the haystack's first word,
-which has no space before it: ``"Facts:\\n FIK: 884.On Ideas..."``. Training rows start their haystack window at a
-sentence boundary, so a fact there reads ``"... 884. It is..."``. This scores, per context length and with the
-eval's own needles, distractors and distractor depths, the depth-0 prompt three ways, and depth 10% for reference:
+At depth 0 eval_needle.py put the needle right after the prompt's prefix and before the haystack's first word, which
+has no space before it: ``"Facts:\\n FIK: 884.On Ideas..."`` (until 2026-11-30; now ``"884. On"``, as a fact reads
+where a training row's window starts at a sentence boundary). This scores, per context length and with the eval's
+own needles, distractors and distractor depths, the depth-0 prompt three ways, and depth 10% for reference:
 
-* ``as_eval``: eval_needle.py's prompt;
-* ``spaced``: the same with one space token before the haystack ("884. On"): only the glued word differs;
+* ``glued``: the old prompt (the space after the needle taken out: one token shorter);
+* ``as_eval``: eval_needle.py's prompt now: only the glued word differs;
 * ``second``: the needle after the haystack's first sentence instead: the position differs, not the format.
 
-If ``spaced`` recovers the needles, the miss is the prompt's format; if only ``second`` does, it is the first
-positions of the context. One process, the whole sequence on one device:
+If ``as_eval`` recovers what ``glued`` misses, the miss was the prompt's format; if only ``second`` does, it is the
+first positions of the context. One process, the whole sequence on one device:
 
     python bench/needle_first_sentence.py --model runs/needle_demo/stage3_65536 --lengths 256 1024 4096 65536
 """
@@ -42,30 +42,32 @@ def main():
     config = NeedleConfig(num_samples=a.samples, num_distractor=a.distractors, task="kv", key_length=a.key_length,
                           rnd_number_digits=a.digits, seed=a.seed)
     task, boundaries = NEEDLE_TASKS["kv"], SentenceBoundaries(tok)
-    hay = load_haystack(tok, max(a.lengths) + 1, seed=config.seed)
-    spaced_hay = tok(" ", add_special_tokens=False)["input_ids"] + hay
+    hay = load_haystack(tok, max(a.lengths), seed=config.seed)
+    space = tok(" ", add_special_tokens=False)["input_ids"]
 
-    def score(length: int, depth: float, haystack: list[int], rng_depth: float) -> tuple[int, list[str]]:
+    def score(length: int, depth: float, rng_depth: float, glued: bool = False) -> tuple[int, list[str]]:
         """Hits and predictions over the samples; the distractor depths are the eval's for depth ``rng_depth``."""
         hits, preds = 0, []
         for s in range(config.num_samples):
             key, number, distractors = config.needles(s)
             rng = random.Random(f"{config.seed}-{length}-{rng_depth}-{s}")  # as eval_needle.py draws them
-            p = build_prompt(tok, haystack, context_length=length, depth=depth, number=number, distractors=distractors,
+            p = build_prompt(tok, hay, context_length=length, depth=depth, number=number, distractors=distractors,
                              distractor_depths=[rng.random() for _ in distractors], city=key, boundaries=boundaries,
                              task=task)
-            pred = answer_predictions(model, torch.tensor([p.input_ids]), p.answer_start, len(p.answer_ids),
+            ids, start, end = p.input_ids, p.answer_start, p.needle_span[1]
+            if glued and ids[end:end + len(space)] == space:  # the space build_prompt puts after a needle at 0
+                ids, start = ids[:end] + ids[end + len(space):], start - len(space)
+            pred = answer_predictions(model, torch.tensor([ids]), start, len(p.answer_ids),
                                       seq_algo="data_parallel", device=device).cpu()
             hits += int((pred == torch.tensor(p.answer_ids)).all())
             preds.append(tok.decode(pred.tolist()))
         return hits, preds
 
     for n in a.lengths:
-        as_eval, predicted = score(n, 0.0, hay, 0.0)
+        glued, predicted = score(n, 0.0, 0.0, glued=True)
         # depth 2/n: int(room * depth) = 1 for any room in [n/2, n), so the needle goes to the first boundary after 0
-        row = {"length": n, "samples": config.num_samples, "as_eval": as_eval, "predicted_as_eval": predicted,
-               "spaced": score(n, 0.0, spaced_hay, 0.0)[0], "second": score(n, 2 / n, hay, 0.0)[0],
-               "depth10": score(n, 0.1, hay, 0.1)[0]}
+        row = {"length": n, "samples": config.num_samples, "glued": glued, "predicted_glued": predicted,
+               "as_eval": score(n, 0.0, 0.0)[0], "second": score(n, 2 / n, 0.0)[0], "depth10": score(n, 0.1, 0.1)[0]}
         print(json.dumps(row), flush=True)
 
 

@@ -113,6 +113,17 @@ def test_kv_task_prompts_and_needles():
     assert len(keys) == 6  # a new key per sample
     with pytest.raises(ValueError, match="task"):
         NeedleConfig(task="passkey")
+    # every fact is a sentence of its own at every depth, also at the haystack's start, whose first word has no space
+    # before it: "Facts:\n KEY: 123. On Ideas", never "123.On" (a text the training rows never contain)
+    assert not bytes(haystack[:1]).decode().isspace()
+    for depth in (0.0, 0.1, 0.5, 1.0):
+        p = build_prompt(tokenizer, haystack, context_length=300, depth=depth, number=value, distractors=distractors,
+                         distractor_depths=[0.0, 0.6, 0.9], city=key, task=NEEDLE_TASKS["kv"])
+        assert p.answer_start == 300, depth  # the space costs the haystack a token, not the prompt its length
+        text = bytes(p.input_ids[1:]).decode()
+        for a, b in (p.needle_span, *p.distractor_spans):
+            assert bytes(p.input_ids[b:b + 1]).decode() in (" ", "\n"), (depth, text[:80])
+    assert text.startswith(f"Facts:\n {distractors[0][0]}: {distractors[0][1]}. ")  # the distractor at depth 0.0
 
 
 def _reference_predictions(model, ids, start, count):

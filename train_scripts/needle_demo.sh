@@ -41,7 +41,8 @@
 # tree has no .git, EASY_CONTEXT_COMMIT=<hash> names the commit in run.json.
 # RESULT (docs/needle_demo/README.md): the 256 model scores 0.00 beyond 256 and perplexity is flat to 64K after the
 # extension (two goals met); the extended model scores 0.91 over the 256-64K grid (goal >= 0.95): 1.00 at every
-# depth but 0, where the needle is the context's first sentence (RESULTS 15c: why, and the next run).
+# depth but 0, where the needle is the context's first sentence, then glued to the haystack's first word (fixed
+# since in eval_needle.py's prompts; RESULTS 15c: what is known, and the next run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

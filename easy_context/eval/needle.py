@@ -144,8 +144,18 @@ class SentenceBoundaries:
             return False
         if len(stripped) < len(piece) or i == len(ids):
             return True
+        return self._space_leads(ids, i)
+
+    def _space_leads(self, ids: list[int], i: int) -> bool:
+        """Whether ``ids[i]``'s text starts with whitespace after ``ids[i - 1]`` (decoded as a pair: SentencePiece
+        shows a token's leading space only after another token)."""
+        piece = self._piece(ids[i - 1])
         pair = self.tokenizer.decode([ids[i - 1], ids[i]])
         return pair.startswith(piece) and pair[len(piece):len(piece) + 1].isspace()
+
+    def separated(self, ids: list[int], i: int) -> bool:
+        """Whether whitespace ends ``ids[i - 1]``'s text or starts ``ids[i]``'s (``0 < i < len(ids)``)."""
+        return self._piece(ids[i - 1])[-1:].isspace() or self._space_leads(ids, i)
 
     def nearest_boundary(self, ids: list[int], start: int) -> int:
         """The first boundary at or after ``start``; if there is none (the haystack ends mid-sentence), the last
@@ -205,7 +215,8 @@ def build_prompt(tokenizer, haystack_ids: list[int], *, context_length: int, dep
 
     The haystack is cut so that the whole prompt has exactly ``context_length`` tokens; each insertion point is
     the first sentence boundary at or after ``depth * len(haystack)`` (depth 0 = the start; 1 = the end, or the last
-    sentence end when the cut haystack ends mid-sentence).
+    sentence end when the cut haystack ends mid-sentence). Inserts at the start are followed by a space when the
+    haystack's first token has none (and the haystack is one space shorter): every insert is a sentence of its own.
     Raises:
         ValueError: ``context_length`` leaves no room for haystack, the haystack is too short, or a depth is
             outside [0, 1].
@@ -225,15 +236,30 @@ def build_prompt(tokenizer, haystack_ids: list[int], *, context_length: int, dep
                          f"distractors take {context_length - room} tokens); raise --min_context_length")
     if len(haystack_ids) < room:
         raise ValueError(f"haystack has {len(haystack_ids)} tokens, {room} needed")
+    def insertion_points(hay):  # in the original haystack, spliced in order (ties: needle first)
+        return sorted((boundaries.nearest_boundary(hay, int(len(hay) * d)), k) for k, (d, _) in enumerate(inserts))
+
     hay = haystack_ids[:room]
-    # insertion points in the original haystack, spliced in order (ties: needle first)
-    points = sorted((boundaries.nearest_boundary(hay, int(len(hay) * d)), k) for k, (d, _) in enumerate(inserts))
+    points = insertion_points(hay)
+    # Inside the haystack an insert goes after a sentence end and before the whitespace that follows it. At the
+    # haystack's start no whitespace need follow ("Facts:\n FIK: 884.On Ideas..."): then a space goes after the
+    # inserts there, and the haystack gives up as many tokens at its end, so the length stays exact.
+    sep = []
+    at_start = [k for pos, k in points if pos == 0]
+    if at_start and hay:
+        last = inserts[at_start[-1]][1]
+        if not boundaries.separated(last + hay[:1], len(last)):
+            sep = encode(" ")
+            hay = haystack_ids[:room - len(sep)]
+            points = insertion_points(hay)
     ids, spans, prev = list(prefix), {}, 0
-    for pos, k in points:
+    for j, (pos, k) in enumerate(points):
         ids += hay[prev:pos]
         spans[k] = (len(ids), len(ids) + len(inserts[k][1]))
         ids += inserts[k][1]
         prev = pos
+        if pos == 0 and (j + 1 == len(points) or points[j + 1][0] > 0):
+            ids += sep
     ids += hay[prev:]
     answer_start = len(ids) + len(question)
     needle_pos = next(pos for pos, k in points if k == 0)
