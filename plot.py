@@ -1,6 +1,6 @@
 """Perplexity-vs-context plot from one or more CSVs written by eval_ppl.py (or the seed's).
 
-    python plot.py output/ppl.csv [more.csv ...] --xmax 1048576 --ymin 2 --ymax 10 [--output docs/ppl]
+    python plot.py output/ppl.csv [more.csv ...] --xmax 1048576 --ymin 2 --ymax 10 [--output docs/ppl] [--log]
 
 Writes ``<output>.png`` and ``<output>.pdf`` (default output: the first CSV's path). Logic:
 easy_context/eval/ppl.py:plot_perplexity.
@@ -20,9 +20,10 @@ def main(argv=None) -> list[str]:
     p.add_argument("--xmax", type=float, default=None)
     p.add_argument("--ymin", type=float, default=None)
     p.add_argument("--ymax", type=float, default=None)
+    p.add_argument("--log", action="store_true", help="both axes logarithmic (rows orders of magnitude apart)")
     args = p.parse_args(argv)
     written = plot_perplexity(args.csv, args.output or args.csv[0], xlim=(args.xmin, args.xmax),
-                              ylim=(args.ymin, args.ymax))
+                              ylim=(args.ymin, args.ymax), log=args.log)
     print("wrote " + " ".join(written))
     return written
 

@@ -171,7 +171,7 @@ eval_long() {
     launch "$EVAL_PROCS" eval_ppl.py --model "$MODEL_SHORT" --model "$MODEL_LONG" --dataset "$DIR/data/ppl" \
         --samples "$PPL_DOCS" --min-tokens "$PPL_MIN" --max-tokens "$LONG" --truncate --seq-algo "$EVAL_ALGO" \
         --hide-progress --output-file "$DIR/ppl.csv"
-    python plot.py "$DIR/ppl.csv" --output "$DIR/ppl" --xmax "$LONG"
+    python plot.py "$DIR/ppl.csv" --output "$DIR/ppl" --xmax "$LONG" --log  # the short model's rise spans 1.2 to ~600
     python -m easy_context.needle_demo summary --output-dir "$DIR" --short-length "$SHORT" --long-length "$LONG"
 }
 

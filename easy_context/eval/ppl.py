@@ -190,10 +190,12 @@ def write_csv(path: str, lengths: list[int], rows: list[tuple[str, list[float]]]
             f.write(",".join([name.replace(",", "_")] + [repr(float(x)) for x in ppls]) + "\n")
 
 
-def plot_perplexity(csv_paths: list[str], output: str, *, xlim=(None, None), ylim=(None, None)) -> list[str]:
+def plot_perplexity(csv_paths: list[str], output: str, *, xlim=(None, None), ylim=(None, None),
+                    log: bool = False) -> list[str]:
     """Perplexity vs context length of every row of every CSV; writes ``output + ".png"`` and ``".pdf"``.
 
-    Reads the CSVs of :func:`write_csv` and the seed's (first column unnamed). Returns the written paths.
+    Reads the CSVs of :func:`write_csv` and the seed's (first column unnamed). ``log``: both axes logarithmic
+    (context lengths in powers of two), for rows that differ by orders of magnitude. Returns the written paths.
     """
     import matplotlib
 
@@ -210,6 +212,10 @@ def plot_perplexity(csv_paths: list[str], output: str, *, xlim=(None, None), yli
             ax.plot(x, [float(v) for v in row[1:]], marker="o", markersize=3, label=label)
     ax.set_xlabel("Context Window")
     ax.set_ylabel("Perplexity (lower is better)")
+    if log:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        xlim = (xlim[0] or None, xlim[1])  # a log axis has no 0
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
