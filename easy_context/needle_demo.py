@@ -140,14 +140,15 @@ def prepare(args) -> dict:
     if args.long_packed and (not 0 < args.long_packed <= 1 or args.long_length % args.mid_length):
         raise ValueError(f"--long-packed {args.long_packed} needs a share in (0, 1] and a --long-length "
                          f"({args.long_length}) that is a multiple of --mid-length ({args.mid_length})")
-    packed = {"share": args.long_packed, "doc_length": args.mid_length, "doc_facts": args.mid_facts}
+    packed = {"share": args.long_packed, "doc_length": args.mid_length, "doc_facts": args.mid_facts} \
+        if args.long_packed else None
     corpora = [
         ("train_short", args.short_length, args.short_rows, args.short_facts, args.short_questions, args.seed + 1,
          0.0, None),
         ("train_mid", args.mid_length, args.mid_rows, args.mid_facts, args.mid_facts, args.seed + 4, args.near_keys,
          None),
         ("train_long", args.long_length, args.long_rows, args.long_facts, args.long_questions, args.seed + 2,
-         args.near_keys, packed if args.long_packed else None)]
+         args.near_keys, packed)]
     corpora = [c for c in corpora if c[2]]  # no mid stage: no mid rows
     for name, length, rows, facts, questions, seed, near, pack in corpora:
         _write_rows(tokenizer, os.path.join(out, "data", name), num_rows=rows, seq_length=length, split="train",
@@ -287,7 +288,8 @@ PUBLISHED = {"needle_init/heatmap.png": "heatmap_init.png", "needle_short/heatma
              "data/leak_check.json": "leak_check.json", "needle_short/samples.jsonl": "samples_short.jsonl",
              "needle_long/samples.jsonl": "samples_long.jsonl"}
 STAGE_NAMES = {"prepare": "0 prepare (data, leak check, untrained grid)", "short": "1 train at the short length",
-               "eval_short": "2 grid of the short model", "long": "3 extension (raised RoPE base): the mid length, then sequence parallel at the long length",
+               "eval_short": "2 grid of the short model",
+               "long": "3 extension (raised RoPE base): the mid length, then sequence parallel at the long length",
                "eval_long": "4 grid, perplexity and plot of the extended model"}
 
 
@@ -306,25 +308,38 @@ def by_distance(samples_path: str, short: int) -> dict[str, tuple[float, int]]:
     context whose needle sits near the question tests a short distance."""
     edges = [(f"≤ {_size(short)}", short), (f"{_size(short)}-{_size(2 * short)}", 2 * short),
              (f"> {_size(2 * short)}", math.inf)]
-    hits: dict[str, list[bool]] = {name: [] for name, _ in edges}
-    with open(samples_path) as f:
-        for line in f:
-            s = json.loads(line)
-            distance = (1 - s["depth_percent"] / 100) * s["context_length"]
-            hits[next(name for name, edge in edges if distance <= edge)].append(bool(s["correct"]))
-    return {name: (_mean(v), len(v)) for name, v in hits.items()}
+    def bucket(s: dict) -> str:
+        distance = (1 - s["depth_percent"] / 100) * s["context_length"]
+        return next(name for name, edge in edges if distance <= edge)
+
+    return _accuracy_by(samples_path, bucket, [name for name, _ in edges])
 
 
 def by_depth(samples_path: str) -> dict[str, tuple[float, int]]:
     """Accuracy by the needle's depth over all context lengths, ``{"0%": (accuracy, samples), ...}``, from an
     eval_needle.py ``samples.jsonl``: a model that loses one position of the context (its first sentence, say) shows
     it here, where every length's average hides it."""
-    hits: dict[float, list[bool]] = {}
+    by_percent = _accuracy_by(samples_path, lambda s: s["depth_percent"])
+    return {f"{d:g}%": by_percent[d] for d in sorted(by_percent)}
+
+
+def _accuracy_by(samples_path: str, group, groups: list | None = None) -> dict:
+    """``{group(sample): (accuracy, samples)}`` over an eval_needle.py ``samples.jsonl``; ``groups``: the groups to
+    report, in order, also those without samples."""
+    hits = {g: [] for g in groups or ()}
     with open(samples_path) as f:
         for line in f:
             s = json.loads(line)
-            hits.setdefault(s["depth_percent"], []).append(bool(s["correct"]))
-    return {f"{d:g}%": (_mean(v), len(v)) for d, v in sorted(hits.items())}
+            hits.setdefault(group(s), []).append(bool(s["correct"]))
+    return {g: (_mean(v), len(v)) for g, v in hits.items()}
+
+
+def _table(intro: str, rows: dict[str, dict[str, tuple[float, int]]], cell) -> list[str]:
+    """Markdown lines: ``intro``, then a table of one row per model of ``rows`` (its groups as columns, each
+    ``cell(accuracy, samples)``)."""
+    columns = list(next(iter(rows.values())))
+    return (["", intro, "", "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+            + [f"| {name} | " + " | ".join(cell(*row[c]) for c in columns) + " |" for name, row in rows.items()])
 
 
 def report_markdown(summary_: dict, run: dict, stage_times: list[tuple[str, float]],
@@ -361,18 +376,10 @@ def report_markdown(summary_: dict, run: dict, stage_times: list[tuple[str, floa
         lines.append(f"| {name} | " + " | ".join(f"{a['by_length'][n]:.2f}" for n in lengths)
                      + f" | {a['within_short']:.2f} | {a['beyond_short']:.2f} | {a['within_long']:.2f} |")
     if distances:
-        buckets = list(next(iter(distances.values())))
-        lines += ["", "The same samples by the needle's distance before the question, about (1 − depth) × context "
-                  "length (samples in brackets):", "", "| model | " + " | ".join(buckets) + " |",
-                  "|---" * (len(buckets) + 1) + "|"]
-        lines += [f"| {name} | " + " | ".join(f"{acc_:.2f} ({n})" for acc_, n in row.values()) + " |"
-                  for name, row in distances.items()]
+        lines += _table("The same samples by the needle's distance before the question, about (1 − depth) × "
+                        "context length (samples in brackets):", distances, lambda acc_, n: f"{acc_:.2f} ({n})")
     if depths:
-        columns = list(next(iter(depths.values())))
-        lines += ["", "By the needle's depth, all context lengths together:", "",
-                  "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        lines += [f"| {name} | " + " | ".join(f"{row[c][0]:.2f}" for c in columns) + " |"
-                  for name, row in depths.items()]
+        lines += _table("By the needle's depth, all context lengths together:", depths, lambda acc_, n: f"{acc_:.2f}")
     contexts = sorted({n for row in ppl.values() for n in row}, key=int)  # JSON keys: "1024", ...
     lines += ["", "Perplexity by context length:", "",
               "| model | " + " | ".join(_size(int(n)) for n in contexts) + " |", "|---" * (len(contexts) + 1) + "|"]
