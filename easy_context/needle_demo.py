@@ -388,10 +388,15 @@ def report_markdown(summary_: dict, run: dict, stage_times: list[tuple[str, floa
     lines += ["", "Goals:", ""] + [f"- {'MET' if met else 'NOT MET'}: `{goal}`"
                                    for goal, met in summary_["goals"].items()]
     lines += ["", "Settings:", "", "```"] + [f"{k}={v}" for k, v in settings.items()] + ["```"]
-    for later in run.get("invocations", [])[1:]:  # stages run again by a later invocation, and what it changed
+    invocations = run.get("invocations", [])
+    done = set(invocations[0]["stages"].split()) if invocations else set()
+    for later in invocations[1:]:  # the stages of each later invocation, and the settings it changed
         changed = ", ".join(f"{k}={v}" for k, v in later.get("changed", {}).items()) or "no setting changed"
         note = f" ({later['note']})" if later.get("note") else ""
-        lines += ["", f"Stages {later['stages']} ran again on {later['date']} ({later['device']}, commit "
+        stages = later["stages"].split()
+        verb = "ran again" if done & set(stages) else "ran in a later call"  # a re-run, or the run's second half
+        done |= set(stages)
+        lines += ["", f"Stages {later['stages']} {verb} on {later['date']} ({later['device']}, commit "
                   f"{later['commit']}): {changed}.{note}"]
     lines += [""]
     return "\n".join(lines)

@@ -221,4 +221,7 @@ def test_run_record_keeps_a_later_invocations_changed_settings(tmp_path, monkeyp
                "long_length": 256, "model_parameters": 1e6, "tokens_trained": {"train_short": 1000}, "goals": {}}
     report = report_markdown(summary, run, [("prepare", 1.0)])
     later = run["invocations"][1]
-    assert f"Stages 3 4 5 ran again on {later['date']} ({later['device']}, commit abc1234): ROPE_MID=10000." in report
+    assert f"Stages 3 4 5 ran in a later call on {later['date']} ({later['device']}, commit abc1234): " \
+        "ROPE_MID=10000." in report
+    run = record(str(tmp_path), "4 5", ["ROPE_MID", "SHORT"])  # stages that ran before: a re-run
+    assert f"Stages 4 5 ran again on {run['invocations'][2]['date']}" in report_markdown(summary, run, [])
