@@ -1,4 +1,4 @@
-"""Why does the needle demo's extended model miss the needle at depth 0, and only there (bench/RESULTS.md 15c)?
+"""Why did the needle demo's extended model miss the needle at depth 0, and only there (bench/RESULTS.md 15c, 16a)?
 
 At depth 0 eval_needle.py put the needle right after the prompt's prefix and before the haystack's first word, which
 has no space before it: ``"Facts:\\n FIK: 884.On Ideas..."`` (until 2026-11-30; now ``"884. On"``, as a fact reads
@@ -10,7 +10,8 @@ own needles, distractors and distractor depths, the depth-0 prompt three ways, a
 * ``second``: the needle after the haystack's first sentence instead: the position differs, not the format.
 
 If ``as_eval`` recovers what ``glued`` misses, the miss was the prompt's format; if only ``second`` does, it is the
-first positions of the context. One process, the whole sequence on one device:
+first positions of the context (the answer on 2 x H200, RESULTS 16a: only ``second`` did, and packed 64K rows
+fixed it). One process, the whole sequence on one device:
 
     python bench/needle_first_sentence.py --model runs/needle_demo/stage3_65536 --lengths 256 1024 4096 65536
 """

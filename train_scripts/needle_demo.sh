@@ -3,7 +3,7 @@
 # context, fails beyond it, and is extended to a long context with sequence parallelism and a raised RoPE base, as
 # in the seed's progressive recipe. Every number and image comes from this run's output files.
 #
-#   bash train_scripts/needle_demo.sh                      # 2 GPUs (H200), ~9 min of device time (measured below)
+#   bash train_scripts/needle_demo.sh                      # 2 GPUs (H200), ~10 min of device time (measured below)
 #   GPUS=1 bash train_scripts/needle_demo.sh               # 1 GPU: stage 3 as data_parallel (no sequence parallelism)
 #   NEEDLE_DEMO_CPU=1 bash train_scripts/needle_demo.sh    # CPU size, 2 gloo processes, ~1 min (the test runs it)
 #   STAGES="3 4 5" bash train_scripts/needle_demo.sh       # only some stages (earlier outputs must be in place)
@@ -27,22 +27,21 @@
 #      settings, and each later invocation's stages and changed settings), stage_times.tsv, leak_check.json and
 #      README.md, a report of them all (easy_context/needle_demo.py)
 #
-# Device time on 2 x H200 (measured 2026-11-30, the run published in docs/needle_demo, bench/RESULTS.md 15b;
-# stage_times.tsv records each run's):
-#   0  80 s    (64,000 + 38,400 + 300 rows generated and leak-checked on one host process per core; untrained grid)
-#   1  104 s   (2000 steps x 32 rows x 256 tokens = 16M tokens)
-#   2  39 s    (9 lengths x 11 depths x 4 samples = 396 forwards, the longest 64K, zigzag over 2 GPUs)
-#   3  194 s   (1200 steps x 32 rows x 2048 tokens, then 300 steps x 65536 tokens with zigzag_ring_attn over 2 GPUs
-#              and RoPE base 1e6 = 98M tokens)
-#   4  86 s    (as stage 2, plus perplexity of both models at 256..64K, plot, summary)
-# 503 s in all, plus the machine start. A device call is limited to 10 min: run STAGES="0 1 2" and STAGES="3 4 5"
+# Device time on 2 x H200 (measured 2026-11-30, the run published in docs/needle_demo, bench/RESULTS.md 16a;
+# stage_times.tsv records each run's; the run just before it, on the same machine, took 685 s, up to 25% more a stage):
+#   0  91 s    (64,000 + 38,400 + 300 rows generated and leak-checked on one host process per core; untrained grid)
+#   1  122 s   (2000 steps x 32 rows x 256 tokens = 16M tokens)
+#   2  50 s    (9 lengths x 11 depths x 4 samples = 396 forwards, the longest 64K, zigzag over 2 GPUs)
+#   3  209 s   (1200 steps x 32 rows x 2048 tokens, then 300 steps x 65536 tokens with zigzag_ring_attn over 2 GPUs
+#              and RoPE base 1e6, half of those rows packed 2K documents = 98M tokens)
+#   4  122 s   (as stage 2, plus perplexity of both models at 256..64K, plot, summary)
+# 594 s in all, plus the machine start. A device call is limited to 10 min: run STAGES="0 1 2" and STAGES="3 4 5"
 # as two calls on the same warm machine (runs/ stays there; it is given back 30 s after a call), the second ending
 # in: tar czf "$OUT/publish.tgz" -C "$NEEDLE_DEMO_DIR" publish; then unpack it here as docs/needle_demo. Where the
 # tree has no .git, EASY_CONTEXT_COMMIT=<hash> names the commit in run.json.
-# RESULT (docs/needle_demo/README.md): the 256 model scores 0.00 beyond 256 and perplexity is flat to 64K after the
-# extension (two goals met); the extended model scores 0.91 over the 256-64K grid (goal >= 0.95): 1.00 at every
-# depth but 0, where the needle is the context's first sentence, then glued to the haystack's first word (fixed
-# since in eval_needle.py's prompts; RESULTS 15c: what is known, and the next run).
+# RESULT (docs/needle_demo/README.md): all three goals met. The 256 model scores 0.00 beyond 256; the extended model
+# scores 1.00 in every cell of the 256-64K grid; its perplexity is flat to 64K (1.229-1.242). With every 64K row one
+# document (LONG_PACKED=0) the same run scored 0.91: it missed the needle in the context's first sentence.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -88,10 +87,11 @@ else
     # the row (0: keys drawn independently). After the lookup is found they make it exact (RESULTS 11f, CPU); from
     # the start they stall it, so the short stage has none.
     : "${NEAR_KEYS:=0.5}"
-    # the share of the 64K rows made of whole 2K documents (as the mid rows are, each attending only to itself);
-    # 0: every 64K row is one document (the published run). Not yet run on GPUs: see RESULTS 15c for why it may
-    # keep the needles in a context's first sentence, which the extended model loses
-    : "${LONG_PACKED:=0}"
+    # the share of the 64K rows made of whole 2K documents (as the mid rows are, each attending only to itself through
+    # position_ids): 32 document starts per such row keep the needle in a context's first sentence, which the model
+    # loses when every 64K row is one document (0.03 at depth 0 and 1.00 elsewhere, against 1.00 everywhere with
+    # 0.5: RESULTS 16a)
+    : "${LONG_PACKED:=0.5}"
 fi
 : "${PPL_MIN:=$SHORT}"
 : "${SEQ_ALGO:=zigzag_ring_attn}" "${STAGES:=0 1 2 3 4 5}" "${PORT:=29531}" "${EVAL_SEED:=24242424}"
