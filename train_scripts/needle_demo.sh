@@ -5,8 +5,9 @@
 #
 #   bash train_scripts/needle_demo.sh                      # 2 GPUs (H200), ~10 min of device time (measured below)
 #   GPUS=1 bash train_scripts/needle_demo.sh               # 1 GPU: stage 3 as data_parallel (no sequence parallelism);
-#                                                          # not timed at these defaults: expect about twice the
-#                                                          # work per GPU, so three calls (STAGES="0 1", "2 3", "4 5")
+#                                                          # the same steps with half the rows (the batch is per
+#                                                          # GPU), the 64K work on one GPU; neither its time nor its
+#                                                          # accuracy measured at these defaults
 #   NEEDLE_DEMO_CPU=1 bash train_scripts/needle_demo.sh    # CPU size, 2 gloo processes, ~1 min (the test runs it)
 #   STAGES="3 4 5" bash train_scripts/needle_demo.sh       # only some stages (earlier outputs must be in place)
 #
