@@ -61,7 +61,7 @@ if [[ "${NEEDLE_DEMO_CPU:-0}" == 1 ]]; then
     : "${ROPE_SHORT:=10000}" "${ROPE_MID:=10000}" "${ROPE_LONG:=40000}" "${WARMUP:=10}" "${LR_SCHEDULE:=constant}"
     : "${WEIGHT_DECAY:=0}" "${GRID:=128,256,512}" "${DEPTH_INTERVAL:=0.5}" "${SAMPLES:=4}" "${PPL_DOCS:=2}"
     : "${EVAL_ALGO:=data_parallel}" "${EVAL_PROCS:=1}" "${NUM_PROC:=1}" "${NEEDLE_DEMO_DIR:=runs/needle_demo_cpu}"
-    : "${NEAR_KEYS:=0}" "${LONG_PACKED:=0.5}"
+    : "${NEAR_KEYS:=0}"
 else
     : "${GPUS:=2}" "${ACCEL_CONFIG:=accelerate_configs/multi_gpu.yaml}"
     # fp32 master weights, bf16 compute: a model trained from scratch loses small updates in pure bf16
@@ -90,12 +90,12 @@ else
     # the row (0: keys drawn independently). After the lookup is found they make it exact (RESULTS 11f, CPU); from
     # the start they stall it, so the short stage has none.
     : "${NEAR_KEYS:=0.5}"
-    # the share of the 64K rows made of whole 2K documents (as the mid rows are, each attending only to itself through
-    # position_ids): 32 document starts per such row keep the needle in a context's first sentence, which the model
-    # loses when every 64K row is one document (0.03 at depth 0 and 1.00 elsewhere, against 1.00 everywhere with
-    # 0.5: RESULTS 16a)
-    : "${LONG_PACKED:=0.5}"
 fi
+# the share of the long rows made of whole mid-length documents (as the mid rows are, each attending only to itself
+# through position_ids): on GPUs 32 document starts per such row keep the needle in a context's first sentence, which
+# the model loses when every 64K row is one document (0.03 at depth 0 and 1.00 elsewhere, against 1.00 everywhere
+# with 0.5: RESULTS 16a)
+: "${LONG_PACKED:=0.5}"
 : "${PPL_MIN:=$SHORT}"
 : "${SEQ_ALGO:=zigzag_ring_attn}" "${STAGES:=0 1 2 3 4 5}" "${PORT:=29531}" "${EVAL_SEED:=24242424}"
 if [[ "$GPUS" == 1 ]]; then SEQ_ALGO=data_parallel; fi  # one process: no ring
