@@ -7,6 +7,8 @@
 #                                     # train.py DDP matrix, one-GPU references (DDP and ZeRO-3)
 #   bash bench/gpu_acceptance.sh 2    # train.py ZeRO-3 matrix, save -> reload, eval_ppl / eval_needle under ZeRO-3
 #   bash bench/gpu_acceptance.sh all  # both in one call (~9 min: close to one call's 10-minute limit)
+#   bash bench/gpu_acceptance.sh one  # what one GPU can run: the kernels (fa4 among them) and every algorithm in a
+#                                     # simulated multi-rank world, the patched Llama at W=1 with fa4
 #
 # Prints one PASS/FAIL/SKIP line per check (with its measured errors) and a summary line last. Logs go to $OUT
 # (the device machine's returned folder) or bench/results/. Wheels the machine lacks (deepspeed, ...) are installed
@@ -22,6 +24,10 @@ if [ -d .whl ] && ! python3 -c "import deepspeed" 2>/dev/null; then
     || { echo "FAIL installing .whl/"; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# FlashAttention-4 unpacked by ../shared/device-wheels/fa4 (the lent machine): on the path, so backend fa4 is tested
+if [ -d /tmp/site/flash_attn/cute ]; then
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 logdir=${OUT:-bench/results}
 mkdir -p "$logdir"
@@ -31,11 +37,12 @@ case $part in
 esac
 mkdir -p "$EASY_CONTEXT_GPU_WORK"
 case $part in
-  1) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py tests/gpu/test_train_gpu.py -k "not zero3 and not reload and not eval") ;;
+  one) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py) ;;
+  1) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py tests/gpu/test_train_gpu.py -k "not zero3 and not reload and not eval") ;;
   2) sel=(tests/gpu/test_train_gpu.py -k "zero3 or reload or eval") ;;
-  kernels) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py) ;;  # part 1 less training
+  kernels) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py) ;;  # part 1 less training
   all) sel=(tests/test_memory.py tests/gpu) ;;
-  *) echo "usage: $0 1|2|all|kernels"; exit 2 ;;
+  *) echo "usage: $0 1|2|all|kernels|one"; exit 2 ;;
 esac
 checks="$logdir/acceptance_part${part}_checks.txt"
 : > "$checks"
@@ -44,7 +51,9 @@ export EASY_CONTEXT_ACCEPTANCE_LOG=$PWD/$checks
 {
   echo "# easy_context GPU acceptance, part $part, $(date -u +%Y-%m-%dT%H:%MZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, transformers, accelerate, deepspeed; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'deepspeed', deepspeed.__version__)"
+  python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
+  python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>/dev/null || echo "deepspeed not installed"
+  python3 -c "from importlib.metadata import version as v; print('flash-attn-4', v('flash-attn-4'), 'nvidia-cutlass-dsl', v('nvidia-cutlass-dsl'))" 2>/dev/null || echo "flash-attn-4 not installed: fa4 cases skip"
 } > "$logdir/acceptance_part${part}.log" 2>&1
 start=$(date +%s)
 python3 -m pytest -m gpu -p no:cacheprovider -q -rfE "${sel[@]}" >> "$logdir/acceptance_part${part}.log" 2>&1

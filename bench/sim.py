@@ -80,18 +80,34 @@ def _unshard(algo, parts, world):
     return torch.cat(ordered, dim=1)
 
 
-def simulate(algo: str, q, k, v, dout, world: int, kernel, scale: float, causal: bool = True):
-    """Run ``algo`` (zigzag_ring_attn or dist_flash_attn) on ``world`` simulated ranks; return full
-    ``(out, dq, dk, dv)`` in the original order (flash layout)."""
-    if not causal:  # non-causal attention uses the plain ring in every algorithm
+def simulate(algo: str, q, k, v, dout, world: int, kernel, scale: float, causal: bool = True, docs=None,
+             ring_degree: int | None = None):
+    """Run ``algo`` on ``world`` simulated ranks; return full ``(out, dq, dk, dv)`` in the original order (flash
+    layout). ``docs``: packed documents (documents.normalize's form; not dist_flash_attn). ``ulysses_attn`` and
+    ``usp_attn`` (``ring_degree`` R, default 1 for ulysses) run each Ulysses rank's head group through the zigzag
+    ring of R simulated ranks: the all-to-alls only move heads and sequence pieces, exactly."""
+    if algo in ("ulysses_attn", "usp_attn"):
+        return _head_parallel(q, k, v, dout, world, ring_degree or 1, kernel, scale, causal, docs)
+    if docs is not None and algo == "dist_flash_attn":
+        raise ValueError("dist_flash_attn does not support packed documents")
+    if not causal or docs is not None:  # non-causal and packed attention use the zigzag ring in every algorithm
         algo_sched = "zigzag_ring_attn"
     else:
         algo_sched = algo
-    fwd, bwd = {"zigzag_ring_attn": (zigzag_ring.ring_forward, zigzag_ring.ring_backward),
-                "dist_flash_attn": (lambda c, q, k, v, causal, s, kern: dist_flash.dist_flash_forward(c, q, k, v, s, kern, None),
-                                    lambda c, do, q, k, v, o, l, causal, s, kern:
-                                    dist_flash.dist_flash_backward(c, do, q, k, v, o, l, s, kern, None))}[algo_sched]
-    shards = [[shard_sequence(algo, x, r, world) for x in (q, k, v, dout)] for r in range(world)]
+    if algo_sched == "zigzag_ring_attn":
+        def fwd(c, q, k, v, causal, s, kern):
+            return zigzag_ring.ring_forward(c, q, k, v, causal, s, kern, docs)
+
+        def bwd(c, do, q, k, v, o, l, causal, s, kern):
+            return zigzag_ring.ring_backward(c, do, q, k, v, o, l, causal, s, kern, docs)
+    else:
+        def fwd(c, q, k, v, causal, s, kern):
+            return dist_flash.dist_flash_forward(c, q, k, v, s, kern, None)
+
+        def bwd(c, do, q, k, v, o, l, causal, s, kern):
+            return dist_flash.dist_flash_backward(c, do, q, k, v, o, l, s, kern, None)
+    layout_algo = algo_sched if docs is not None else algo
+    shards = [[shard_sequence(layout_algo, x, r, world) for x in (q, k, v, dout)] for r in range(world)]
 
     def fwd_rank(comm):
         ql, kl, vl, _ = shards[comm.rank]
@@ -106,6 +122,26 @@ def simulate(algo: str, q, k, v, dout, world: int, kernel, scale: float, causal:
         return bwd(comm, dl, ql, kl, vl, out, lse, causal, scale, kernel)
 
     grads = _in_threads(world, bwd_rank)
-    full = [_unshard(algo, [o for o, _ in outs], world)]
-    full += [_unshard(algo, [g[i] for g in grads], world) for i in range(3)]
+    full = [_unshard(layout_algo, [o for o, _ in outs], world)]
+    full += [_unshard(layout_algo, [g[i] for g in grads], world) for i in range(3)]
     return full
+
+
+def _head_parallel(q, k, v, dout, world, ring, kernel, scale, causal, docs):
+    """Ulysses degree ``U = world / ring``: head group u (with the kv replication Ulysses applies) over the whole
+    sequence through the zigzag ring of ``ring`` simulated ranks; the groups' results side by side."""
+    from easy_context.attention.ulysses import ulysses_kv_replication
+
+    u_deg = world // ring
+    rep = ulysses_kv_replication(q.shape[2], k.shape[2], u_deg)
+    ke, ve = (x.repeat_interleave(rep, dim=2) for x in (k, v))  # (b, s, hkv * rep, d)
+    hq, hk = q.shape[2] // u_deg, ke.shape[2] // u_deg
+    parts = [simulate("zigzag_ring_attn", q[:, :, u * hq:(u + 1) * hq], ke[:, :, u * hk:(u + 1) * hk],
+                      ve[:, :, u * hk:(u + 1) * hk], dout[:, :, u * hq:(u + 1) * hq], ring, kernel, scale, causal,
+                      docs) for u in range(u_deg)]
+    out, dq, dk, dv = (torch.cat([p[i] for p in parts], dim=2) for i in range(4))
+
+    def unrep(g):  # gradient of repeat_interleave: (b, s, hkv * rep, d) -> (b, s, hkv, d)
+        return g.view(*g.shape[:2], g.shape[2] // rep, rep, g.shape[3]).sum(3)
+
+    return [out, dq, unrep(dk), unrep(dv)]

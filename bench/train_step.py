@@ -11,7 +11,10 @@ plus any of (joined with "+"):
   fuse       fused RMSNorm, SwiGLU and RoPE kernels (easy_context.memory.ops; implies norm)
   keep[=N]   attention-preserving checkpointing (no attention forward in the recompute), all or the first N layers
   off[=N]    layer inputs offloaded to pinned host memory, all or the first N layers (the rest stay on the GPU)
-e.g. ``ec+keep``, ``ec+norm+tile+keep=20+off=12``. Model FLOPs = 6*N*T + 3.5 * L * 2*T^2*d (causal attention
+e.g. ``ec+keep``, ``ec+norm+tile+keep=20+off=12``; ``@BACKEND`` at the end names the attention kernel
+(``ec+fuse+keep@fa4``, ``ec+fuse+keep@cudnn``; default: the library's auto choice, which the first line prints);
+``+full=N`` (ec modes) leaves the last N decoder layers out of gradient checkpointing: they keep their activations
+and are not recomputed (spends free GPU memory on speed). Model FLOPs = 6*N*T + 3.5 * L * 2*T^2*d (causal attention
 fwd+bwd), recompute not counted; MFU against 989 TFLOP/s (H100/H200 dense bf16). Prints one JSON line per run;
 writes $OUT/train_step.jsonl as it goes and $OUT/train_step_progress.jsonl (time and memory at each layer's
 forward end and backward start: how far a run cut short got). ``--profile`` prints each mode's top GPU kernels.
@@ -51,12 +54,20 @@ def build(layers, tiny=False):
 def configure(model, mode):
     from easy_context import apply_seq_parallel_monkey_patch
 
+    from easy_context.attention.kernels import describe_kernel
+
+    mode, _, backend = mode.partition("@")
+    full = [int(p.partition("=")[2]) for p in mode.split("+") if p.startswith("full=")]
+    mode = "+".join(p for p in mode.split("+") if not p.startswith("full="))
     f = parse_mode(mode, model.config.num_hidden_layers)  # the grammar above; raises on anything else
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if f is None:  # stock
         return
-    apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
+    apply_seq_parallel_monkey_patch("zigzag_ring_attn", model, backend=backend or None)
+    print(describe_kernel(backend or None, model.device, model.dtype, model.config.head_dim), flush=True)
     fused = apply_features(model, f)
+    for layer in model.model.layers[len(model.model.layers) - sum(full):]:
+        layer.gradient_checkpointing = False  # GradientCheckpointingLayer: this layer runs without a checkpoint
     if fused:
         print(f"fused: {fused}", flush=True)
 

@@ -149,3 +149,60 @@ def test_cudnn_backward_inputs_get_the_layout_that_q_implies():
     odd = one.as_strided(one.shape, (7, *one.stride()[1:]))  # batch of one: its stride is arbitrary
     y = _in_layout_of(one, odd)
     assert y.stride() == odd.stride() and y.data_ptr() == one.data_ptr()
+
+
+def test_fa4_is_chosen_where_it_runs_and_refused_elsewhere_with_the_fix(monkeypatch):
+    """auto takes FlashAttention-4 for 16-bit inputs on sm90 / sm100 when it imports and takes the head dim, cuDNN (or
+    flash on older GPUs) otherwise; naming fa4 where it cannot run is an error naming the fix. No GPU is needed: the
+    device capability and the import are stood in for (the GPU tests run the kernel itself)."""
+    import easy_context.attention.kernels as K
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    arch = {"major": 9}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (arch["major"], 0))
+    monkeypatch.delenv("EASY_CONTEXT_ATTN_BACKEND", raising=False)
+    importable = {"yes": True}
+    monkeypatch.setattr(K, "fa4_importable", lambda: importable["yes"])
+    monkeypatch.setattr(K.B, "fa4_interface", lambda: None)
+    # (arch, importable, dtype, head dim) -> what auto gives
+    for major, imports, dtype, head_dim, want in [
+            (9, True, torch.bfloat16, 128, "fa4"), (10, True, torch.float16, 64, "fa4"),
+            (9, True, torch.bfloat16, 256, "fa4"), (10, True, torch.bfloat16, 192, "cudnn"),
+            (9, True, torch.bfloat16, 100, "cudnn"),  # not a multiple of 8
+            (9, False, torch.bfloat16, 128, "cudnn"), (8, True, torch.bfloat16, 128, "flash"),
+            (12, True, torch.bfloat16, 128, "cudnn"),
+            (9, True, torch.float32, 128, "efficient"), (9, True, torch.float64, 128, "math")]:
+        arch["major"], importable["yes"] = major, imports
+        assert resolve_backend(None, cuda, dtype, head_dim) == want, (major, imports, dtype, head_dim)
+    arch["major"], importable["yes"] = 9, True
+    assert resolve_backend("fa4", cuda, torch.bfloat16, 128) == "fa4"
+    assert get_kernel(None, cuda, torch.bfloat16, 128).varlen.below == float("inf")  # packed: one varlen call
+    # named where it cannot run: (device, arch, dtype, head dim) -> the error's words
+    for device, major, dtype, head_dim, match in [
+            (cpu, 9, torch.bfloat16, 128, "needs CUDA.*'math'"),
+            (cuda, 9, torch.float32, 128, "takes float16, bfloat16 inputs, got torch.float32.*'efficient'"),
+            (cuda, 8, torch.bfloat16, 128, "sm90 / sm100.*sm8x.*'flash'"),
+            (cuda, 10, torch.bfloat16, 192, "head dim 192.*'cudnn'")]:
+        arch["major"] = major
+        with pytest.raises(ValueError, match=match):
+            resolve_backend("fa4", device, dtype, head_dim)
+    arch["major"], importable["yes"] = 9, False
+    monkeypatch.undo()  # the real import: flash-attn-4 is not installed on CPU machines
+    try:
+        import flash_attn.cute  # noqa: F401
+        pytest.skip("flash-attn-4 is installed")
+    except ImportError:
+        pass
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with pytest.raises(ImportError, match=r"pip install 'easy-context\[fa4\]'.*backend='cudnn'"):
+        resolve_backend("fa4", cuda, torch.bfloat16, 128)
+
+
+def test_the_startup_line_names_the_kernel_that_runs(monkeypatch):
+    from easy_context.attention.kernels import describe_kernel
+
+    monkeypatch.delenv("EASY_CONTEXT_ATTN_BACKEND", raising=False)
+    assert describe_kernel(None, torch.device("cpu"), torch.float32) == \
+        "attention kernel: math (chosen by auto for float32 on cpu)"
+    monkeypatch.setenv("EASY_CONTEXT_ATTN_BACKEND", "math")
+    assert describe_kernel(None, torch.device("cpu"), torch.float32).startswith("attention kernel: math (named")

@@ -49,3 +49,33 @@ def test_simulated_ring_with_split_causal_blocks(monkeypatch, algo):
     got = simulate(algo, q, k, v, dout, world, kernel, 0.3, True)
     for g, r in zip(got, [ref] + [x.grad for x in leaves]):
         assert rel_err(g, r) < TOL
+
+
+def _per_document_ref(q, k, v, dout, bounds, causal, scale):
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    out = torch.cat([attention_ref(*(t[:, a:b] for t in leaves), causal, scale)
+                     for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+    out.backward(dout.double())
+    return [out] + [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("algo,world,ring", [("ulysses_attn", 2, None), ("ulysses_attn", 4, None),
+                                             ("usp_attn", 4, 2), ("usp_attn", 2, 2), ("zigzag_ring_attn", 4, None)])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+def test_simulated_world_covers_every_algorithm_dense_and_packed(algo, world, ring, packed, causal):
+    """The simulator the one-GPU tests trust (tests/gpu/test_fa4_gpu.py): Ulysses and USP as head groups through the
+    zigzag ring, packed documents through the ring's document plans, against float64 (per document when packed).
+    kv heads 2 under a Ulysses degree of 4 exercise the kv replication."""
+    torch.manual_seed(world)
+    b, s, h, hkv, d = 1, 8 * world, 4, 2, 16
+    q, dout = torch.randn(b, s, h, d), torch.randn(b, s, h, d)
+    k, v = torch.randn(b, s, hkv, d), torch.randn(b, s, hkv, d)
+    bounds = [0, 1, 5, 6, s // 2 + 3, s] if packed else [0, s]
+    from easy_context.attention.documents import normalize
+
+    docs = normalize(bounds, b, s, algo) if packed else None
+    ref = _per_document_ref(q, k, v, dout, bounds, causal, 0.3)
+    got = simulate(algo, q, k, v, dout, world, get_kernel("math", torch.device("cpu")), 0.3, causal, docs, ring)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) < TOL

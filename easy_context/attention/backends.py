@@ -2,10 +2,13 @@
 ``backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)`` over ``(batch, heads, seq, head_dim)`` tensors
 (see kernels.py for the contract and the table that names them).
 
-math (pure torch, any device and dtype), cuDNN / flash / memory-efficient (PyTorch's fused aten ops, CUDA), and the
-optional flash-attn package.
+math (pure torch, any device and dtype), cuDNN / flash / memory-efficient (PyTorch's fused aten ops, CUDA),
+FlashAttention-4 (the optional flash-attn-4 package, sm90/sm100) and the optional flash-attn package.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -286,3 +289,55 @@ def flash_attn_backward(dout, q, k, v, out, lse, causal, scale):
     fa.flash_attn_backward(t(dout), t(q), t(k), t(v), t(out), lse.contiguous(), dq, dk, dv, 0.0, scale,
                             causal, -1, -1, 0.0, None, False, None)
     return t(dq), t(dk), t(dv)
+
+
+# ---------------------------------------------------------------- FlashAttention-4 (optional flash-attn-4, sm90/sm100)
+# flash_attn.cute: CuTe-DSL kernels compiled just in time (4-8 s per new configuration on the H200: dtype, head dim,
+# GQA ratio, causal, dense or varlen; not the lengths). Its lse-returning low-level entry points take the flash
+# layout (b, s, h, d) with a unit last stride, which our (b, h, s, d) views of flash-layout memory transpose back to
+# for free, and return lse as (b, h, s) float32 (varlen: (h, tokens)), our convention: no layout copies. GQA is native
+# (dk/dv come back with kv heads).
+FA4_INSTALL = "pip install 'easy-context[fa4]'"
+# FA4 keeps compiled kernels on disk when this variable is "1" (read once, when flash_attn.cute is first imported).
+# easy_context turns it on unless the environment says otherwise, so a configuration compiles once per machine, not
+# once per process; the cache lives in $FLASH_ATTENTION_CUTE_DSL_CACHE_DIR (default /tmp/$USER/...).
+FA4_DISK_CACHE = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+
+
+@functools.lru_cache(maxsize=1)
+def fa4_interface():
+    """``flash_attn.cute.interface``, imported on first use (with FA4's on-disk kernel cache on unless
+    ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED`` is set). Raises ImportError naming the install otherwise."""
+    os.environ.setdefault(FA4_DISK_CACHE, "1")
+    try:
+        from flash_attn.cute import interface  # noqa: PLC0415 - optional dependency
+    except Exception as e:  # noqa: BLE001 - ImportError, or a CUDA/DSL library that fails to load
+        raise ImportError(f"backend 'fa4' needs FlashAttention-4: {FA4_INSTALL} (flash-attn-4 and "
+                          f"nvidia-cutlass-dsl; see the README for the CUDA build), or use backend='cudnn', which "
+                          f"needs only PyTorch ({type(e).__name__}: {e})") from e
+    return interface
+
+
+def fa4_forward(q, k, v, causal, scale):
+    t = (lambda x: x.transpose(1, 2))  # noqa: E731 - (b, h, s, d) view <-> (b, s, h, d) memory
+    out, lse = fa4_interface()._flash_attn_fwd(t(q), t(k), t(v), softmax_scale=scale, causal=causal,
+                                               return_lse=True)[:2]
+    return t(out), lse
+
+
+def fa4_backward(dout, q, k, v, out, lse, causal, scale):
+    t = (lambda x: x.transpose(1, 2))  # noqa: E731
+    dq, dk, dv = fa4_interface()._flash_attn_bwd(t(q), t(k), t(v), t(out), t(dout), lse, scale, causal)
+    return t(dq), t(dk), t(dv)
+
+
+def fa4_varlen_forward(q, k, v, cu, max_len, causal, scale):
+    out, lse = fa4_interface()._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                               max_seqlen_k=max_len, softmax_scale=scale, causal=causal,
+                                               return_lse=True)[:2]
+    return out, lse
+
+
+def fa4_varlen_backward(dout, q, k, v, out, lse, cu, max_len, causal, scale):
+    return fa4_interface()._flash_attn_bwd(q, k, v, out, dout, lse, scale, causal, cu_seqlens_q=cu,
+                                           cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)

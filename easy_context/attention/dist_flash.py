@@ -198,6 +198,6 @@ def dist_flash_attn_func(q, k, v, causal: bool = True, softmax_scale: float | No
         raise ValueError(DOCUMENTS_UNSUPPORTED)
     if check:
         check_ring_inputs(q, k, v, causal, group, "dist_flash_attn", zigzag=False)
-    kernel = get_kernel(backend, q.device, q.dtype)
+    kernel = get_kernel(backend, q.device, q.dtype, q.shape[-1])
     scale = default_scale(q.shape[-1], softmax_scale)
     return _DistFlashAttn.apply(q, k, v, causal, scale, kernel, RingComm(group), stats)

@@ -18,11 +18,13 @@ Backends and the input dtypes each takes:
 
 * ``cudnn``, ``flash`` (PyTorch's fused aten ops, CUDA): float16 / bfloat16;
 * ``efficient`` (PyTorch's memory-efficient aten op, CUDA): float32 / float16 / bfloat16;
+* ``fa4`` (the optional flash-attn-4 package, FlashAttention-4; sm90 / sm100 GPUs): float16 / bfloat16;
 * ``flash_attn`` (the optional flash-attn package): float16 / bfloat16;
 * ``math`` (pure torch, any device and dtype; float32 accumulation at least).
 
-``auto`` picks by device and dtype: on CUDA cudnn (sm90+) or flash (older GPUs) for 16-bit inputs, efficient for
-float32, math for float64; math elsewhere. Packed rows (documents): ``flash`` computes the diagonal block's documents
+``auto`` picks by device, dtype and head dim: on CUDA fa4 for 16-bit inputs on sm90 / sm100 when flash-attn-4
+imports and takes the head dim, else cudnn (sm90+) or flash (older GPUs); efficient for float32, math for float64;
+math elsewhere. fa4 computes the diagonal block of a packed row in one varlen call. Packed rows (documents): ``flash`` computes the diagonal block's documents
 in one FA2 varlen call; ``auto`` on sm90 too when they average fewer than ``AUTO_VARLEN_BELOW`` tokens, and one cuDNN
 call per document otherwise (see :class:`Varlen`). The environment variable ``EASY_CONTEXT_ATTN_BACKEND`` overrides
 ``auto``. A backend named explicitly that does not take the inputs' dtype is an error naming the fix (cuDNN was
@@ -40,7 +42,7 @@ import torch
 from . import backends as B
 from .merge import merge_eager
 
-BACKENDS = ("auto", "cudnn", "flash", "efficient", "flash_attn", "math")
+BACKENDS = ("auto", "fa4", "cudnn", "flash", "efficient", "flash_attn", "math")
 ENV_BACKEND = "EASY_CONTEXT_ATTN_BACKEND"
 # Causal forwards over at least this many tokens run as three calls (see split_causal); 0 (the default: no gain
 # was measured at 64K-128K on the H200, bench/RESULTS.md) turns it off.
@@ -79,8 +81,15 @@ FLASH_VARLEN = Varlen(B.flash_varlen_forward, B.flash_varlen_backward, float("in
 # 9.4K. Below 4096 varlen; at or above it cuDNN. backend="cudnn" / "flash" choose one for every row.
 AUTO_VARLEN_BELOW = 4096
 
+# FA4 builds no plans per document length (its kernels are compiled per configuration, not per length) and its varlen
+# call ran at 590 TFLOP/s on 16 x 4K documents (one H200, 2026-12-03): every packed diagonal block is one call.
+FA4_VARLEN = Varlen(B.fa4_varlen_forward, B.fa4_varlen_backward, float("inf"))
+# GPU architectures (compute capability major) FlashAttention-4 is built for
+FA4_ARCHS = (9, 10)
+
 KERNELS = {
     "math": Kernel("math", B.math_forward, B.math_backward),
+    "fa4": Kernel("fa4", B.fa4_forward, B.fa4_backward, _HALF, FA4_VARLEN),
     "cudnn": Kernel("cudnn", B.cudnn_forward, B.cudnn_backward, _HALF),
     "flash": Kernel("flash", B.flash_forward, B.flash_backward, _HALF, FLASH_VARLEN),
     "efficient": Kernel("efficient", B.efficient_forward, B.efficient_backward, (torch.float32, *_HALF)),
@@ -97,12 +106,34 @@ def _requested(backend: str | None) -> str:
     return backend
 
 
-def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """Return the concrete backend name for ``backend`` (None/"auto" -> env override or the default for the device
-    and ``dtype``, see the module docstring).
+@functools.lru_cache(maxsize=1)
+def fa4_importable() -> bool:
+    """Whether FlashAttention-4 imports here (tried once per process)."""
+    try:
+        B.fa4_interface()
+    except ImportError:
+        return False
+    return True
+
+
+def fa4_takes_head_dim(head_dim: int | None, arch: int) -> bool:
+    """FlashAttention-4's head dims: 8-256 in steps of 8 on sm90; 8-128 in steps of 8, or 256, on sm100."""
+    if head_dim is None:
+        return True
+    if head_dim % 8:
+        return False
+    return 8 <= head_dim <= 256 if arch == 9 else (8 <= head_dim <= 128 or head_dim == 256)
+
+
+def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None,
+                    head_dim: int | None = None) -> str:
+    """Return the concrete backend name for ``backend`` (None/"auto" -> env override or the default for the device,
+    ``dtype`` and ``head_dim``, see the module docstring).
 
     Raises:
-        ValueError: an unknown name, a CUDA backend on another device, or a backend that does not take ``dtype``.
+        ValueError: an unknown name, a CUDA backend on another device, a backend that does not take ``dtype``, or
+            fa4 on a GPU or head dim it is not built for.
+        ImportError: fa4 named without flash-attn-4 installed (the message names the install).
     """
     backend = _requested(backend)
     if backend not in BACKENDS:
@@ -113,7 +144,10 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
             return "math"
         if dtype == torch.float32:
             return "efficient"
-        return "cudnn" if torch.cuda.get_device_capability(device) >= (9, 0) else "flash"
+        arch = torch.cuda.get_device_capability(device)[0]
+        if arch in FA4_ARCHS and fa4_takes_head_dim(head_dim, arch) and fa4_importable():
+            return "fa4"
+        return "cudnn" if arch >= 9 else "flash"
     if backend != "math" and device.type != "cuda":
         raise ValueError(f"attention backend {backend!r} needs CUDA tensors, got device {device}; "
                          f"use backend='math' (or 'auto') on {device.type}")
@@ -122,7 +156,40 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
         raise ValueError(f"attention backend {backend!r} takes {takes} inputs, got {dtype}; run the model in bfloat16 "
                          f"(train.py: --mixed-precision bf16, or --dtype bfloat16) or choose a backend that takes "
                          f"{dtype}: 'auto' picks one ('efficient' for float32 on CUDA), 'math' takes any")
+    if backend == "fa4":
+        arch = torch.cuda.get_device_capability(device)[0]
+        if arch not in FA4_ARCHS:
+            raise ValueError(f"attention backend 'fa4' runs on sm90 / sm100 GPUs (H100/H200, B200), and {device} is "
+                             f"sm{arch}x; use backend='auto' (it picks '{'cudnn' if arch >= 9 else 'flash'}' here)")
+        if not fa4_takes_head_dim(head_dim, arch):
+            raise ValueError(f"attention backend 'fa4' does not take head dim {head_dim} on sm{arch}0 (8-256 in "
+                             f"steps of 8 on sm90; up to 128, or 256, on sm100); use backend='cudnn' or 'auto'")
+        B.fa4_interface()  # ImportError naming the install, before any work
     return backend
+
+
+def describe_kernel(backend: str | None, device: torch.device, dtype: torch.dtype,
+                    head_dim: int | None = None) -> str:
+    """One line for a run's start: the kernel that runs and why, e.g. ``attention kernel: fa4 (flash-attn-4 4.0.0b36;
+    chosen by auto for bfloat16 on sm90; packed rows: one varlen call per diagonal block)``."""
+    name = resolve_backend(backend, device, dtype, head_dim)
+    why = "named" if _requested(backend) != "auto" else "chosen by auto"
+    where = f"sm{torch.cuda.get_device_capability(device)[0]}0" if device.type == "cuda" else device.type
+    parts = [f"{why} for {str(dtype).removeprefix('torch.')} on {where}"]
+    if name == "fa4":
+        from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+        try:
+            parts.insert(0, f"flash-attn-4 {version('flash-attn-4')}")
+        except PackageNotFoundError:
+            pass
+    kernel = get_kernel(backend, device, dtype, head_dim)
+    if kernel.varlen is not None:
+        below = kernel.varlen.below
+        parts.append("packed rows: one varlen call per diagonal block" if below == float("inf") else
+                     f"packed rows: one varlen call per diagonal block when its documents average < {below:.0f} "
+                     f"tokens")
+    return f"attention kernel: {name} ({'; '.join(parts)})"
 
 
 def split_causal(kernel: Kernel, min_len: int) -> Kernel:
@@ -163,11 +230,12 @@ def split_causal(kernel: Kernel, min_len: int) -> Kernel:
 _SPLIT_KERNELS: dict = {}
 
 
-def get_kernel(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> Kernel:
+def get_kernel(backend: str | None, device: torch.device, dtype: torch.dtype | None = None,
+               head_dim: int | None = None) -> Kernel:
     """The :class:`Kernel` (name, forward, backward, dtypes) for ``backend`` on ``device`` for inputs of ``dtype``
-    (see :func:`resolve_backend`); causal forwards of at least ``EASY_CONTEXT_SPLIT_CAUSAL`` tokens split
-    (:func:`split_causal`; default off)."""
-    name = resolve_backend(backend, device, dtype)
+    and ``head_dim`` (see :func:`resolve_backend`); causal forwards of at least ``EASY_CONTEXT_SPLIT_CAUSAL`` tokens
+    split (:func:`split_causal`; default off)."""
+    name = resolve_backend(backend, device, dtype, head_dim)
     kernel = AUTO_CUDNN if name == "cudnn" and _requested(backend) == "auto" else KERNELS[name]
     env = os.environ.get(ENV_SPLIT_CAUSAL, "")
     try:
@@ -239,7 +307,7 @@ def local_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = 
         ``(batch, seq, heads, head_dim)``.
     """
     check_qkv(q, k, v)
-    kernel = get_kernel(backend, q.device, q.dtype)
+    kernel = get_kernel(backend, q.device, q.dtype, q.shape[-1])
     scale = default_scale(q.shape[-1], softmax_scale)
     out = _LocalAttn.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale, kernel)
     return out.transpose(1, 2)

@@ -126,4 +126,4 @@ def ulysses_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None 
     else:
         check_qkv(q, k, v)
     return head_parallel_attn(q, k, v, causal, default_scale(q.shape[-1], softmax_scale),
-                              get_kernel(backend, q.device, q.dtype), group, docs=docs)
+                              get_kernel(backend, q.device, q.dtype, q.shape[-1]), group, docs=docs)

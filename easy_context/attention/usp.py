@@ -37,4 +37,4 @@ def usp_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = No
         check_ring_inputs(q, k, v, causal, group, "usp_attn", zigzag=False, docs=docs)
     uly_group, ring_group, _, _ = get_usp_groups(group, ring_degree)
     return head_parallel_attn(q, k, v, causal, default_scale(q.shape[-1], softmax_scale),
-                              get_kernel(backend, q.device, q.dtype), uly_group, ring_group, docs)
+                              get_kernel(backend, q.device, q.dtype, q.shape[-1]), uly_group, ring_group, docs)

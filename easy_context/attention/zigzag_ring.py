@@ -428,5 +428,5 @@ def zigzag_ring_attn_func(q, k, v, causal: bool = True, softmax_scale: float | N
     else:
         check_qkv(q, k, v)
         check_even(q.shape[1], causal or docs is not None, group, "zigzag_ring_attn")
-    return ring_attn(q, k, v, causal, default_scale(q.shape[-1], softmax_scale), get_kernel(backend, q.device, q.dtype),
-                     group, docs)
+    kernel = get_kernel(backend, q.device, q.dtype, q.shape[-1])
+    return ring_attn(q, k, v, causal, default_scale(q.shape[-1], softmax_scale), kernel, group, docs)

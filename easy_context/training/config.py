@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-train-steps", type=int, default=400, help="optimizer steps")
     a("--sp-size", type=int, default=None, help="ranks per sequence-parallel group (default: the whole world)")
     a("--ring-degree", type=int, default=None, help="usp_attn: ring dimension of the SP group")
-    a("--attn-backend", default=None, help="local attention kernel (auto, cudnn, flash, efficient, flash_attn, "
+    a("--attn-backend", default=None, help="local attention kernel (auto, fa4, cudnn, flash, efficient, flash_attn, "
           "math)")
     a("--loss-chunk-size", type=int, default=4096, help="tokens per chunk of the fused LM-head cross-entropy")
     a("--output-dir", required=True)

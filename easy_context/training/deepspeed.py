@@ -46,6 +46,21 @@ def describe_precision(accelerator, model) -> str:
     return line
 
 
+def describe_attention(accelerator, model, seq_algo: str, backend: str | None) -> str | None:
+    """The attention kernel line for a run's start (kernels.describe_kernel) for the dtype the attention sees: the
+    autocast dtype under mixed precision, else the parameters'. None for data_parallel (the model's own attention)."""
+    from ..attention.kernels import describe_kernel
+
+    if seq_algo == "data_parallel":
+        return None
+    param = next(model.parameters())
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision,
+                                                                 getattr(param, "ds_tensor", param).dtype)
+    config = getattr(model, "config", None) or model.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return describe_kernel(backend, accelerator.device, dtype, head_dim)
+
+
 def _make_scheduler(cfg):
     from transformers import get_scheduler
 

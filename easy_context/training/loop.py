@@ -47,7 +47,7 @@ from ..data import FixedLengthCollator, load_train_dataset, shift_targets
 from ..utils import exit_with_parent, rank_world
 from .checkpoints import LOG_FILE, STATE_FILE, latest_checkpoint, prepare_output_dir, save_checkpoint, save_model
 from .config import TrainConfig, from_namespace, parse_config
-from .deepspeed import describe_precision, mixed_precision_of, prepare_optimization
+from .deepspeed import describe_attention, describe_precision, mixed_precision_of, prepare_optimization
 from .models import CausalLMWithShardedLoss, apply_memory_features, config_for, load_causal_lm
 
 # packed rows: above this busiest-rank / mean attention work after reordering documents, train.py says once which
@@ -169,6 +169,9 @@ def train(cfg: TrainConfig) -> dict:
     wrapper = CausalLMWithShardedLoss(model, chunk_size=cfg.loss_chunk_size)
     wrapper, optimizer, scheduler = prepare_optimization(cfg, accelerator, wrapper)
     accelerator.print(describe_precision(accelerator, wrapper))
+    kernel_line = describe_attention(accelerator, model, cfg.seq_algo, cfg.attn_backend)
+    if kernel_line:
+        accelerator.print(kernel_line)
     completed = _resume(cfg, accelerator) if cfg.resume_from_checkpoint else 0
     if cfg.report_to != "none":
         accelerator.init_trackers(cfg.project_name, config={k: v for k, v in vars(cfg).items()

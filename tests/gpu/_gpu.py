@@ -31,3 +31,11 @@ def assert_cases_within_yardstick(results, record_property):
     bad = [f"{r['case']}: errs {['%.2e' % e for e in r['errs']]} vs sdpa {['%.2e' % e for e in r['sdpa']]}"
            for r in results if not (r["ok"] and r["finite"])]
     assert not bad, f"{len(bad)} of {len(results)} cases off:\n" + "\n".join(bad)
+
+
+def installed(backend_dtypes: dict) -> dict:
+    """``backend_dtypes`` less the optional backends whose package is missing here (fa4: flash-attn-4); the tests
+    that need one say so with a skip of their own."""
+    from easy_context.attention.kernels import fa4_importable
+
+    return {b: d for b, d in backend_dtypes.items() if b != "fa4" or fa4_importable()}

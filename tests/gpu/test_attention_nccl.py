@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _gpu import assert_cases_within_yardstick, need_gpus
+from _gpu import assert_cases_within_yardstick, installed, need_gpus
 from _dist import run_distributed
 from reference import attention_ref, rel_err
 from easy_context import SEQ_ALGOS, gather_sequence, get_attn_func, shard_sequence
@@ -28,7 +28,7 @@ pytestmark = need_gpus(2)
 SEQ, HEADS, DIM = 2048, 8, 128
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BACKEND_DTYPES = {"cudnn": ("bf16", "fp16"), "flash": ("bf16", "fp16"), "efficient": ("bf16", "fp16", "fp32"),
-                  "math": ("bf16", "fp16", "fp32"), "auto": ("bf16", "fp16", "fp32")}
+                  "math": ("bf16", "fp16", "fp32"), "auto": ("bf16", "fp16", "fp32"), "fa4": ("bf16", "fp16")}
 # (algorithm, options): usp with both ring degrees of W=2 (ring 1 = pure Ulysses inside a ring of one)
 ALGOS = [(a, {}) for a in SEQ_ALGOS if a not in ("data_parallel", "usp_attn")] + \
         [("usp_attn", {"ring_degree": 1}), ("usp_attn", {"ring_degree": 2})]
@@ -93,12 +93,18 @@ def _worker(rank, world, backends):
 
 @pytest.fixture(scope="module")
 def nccl_results():
-    return run_distributed(_worker, 2, BACKEND_DTYPES, timeout=600, backend="nccl")[0]
+    return run_distributed(_worker, 2, installed(BACKEND_DTYPES), timeout=600, backend="nccl")[0]
 
 
 def test_every_algorithm_option_dtype_backend_matches_float64(nccl_results, record_property):
     results, _ = nccl_results
     assert_cases_within_yardstick(results, record_property)
+
+
+def test_fa4_is_in_the_matrix():
+    if "fa4" not in installed(BACKEND_DTYPES):
+        pytest.skip("flash-attn-4 is not installed: the matrix ran without backend fa4 (pip install "
+                    "'easy-context[fa4]')")
 
 
 def test_backend_that_does_not_take_the_dtype_is_refused(nccl_results):

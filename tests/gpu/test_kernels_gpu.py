@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from _gpu import need_gpus
 from reference import attention_ref, rel_err
-from easy_context.attention.kernels import KERNELS as _KERNELS, get_kernel, local_attn_func
+from easy_context.attention.kernels import KERNELS as _KERNELS, fa4_importable, get_kernel, local_attn_func
 
 pytestmark = need_gpus(1)
 
@@ -26,8 +26,10 @@ def _ref_grads(q, k, v, dout, causal):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("backend", ["auto", "cudnn", "flash", "efficient", "math"])
+@pytest.mark.parametrize("backend", ["auto", "fa4", "cudnn", "flash", "efficient", "math"])
 def test_backend_dtype_matches_float64_or_is_refused(backend, dtype, record_property):
+    if backend == "fa4" and not fa4_importable():
+        pytest.skip("flash-attn-4 is not installed (pip install 'easy-context[fa4]')")
     q, k, v, dout = _qkv(2, dtype)
     if backend != "auto" and dtype not in _KERNELS[backend].dtypes:
         with pytest.raises(ValueError, match="takes"):

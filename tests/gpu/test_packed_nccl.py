@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _gpu import assert_cases_within_yardstick, need_gpus
+from _gpu import assert_cases_within_yardstick, installed, need_gpus
 from _dist import run_distributed
 from reference import attention_ref, rel_err
 from easy_context import gather_sequence, get_attn_func, shard_sequence
@@ -19,7 +19,8 @@ pytestmark = need_gpus(2)
 
 SEQ, HEADS, DIM = 2048, 8, 128
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-BACKEND_DTYPES = {"cudnn": ("bf16",), "flash": ("bf16",), "efficient": ("bf16", "fp32"), "auto": ("bf16", "fp32")}
+BACKEND_DTYPES = {"cudnn": ("bf16",), "flash": ("bf16",), "efficient": ("bf16", "fp32"), "auto": ("bf16", "fp32"),
+                  "fa4": ("bf16",)}
 ALGOS = [("zigzag_ring_attn", {}), ("ulysses_attn", {}), ("usp_attn", {"ring_degree": 1}),
          ("usp_attn", {"ring_degree": 2})]
 MIXES = {  # document boundaries over SEQ tokens
@@ -56,7 +57,7 @@ def _worker(rank, world):
     device = torch.device("cuda", rank)
     refs, results = {}, []
     for (algo, opts), kv, causal, (backend, dts), mix in itertools.product(
-            ALGOS, (2, 8), (True, False), BACKEND_DTYPES.items(), MIXES):
+            ALGOS, (2, 8), (True, False), installed(BACKEND_DTYPES).items(), MIXES):
         for dt in dts:
             dtype, bounds = DTYPES[dt], MIXES[mix]
             key = (kv, causal, dt, mix)
