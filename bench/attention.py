@@ -160,8 +160,8 @@ def main():
                     row = dict(S=s, H=h, KV=hkv, what=algo, backend=backend, W=w, t_fwd=tf, t_fb=tfb,
                                tflops_fwd=work_f / w / tf / 1e12, tflops_fb=3.5 * work_f / w / tfb / 1e12,
                                eff_fwd=base[0] / w / tf, eff_fb=base[1] / w / tfb, vs_first=first / tfb)
-                    if a.packed:
-                        row.update(packed=a.packed, docs=len(bounds) - 1)
+                    if a.packed:  # eff (against dense work) means nothing here: vs_dense says it per token pair
+                        row.update(packed=a.packed, docs=len(bounds) - 1, eff_fwd=None, eff_fb=None)
                         row["vs_dense"] = row["tflops_fb"] / dense[backend] if backend in dense else None
                     rows.append(row)
                     print(rows[-1], flush=True)
@@ -175,7 +175,7 @@ def main():
         vd = f"{r['vs_dense']:.3f}" if r.get("vs_dense") else "—"
         print(f"| {r['S'] // 1024}K | {r['H']}/{r['KV']} | {r['what']} | {r.get('backend', '')} | {r['W']} | "
               f"{r['t_fwd'] * 1e3:.1f} | {r['tflops_fwd']:.0f} | {r['t_fb'] * 1e3:.1f} | {r['tflops_fb']:.0f} | "
-              f"{r['eff_fb']:.3f} | {vs} | {vd} |")
+              f"{'—' if r['eff_fb'] is None else format(r['eff_fb'], '.3f')} | {vs} | {vd} |")
     if os.environ.get("OUT"):
         name = "attention_packed.json" if a.packed else "attention.json"
         with open(os.path.join(os.environ["OUT"], name), "w") as f:

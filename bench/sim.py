@@ -48,7 +48,10 @@ class NullComm(RingComm):
         self.group, self.rank, self.world = None, rank, world
 
     def exchange(self, send, dst, recv_like, src):
-        return _Ready(list(recv_like) if src is not None else [])
+        # recv_like are stride-0 expansions (shape only); kernels such as cuDNN want a unit last stride, so the
+        # stand-ins are real (uninitialised) buffers, as a received message would be
+        return _Ready([torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in recv_like] if src is not None
+                      else [])
 
 
 def _in_threads(world, fn):

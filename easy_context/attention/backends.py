@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 
@@ -304,6 +305,12 @@ FA4_INSTALL = "pip install 'easy-context[fa4]'"
 FA4_DISK_CACHE = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
 
 
+# FA4's just-in-time compiler keeps per-process state that two threads compiling at once corrupt (seen on the H200:
+# TypeError inside cutlass_dsl when the simulated world's rank threads met a new configuration together), so calls
+# from several threads take turns (uncontended in a training process: one thread runs the kernels).
+_FA4_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1)
 def fa4_interface():
     """``flash_attn.cute.interface``, imported on first use (with FA4's on-disk kernel cache on unless
@@ -320,24 +327,28 @@ def fa4_interface():
 
 def fa4_forward(q, k, v, causal, scale):
     t = (lambda x: x.transpose(1, 2))  # noqa: E731 - (b, h, s, d) view <-> (b, s, h, d) memory
-    out, lse = fa4_interface()._flash_attn_fwd(t(q), t(k), t(v), softmax_scale=scale, causal=causal,
-                                               return_lse=True)[:2]
+    with _FA4_LOCK:
+        out, lse = fa4_interface()._flash_attn_fwd(t(q), t(k), t(v), softmax_scale=scale, causal=causal,
+                                                   return_lse=True)[:2]
     return t(out), lse
 
 
 def fa4_backward(dout, q, k, v, out, lse, causal, scale):
     t = (lambda x: x.transpose(1, 2))  # noqa: E731
-    dq, dk, dv = fa4_interface()._flash_attn_bwd(t(q), t(k), t(v), t(out), t(dout), lse, scale, causal)
+    with _FA4_LOCK:
+        dq, dk, dv = fa4_interface()._flash_attn_bwd(t(q), t(k), t(v), t(out), t(dout), lse, scale, causal)
     return t(dq), t(dk), t(dv)
 
 
 def fa4_varlen_forward(q, k, v, cu, max_len, causal, scale):
-    out, lse = fa4_interface()._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
-                                               max_seqlen_k=max_len, softmax_scale=scale, causal=causal,
-                                               return_lse=True)[:2]
+    with _FA4_LOCK:
+        out, lse = fa4_interface()._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                                   max_seqlen_k=max_len, softmax_scale=scale, causal=causal,
+                                                   return_lse=True)[:2]
     return out, lse
 
 
 def fa4_varlen_backward(dout, q, k, v, out, lse, cu, max_len, causal, scale):
-    return fa4_interface()._flash_attn_bwd(q, k, v, out, dout, lse, scale, causal, cu_seqlens_q=cu,
-                                           cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)
+    with _FA4_LOCK:
+        return fa4_interface()._flash_attn_bwd(q, k, v, out, dout, lse, scale, causal, cu_seqlens_q=cu,
+                                               cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)
