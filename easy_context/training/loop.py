@@ -150,20 +150,82 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than ``--collective-timeout``: a rank stopped arriving (named where possible)."""
+
+
+ROLL_CALL = "easy_context/collective_timeout/"
+
+
+def _timed_out(e: BaseException) -> bool:
+    """Whether a process-group error is a timeout (gloo: "Timed out waiting 3000ms for recv operation"; NCCL, when
+    its watchdog leaves the error to Python: "Watchdog caught collective operation timeout")."""
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in ("timed out", "timeout"))
+
+
+def _absent_ranks(rank: int, world: int, wait_s: float) -> list[int] | None:
+    """Roll call after a timeout: each rank that timed out says so in the launcher's TCP store (``MASTER_ADDR:
+    MASTER_PORT``) and waits up to ``wait_s`` for the others; the ranks that never answer are the stuck ones (a rank
+    blocked on a stuck one times out itself and answers). None: the store cannot be reached (another rendezvous)."""
+    from datetime import timedelta
+
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=max(wait_s, 1.0)))
+        store.set(f"{ROLL_CALL}{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            absent = [r for r in range(world) if not store.check([f"{ROLL_CALL}{r}"])]
+            if not absent or time.monotonic() > deadline:
+                return absent
+            time.sleep(0.2)
+    except (KeyError, ValueError, RuntimeError):  # no env, or the store is gone (its host rank is the stuck one)
+        return None
+
+
+def _timeout_error(cfg: TrainConfig, e: BaseException) -> CollectiveTimeout:
+    rank, world = rank_world()
+    absent = _absent_ranks(rank, world, min(cfg.collective_timeout, 60.0))
+    if absent:
+        who = (f"rank(s) {', '.join(map(str, absent))} of {world} did not arrive (stopped, hung or dead: see "
+               "its own output)")
+    elif absent == []:
+        who = "every rank timed out waiting (ranks calling different collectives?)"
+    else:
+        who = "a rank did not arrive (which one could not be determined: no launcher store at MASTER_ADDR)"
+    return CollectiveTimeout(f"rank {rank}: a collective waited longer than --collective-timeout "
+                             f"{cfg.collective_timeout:g} s: {who}. If a rank is only slow (a checkpoint save on a "
+                             f"slow disk, a very long step), raise --collective-timeout. ({e})")
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run the training described by ``cfg`` (or by parsed train.py flags); return ``{"losses", "grad_norms",
     "model"}``.
 
     ``losses`` maps each optimizer step done in this call to its logged global loss, ``grad_norms`` to the global
-    gradient norm before clipping (when clipping is on, or under DeepSpeed); ``model`` is the unwrapped
-    causal LM (weights as trained, SP attention still active).
+    gradient norm before clipping; ``model`` is the unwrapped causal LM (weights as trained, SP attention still
+    active).
+
+    Raises:
+        CollectiveTimeout: a collective waited longer than ``--collective-timeout`` (the message names the ranks
+            that did not arrive, where the launcher's store tells). FloatingPointError: ``--max-nonfinite-steps``
+            consecutive non-finite steps. CheckpointWriteError: a checkpoint could not be written.
     """
+    cfg = from_namespace(cfg)
+    try:
+        return _train(cfg)
+    except RuntimeError as e:
+        if dist.is_available() and dist.is_initialized() and _timed_out(e) and not isinstance(e, CollectiveTimeout):
+            raise _timeout_error(cfg, e) from e
+        raise
+
+
+def _train(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     from ..api import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
 
-    cfg = from_namespace(cfg)
     accelerator = make_accelerator(cfg)
     rank, world = rank_world((accelerator.process_index, accelerator.num_processes))
     # every check that needs no weights comes first: flags, processes, output folder, model shape, data
@@ -322,9 +384,12 @@ def main(argv=None) -> None:
         if rank_world()[0] == 0:
             print(f"train.py: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except CollectiveTimeout as e:  # said by every rank that waited (rank 0 may be the stuck one)
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # the group is broken: tearing it down would wait on the stuck rank
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
-__all__ = ["LOG_FILE", "make_accelerator", "micro_batches", "train", "main"]
+__all__ = ["LOG_FILE", "CollectiveTimeout", "make_accelerator", "micro_batches", "train", "main"]
