@@ -321,8 +321,11 @@ def finish_resume(cfg, path: str, completed: int) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # said by find_resume_checkpoint already
             kept = [line for line, record in read_log(log) if record["step"] <= completed]
-        with open(log, "w") as f:
+        with open(log + ".tmp", "w") as f:  # a kill while rewriting leaves the old log whole
             f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(log + ".tmp", log)
 
 
 def prepare_output_dir(cfg) -> None:

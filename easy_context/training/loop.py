@@ -312,6 +312,8 @@ def _train(cfg: TrainConfig) -> dict:
                     skip = accelerator.scaler is None
             if not skip:
                 optimizer.step()
+                # fp16: the GradScaler skipped an overflowed step; our scheduler (not accelerate's) must skip it too
+                skip = accelerator.sync_gradients and bool(getattr(optimizer, "step_was_skipped", False))
             optimizer.zero_grad()
         step_tokens += int(out.num_tokens)
         if not accelerator.sync_gradients:
