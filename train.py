@@ -17,9 +17,9 @@ Algorithms (--seq-algo, or the seed's --parallel_mode): zigzag_ring_attn, dist_f
 sequence-parallel ranks. --checkpointing-steps N saves accelerate state to <output-dir>/checkpoints/step_<k>;
 --resume-from-checkpoint latest continues with the same data order and loss curve (after checking the checkpoint's
 sha256 hashes and the run's settings; later checkpoints are retired, not deleted). --max-nonfinite-steps N: inf/NaN
-steps are skipped, N in a row stop the run; --collective-timeout S: a stuck rank fails the others after S s. Logs: tensorboard (or wandb,
-offline with WANDB_MODE=offline) and <output-dir>/train_log.jsonl; the final model is a save_pretrained folder in
---output-dir. Every flag: python train.py --help.
+steps are skipped, N in a row stop the run; --collective-timeout S: a stuck rank fails the others after S s.
+Logs: tensorboard (or wandb, offline with WANDB_MODE=offline) and <output-dir>/train_log.jsonl; the final model is a
+save_pretrained folder in --output-dir. Every flag: python train.py --help.
 """
 from easy_context.training import main
 
