@@ -15,9 +15,11 @@ GPUs, DeepSpeed ZeRO-3 with parameter + optimizer offload, bf16 (recipes: train_
 Algorithms (--seq-algo, or the seed's --parallel_mode): zigzag_ring_attn, dist_flash_attn, ulysses_attn, usp_attn
 (--ring-degree), data_parallel; --sp-size splits the processes into data-parallel replicas of sp-size
 sequence-parallel ranks. --checkpointing-steps N saves accelerate state to <output-dir>/checkpoints/step_<k>;
---resume-from-checkpoint latest continues with the same data order and loss curve. Logs: tensorboard (or wandb,
-offline with WANDB_MODE=offline) and <output-dir>/train_log.jsonl; the final model is a save_pretrained folder in
---output-dir. Every flag: python train.py --help.
+--resume-from-checkpoint latest continues with the same data order and loss curve (after checking the checkpoint's
+sha256 hashes and the run's settings; later checkpoints are retired, not deleted). --max-nonfinite-steps N: inf/NaN
+steps are skipped, N in a row stop the run; --collective-timeout S: a stuck rank fails the others after S s.
+Logs: tensorboard (or wandb, offline with WANDB_MODE=offline) and <output-dir>/train_log.jsonl; the final model is a
+save_pretrained folder in --output-dir. Every flag: python train.py --help.
 """
 from easy_context.training import main
 

@@ -141,9 +141,12 @@ def test_15_checkpoints_total_limit_keeps_the_newest(tmp_path):
 def _fake_checkpoint(root, step, *, state=True, truncate=False):
     path = root / f"step_{step}"
     path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"x" * 100)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(4)}, str(path / "model.safetensors"))  # a readable header: resume checks it
+    size = (path / "model.safetensors").stat().st_size
     if state:
-        (path / STATE_FILE).write_text(json.dumps({"completed_steps": step, "files": {"model.safetensors": 100}}))
+        (path / STATE_FILE).write_text(json.dumps({"completed_steps": step, "files": {"model.safetensors": size}}))
     if truncate:
         (path / "model.safetensors").write_bytes(b"x" * 10)
     return path

@@ -62,7 +62,7 @@ def _losses(result):
 def _one_rank_worker(rank, world, root):
     _accelerate_env(rank, world)
     return {
-        "batch1": _losses(_train(_argv(f"{root}/w1_b1", "data_parallel"))),
+        "batch1": _losses(_train(_argv(f"{root}/w1_b1", "data_parallel", "--checkpointing-steps", "2"))),
         "batch2": _losses(_train(_argv(f"{root}/w1_b2", "data_parallel", batch=2))),
         "autocast": _losses(_train(_argv(f"{root}/w1_ac", "data_parallel", *AUTOCAST_FLAGS))),
     }
@@ -93,6 +93,7 @@ def _two_rank_worker(rank, world, root):
     out["full"], out["killed"], out["resumed"] = full["losses"], killed["losses"], resumed["losses"]
     with open(f"{root}/killed/{training.LOG_FILE}") as f:
         out["resumed_log"] = [json.loads(line)["loss"] for line in f]
+    out["resume changes"] = _resume_changes(rank, root)
 
     # the saved model (rank 0 wrote it) reloads with plain sdpa attention and gives the trained model's logits
     torch.distributed.barrier()
@@ -106,6 +107,33 @@ def _two_rank_worker(rank, world, root):
         out["logits_diff"] = (trained(ids).logits - reloaded(ids).logits).abs().max().item()
     out["reloaded_attn"] = reloaded.config._attn_implementation
     return out
+
+
+# a checkpoint's step-2 state resumed with other processes or another algorithm: (name, run that wrote it, --seq-algo,
+# the error it must raise, None: allowed). What matters is the rows of each micro-batch (checkpoints.run_settings).
+RESUME_CHANGES = [
+    ("another SP algorithm", "full", "ulysses_attn", None),
+    ("2 ranks resume 1 process's run", "w1_b1", "zigzag_ring_attn", None),
+    ("data_parallel: 2 replicas of 1 row", "full", "data_parallel",
+     "rows per micro-batch (--batch-size x data-parallel replicas): 1 -> 2"),
+]
+
+
+def _resume_changes(rank, root):
+    import shutil
+
+    got = {}
+    for name, source, algo, _ in RESUME_CHANGES:
+        out = f"{root}/changed_{source}_{algo}"
+        if rank == 0:
+            shutil.copytree(f"{root}/{source}", out)
+        torch.distributed.barrier()
+        try:
+            got[name] = _losses(_train(_argv(out, algo, "--resume-from-checkpoint", f"{out}/checkpoints/step_2",
+                                             "--no-save-model", steps=4 if source == "full" else STEPS)))
+        except ValueError as e:
+            got[name] = str(e)
+    return got
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +196,21 @@ def test_resume_reproduces_the_uninterrupted_run(runs):
     _close(two[0]["resumed_log"], [full[s] for s in (1, 2, 3, 4)], "train_log.jsonl of the resumed run")
 
 
+def test_resume_across_world_sizes_and_algorithms(runs):
+    """Changes proven exact resume the uninterrupted curve (another SP algorithm; 2 ranks continuing a 1-process
+    run, one sequence over both); a change of the rows per micro-batch is refused, naming it, on every rank."""
+    one, two = runs
+    reference = {"full": two[0]["full"], "w1_b1": dict(enumerate(one["batch1"], 1))}
+    for name, source, _, error in RESUME_CHANGES:
+        got = two[0]["resume changes"][name]
+        assert got == two[1]["resume changes"][name], name  # the ranks agree
+        if error:
+            assert isinstance(got, str) and error in got and "--overwrite-output-dir" in got, (name, got)
+        else:
+            steps = sorted(reference[source])[2:]
+            _close(got, [reference[source][s] for s in steps], name)
+
+
 def test_saved_model_reloads_with_same_logits(runs):
     _, two = runs
     assert two[0]["reloaded_attn"] == "sdpa"
@@ -195,6 +238,50 @@ def test_accelerate_launch_two_processes(runs, tmp_path):
     assert [r["step"] for r in log] == list(range(1, STEPS + 1))  # written once (main process), every step
     _close([r["loss"] for r in log], one["batch1"], "accelerate launch ulysses_attn")
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+
+
+def _stuck_rank_worker(rank, world, port, out, results):
+    """One rank of a 2-process run whose group accelerate creates (so --collective-timeout reaches it)."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        _train(_argv(out, "zigzag_ring_attn", "--collective-timeout", "3", "--no-save-model", steps=2000))
+        results.put((rank, "finished"))
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        results.put((rank, f"{type(e).__name__}: {e}"))
+
+
+def test_stuck_rank_fails_the_others_within_the_collective_timeout(tmp_path):
+    """A rank stopped mid-run (SIGSTOP): with --collective-timeout 3 the other fails within seconds (the timeout plus
+    the roll call) with an error naming the stopped rank and the flag, instead of hanging (gloo's default: 30 min)."""
+    import multiprocessing as mp
+    import signal
+    import time
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    out = tmp_path / "stuck"
+    port = _free_port()
+    procs = [ctx.Process(target=_stuck_rank_worker, args=(r, 2, port, out, results), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        log, deadline = out / training.LOG_FILE, time.monotonic() + 120
+        while not (log.exists() and len(log.read_text().splitlines()) >= 2):  # both ranks are training
+            assert time.monotonic() < deadline and all(p.is_alive() for p in procs), "the run did not start"
+            time.sleep(0.1)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        rank, message = results.get(timeout=30)
+        took = time.monotonic() - stopped
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+    assert rank == 0 and message.startswith("CollectiveTimeout: rank 0: a collective waited longer than "
+                                            "--collective-timeout 3 s: rank(s) 1 of 2 did not arrive"), message
+    assert took < 15, took  # 3 s timeout + up to 3 s roll call; hanging would be 30 min
 
 
 def _deepspeed_launch(out, nproc, *argv):

@@ -1,13 +1,32 @@
 """Checkpoints and the final model: accelerate state (DeepSpeed's own under ZeRO-3) plus the optimizer step under
-``<output-dir>/checkpoints/step_<k>``, finding the newest, and ``save_pretrained`` of the trained weights."""
+``<output-dir>/checkpoints/step_<k>``, verified resumes, and ``save_pretrained`` of the trained weights.
+
+A checkpoint's ``trainer_state.json`` is written last, after every data file has been fsynced; it records the step,
+every file's size and sha256, the run's result-changing settings (:func:`run_settings`) and a fingerprint of its
+data (:func:`data_fingerprint`). Resuming (:func:`find_resume_checkpoint`, on rank 0, its answer broadcast) checks
+all of them before any weights are loaded:
+
+- a damaged checkpoint (a file missing, of another size or hash, or an unreadable safetensors header) is skipped
+  with a warning under ``latest`` (the previous good one is used) and refused by name;
+- a changed setting is refused, listing each one (old -> new) and the fix;
+- a torn last line of ``train_log.jsonl`` (a kill while it was written) is dropped with a warning, a damaged line
+  before the last is refused.
+
+After the state is loaded (:func:`finish_resume`), the checkpoints of later steps are *retired*: renamed
+``step_<k>.retired-<UTC time>``, which ``latest`` never picks, so a resumed run's chain is the one ``latest``
+continues, and the abandoned run's checkpoints are kept.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import time
 import warnings
 
+import torch
 import torch.distributed as dist
 
 from ..utils import rank_world
@@ -15,42 +34,119 @@ from ..utils import rank_world
 CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
 LOG_FILE = "train_log.jsonl"
+RETIRED = ".retired-"
+HASH_CHUNK = 8 << 20  # bytes read at a time when hashing: memory stays flat for any checkpoint size
+FINGERPRINT_ROWS = 16  # rows of the dataset (evenly spaced, first and last included) in its fingerprint
+_RESUME_FIX = ("restore the flag(s), or start afresh with --overwrite-output-dir (its log and checkpoints are "
+               "deleted) or another --output-dir")
 
 
-def _files(path: str) -> dict:
-    """``{relative path: size}`` of every file under ``path``."""
-    out = {}
-    for root, _, names in os.walk(path):
-        for name in names:
-            full = os.path.join(root, name)
-            out[os.path.relpath(full, path)] = os.path.getsize(full)
-    return out
+def _sha256(path: str, *, fsync: bool = False) -> str:
+    """sha256 of a file, read in chunks of :data:`HASH_CHUNK`; ``fsync``: also flush it to disk (the pages are
+    read anyway, and a checkpoint must be on disk before its state file says it is complete)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a folder's entries (created, renamed files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_all(paths: list[str], *, fsync: bool = False) -> list[str]:
+    """:func:`_sha256` of each path, several files at a time (hashlib releases the GIL: a ZeRO-3 checkpoint's
+    per-rank shards hash in parallel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(paths)))) as pool:
+        return list(pool.map(lambda p: _sha256(p, fsync=fsync), paths))
+
+
+def _seal(path: str) -> dict:
+    """``{relative path: {"size", "sha256"}}`` of every file under ``path``, each fsynced on the way, then every
+    folder under it."""
+    files, folders = [], []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        files += [os.path.join(root, name) for name in sorted(names)]
+        folders.append(root)
+    hashes = _sha256_all(files, fsync=True)
+    for root in folders:
+        _fsync_dir(root)
+    return {os.path.relpath(f, path): {"size": os.path.getsize(f), "sha256": h} for f, h in zip(files, hashes)}
 
 
 def _steps(root: str) -> list[int]:
-    """The steps of the ``step_<k>`` folders under ``root``, newest first (``.tmp`` folders are not checkpoints)."""
+    """The steps of the ``step_<k>`` folders under ``root``, newest first (``.tmp`` and ``.retired-*`` folders are not
+    checkpoints)."""
     names = os.listdir(root) if os.path.isdir(root) else []
-    return sorted((int(m.group(1)) for d in names if (m := re.fullmatch(CHECKPOINT_PREFIX + r"(\d+)", d))), reverse=True)
+    steps = (int(m.group(1)) for d in names if (m := re.fullmatch(CHECKPOINT_PREFIX + r"(\d+)", d)))
+    return sorted(steps, reverse=True)
 
 
-def checkpoint_problem(path: str) -> str | None:
-    """Why ``path`` is not a complete checkpoint (None: it is): no state file, or a file missing or of another size
-    than when it was written."""
+def _safetensors_problem(path: str) -> str | None:
+    """Why the header of a safetensors file cannot be read (None: it can): 8 bytes of length, then JSON."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= os.path.getsize(path) - 8:
+                return f"header length {n} does not fit the file"
+            json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"unreadable header ({type(e).__name__})"
+    return None
+
+
+def read_state(path: str) -> dict:
+    """The state file of checkpoint ``path``.
+
+    Raises:
+        ValueError: it is missing or not a checkpoint's state (the message says which).
+    """
     try:
         with open(os.path.join(path, STATE_FILE)) as f:
             state = json.load(f)
         int(state["completed_steps"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"no valid {STATE_FILE} ({type(e).__name__})"
-    for name, size in state.get("files", {}).items():
+        raise ValueError(f"no valid {STATE_FILE} ({type(e).__name__})") from None
+    return state
+
+
+def checkpoint_problem(path: str, *, hashes: bool = True) -> str | None:
+    """Why ``path`` is not a complete, undamaged checkpoint (None: it is): no state file, a file missing or of
+    another size than when it was written, a safetensors header that cannot be read, or (``hashes``) a file whose
+    sha256 differs. Sizes and headers are checked for every file before any file is hashed."""
+    try:
+        files = read_state(path).get("files", {})
+    except ValueError as e:
+        return str(e)
+    for name, rec in files.items():
+        size = rec["size"] if isinstance(rec, dict) else rec  # checkpoints before hashes recorded sizes only
         full = os.path.join(path, name)
         if not os.path.isfile(full) or os.path.getsize(full) != size:
             return f"{name} is missing or truncated"
+        if name.endswith(".safetensors") and (problem := _safetensors_problem(full)):
+            return f"{name}: {problem}"
+    if hashes:
+        hashed = {name: rec["sha256"] for name, rec in files.items() if isinstance(rec, dict)}
+        for name, got in zip(hashed, _sha256_all([os.path.join(path, n) for n in hashed])):
+            if got != hashed[name]:
+                return f"{name} does not match its sha256 (the file was changed or damaged after it was written)"
     return None
 
 
 def latest_checkpoint(output_dir: str) -> str:
-    """The newest complete checkpoint under ``output_dir/checkpoints`` (incomplete ones are skipped with a warning).
+    """The newest complete, undamaged checkpoint under ``output_dir/checkpoints`` (others are skipped with a warning
+    naming them).
 
     Raises:
         FileNotFoundError: there is none.
@@ -61,8 +157,175 @@ def latest_checkpoint(output_dir: str) -> str:
         problem = checkpoint_problem(path)
         if problem is None:
             return path
-        warnings.warn(f"--resume-from-checkpoint latest: skipping incomplete checkpoint {path}: {problem}")
+        warnings.warn(f"--resume-from-checkpoint latest: skipping damaged or incomplete checkpoint {path}: "
+                      f"{problem}; using the previous one")
     raise FileNotFoundError(f"--resume-from-checkpoint latest: no complete checkpoint under {root}")
+
+
+def data_fingerprint(dataset) -> str:
+    """sha256 of a dataset's row count, column names and :data:`FINGERPRINT_ROWS` evenly spaced rows (the first and
+    last included): cheap at any size, and another dataset, another tokenisation or another number of rows (the
+    synthetic dataset's size follows --max-train-steps) changes it."""
+    h = hashlib.sha256(json.dumps([len(dataset), sorted(dataset.column_names)]).encode())
+    n = len(dataset)
+    for i in sorted({(n - 1) * j // (FINGERPRINT_ROWS - 1) for j in range(FINGERPRINT_ROWS)} if n else ()):
+        row = dataset[i]
+        for column in sorted(row):
+            h.update(torch.as_tensor(row[column], dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_settings(cfg, *, replicas: int, packed: bool, dtype, mixed_precision: str, fingerprint: str) -> dict:
+    """The settings that change a run's results, as a checkpoint records them and a resume compares them.
+
+    Not here, because changing them is exact (the loss curve stays the same up to summation order, tested): the
+    number of processes as long as the rows per micro-batch stay the same, the sequence-parallel algorithm
+    (data_parallel included: it trains the same rows), ``--sp-size`` / ``--ring-degree`` at the same rows,
+    ``--attn-backend``, ``--loss-chunk-size`` and the memory features. Nor the run's bookkeeping (checkpoint
+    interval and limit, logs, ``--stop-after-steps``, ``--collective-timeout``, ``--max-nonfinite-steps``).
+    """
+    settings = {
+        "--model": cfg.model, "--model-config": cfg.model_config, "--vocab-size": cfg.vocab_size,
+        "--rope-theta": cfg.rope_theta, "--dtype": str(dtype).removeprefix("torch."),
+        "--mixed-precision": mixed_precision, "--seq-length": cfg.seq_length,
+        "--packing (documents used)": packed, "--seed": cfg.seed,
+        # data order: each micro-batch is batch_size rows of each of the data-parallel replicas
+        "rows per micro-batch (--batch-size x data-parallel replicas)": cfg.batch_size * replicas,
+        "--gradient-accumulate-every": cfg.gradient_accumulate_every, "--learning-rate": cfg.learning_rate,
+        "--lr-schedule": cfg.lr_schedule, "--warmup-steps": cfg.warmup_steps, "--max-train-steps": cfg.max_train_steps,
+        "--weight-decay": cfg.weight_decay, "--adam-betas": list(cfg.adam_betas), "--adam-eps": cfg.adam_eps,
+        "--max-grad-norm": cfg.max_grad_norm, "data (--dataset; fingerprint)": f"{cfg.dataset} [{fingerprint[:16]}]",
+    }
+    return json.loads(json.dumps(settings))  # as the state file will hold them (tuples -> lists)
+
+
+def settings_changes(old: dict, new: dict) -> list[str]:
+    """``"<setting>: old -> new"`` for each setting that differs; the dataset's path may change if its content
+    (fingerprint) does not."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "(not recorded)"), new.get(key, "(not recorded)")
+        if key.startswith("data ") and isinstance(a, str) and isinstance(b, str):
+            if a.rsplit(" ", 1)[-1] == b.rsplit(" ", 1)[-1]:
+                continue
+        elif a == b:
+            continue
+        changes.append(f"{key}: {a} -> {b}")
+    return changes
+
+
+def read_log(path: str) -> list[tuple[str, dict]]:
+    """The records of ``train_log.jsonl`` (``(line, record)``). A torn last line (the run was killed while writing
+    it) is dropped with a warning naming the file.
+
+    Raises:
+        ValueError: a line before the last is not a record (naming the file and line, and the fix).
+    """
+    with open(path, "rb") as f:
+        lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            int(record["step"])
+        except (ValueError, KeyError, TypeError) as e:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: dropping its torn last line {i + 1} (the run was killed while writing it)")
+                break
+            raise ValueError(f"{path} line {i + 1} is not a log record ({type(e).__name__}: {e}): repair or delete "
+                             "that line (the log of steps done again after the resume is rewritten anyway), or "
+                             "start afresh with --overwrite-output-dir") from None
+        out.append((line if line.endswith("\n") else line + "\n", record))
+    return out
+
+
+def _on_rank0(fn):
+    """``fn()`` on rank 0 only, its result (or its ValueError / FileNotFoundError) broadcast to every rank: the
+    ranks agree on one answer, and expensive checks (hashing a checkpoint) run once."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except (ValueError, FileNotFoundError) as e:
+            box[0] = (type(e).__name__, str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "ok":
+        return value
+    raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(value)
+
+
+def find_resume_checkpoint(cfg, settings: dict) -> tuple[str, int]:
+    """The checkpoint ``--resume-from-checkpoint`` names (or ``latest``'s newest good one) and its step, after
+    checking its files (sizes, safetensors headers, sha256), that it was written with ``settings``, and that the
+    run's log can be continued. Runs on rank 0; every rank gets the same answer.
+
+    Raises:
+        ValueError: a damaged checkpoint named by path, a changed setting (each listed, old -> new), a damaged log;
+            each message names the fix. FileNotFoundError: no checkpoint.
+    """
+    def check():
+        if cfg.resume_from_checkpoint == "latest":
+            path = latest_checkpoint(cfg.output_dir)
+        else:
+            path = cfg.resume_from_checkpoint
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                raise ValueError(f"--resume-from-checkpoint {path}: the checkpoint is damaged or incomplete: "
+                                 f"{problem}; resume another one (--resume-from-checkpoint latest picks the newest "
+                                 "good one of --output-dir)")
+        state = read_state(path)
+        if "settings" not in state:
+            warnings.warn(f"{path} records no settings (written by an earlier easy_context): they are not checked")
+        elif changes := settings_changes(state["settings"], settings):
+            raise ValueError(f"--resume-from-checkpoint {path} was written with other settings; a resumed run "
+                             "would not continue the same training:\n  " + "\n  ".join(changes) + f"\n{_RESUME_FIX}")
+        log = os.path.join(cfg.output_dir, LOG_FILE)
+        if os.path.exists(log):
+            read_log(log)
+        return path, int(state["completed_steps"])
+
+    return _on_rank0(check)
+
+
+def _retire(root: str, after: int) -> list[str]:
+    """Rename the checkpoints under ``root`` of steps after ``after`` to ``step_<k>.retired-<UTC time>``; their new
+    paths."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = []
+    for step in sorted(s for s in _steps(root) if s > after):
+        old = os.path.join(root, f"{CHECKPOINT_PREFIX}{step}")
+        new, n = f"{old}{RETIRED}{stamp}", 1
+        while os.path.exists(new):
+            new, n = f"{old}{RETIRED}{stamp}-{n}", n + 1
+        os.replace(old, new)
+        out.append(new)
+    if out:
+        _fsync_dir(root)
+    return out
+
+
+def finish_resume(cfg, path: str, completed: int) -> None:
+    """After the state of ``path`` (step ``completed``) is loaded: retire the checkpoints of later steps (kept, under
+    a name ``latest`` never picks, and said) and drop the later steps from the log (they are done again)."""
+    if rank_world()[0] != 0:
+        return
+    retired = _retire(os.path.join(cfg.output_dir, "checkpoints"), completed)
+    if retired:
+        print(f"resumed at step {completed}: retired the {len(retired)} later checkpoint(s) of the abandoned run "
+              f"(kept; --resume-from-checkpoint latest now continues this run): {', '.join(retired)}", flush=True)
+    log = os.path.join(cfg.output_dir, LOG_FILE)
+    if os.path.exists(log):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said by find_resume_checkpoint already
+            kept = [line for line, record in read_log(log) if record["step"] <= completed]
+        with open(log + ".tmp", "w") as f:  # a kill while rewriting leaves the old log whole
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(log + ".tmp", log)
 
 
 def prepare_output_dir(cfg) -> None:
@@ -96,12 +359,42 @@ def prepare_output_dir(cfg) -> None:
     barrier()
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, keep: int | None = None) -> str:
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota, an I/O error); the earlier ones are intact."""
+
+
+# torch.save reports a failed write as RuntimeError ("[enforce fail at inline_container.cc:...]", "PytorchStreamWriter
+# failed writing file"), safetensors as SafetensorError ("IoError ... StorageFull"): neither is an OSError
+_WRITE_FAILURE = ("inline_container", "PytorchStreamWriter", "file write failed", "No space left", "StorageFull",
+                  "IoError", "Disk quota")
+
+
+def _write_failure(e: BaseException) -> bool:
+    return isinstance(e, OSError) or any(m in str(e) for m in _WRITE_FAILURE)
+
+
+def _any_rank(flag: bool, accelerator) -> bool:
+    """Whether ``flag`` is set on any rank (a collective: every rank calls it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], device=accelerator.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, keep: int | None = None,
+                    metadata: dict | None = None) -> str:
     """accelerate state (+ DeepSpeed's) and the optimizer step, under ``output_dir/checkpoints/step_<step>``.
 
-    Atomic: everything is written under ``step_<step>.tmp``; rank 0 then writes the state file (the step and every
-    file's size) and renames the folder. A run killed while saving leaves only a ``.tmp`` folder, which resuming
-    never reads, and the previous checkpoint intact.
+    Atomic and durable: everything is written under ``step_<step>.tmp``; rank 0 then hashes and fsyncs every file,
+    writes the state file (the step, every file's size and sha256, and ``metadata``: the run's settings), fsyncs it
+    and the folder, renames the folder and fsyncs its parent. A run killed while saving leaves only a ``.tmp``
+    folder, which resuming never reads, and the previous checkpoint intact.
+
+    Raises:
+        CheckpointWriteError: on every rank when a write failed on any (a full disk: torch's RuntimeError,
+            safetensors' error or an OSError); the partial ``.tmp`` is removed, and the message says to free space and
+            resume.
     """
     path = os.path.join(output_dir, "checkpoints", f"{CHECKPOINT_PREFIX}{step}")
     tmp = path + ".tmp"
@@ -109,21 +402,34 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int | None = 
     if rank0 and os.path.exists(tmp):
         shutil.rmtree(tmp)  # a save that was killed earlier
     accelerator.wait_for_everyone()
+    error = None
     try:
         accelerator.save_state(tmp)
-        accelerator.wait_for_everyone()
-        if rank0:
-            files = _files(tmp)
+    except Exception as e:  # noqa: BLE001 - only write failures are kept, see _write_failure
+        if not _write_failure(e):
+            raise
+        error = e
+    if not _any_rank(error is not None, accelerator) and rank0:
+        try:
+            state = {"completed_steps": step, "files": _seal(tmp), **(metadata or {})}
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump({"completed_steps": step, "files": files}, f)
+                json.dump(state, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
+            _fsync_dir(tmp)
             if os.path.exists(path):
                 shutil.rmtree(path)
             os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(f"saving the checkpoint of step {step} to {tmp} failed ({e}); the earlier checkpoints are "
-                      "intact: free space and resume with --resume-from-checkpoint latest") from e
+            _fsync_dir(os.path.dirname(path))
+        except OSError as e:
+            error = e
+    if _any_rank(error is not None, accelerator):
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = f" ({type(error).__name__}: {error})" if error is not None else " on another rank"
+        raise CheckpointWriteError(f"saving the checkpoint of step {step} to {tmp} failed{cause}; the partial "
+                                   "checkpoint was removed and the earlier ones are intact: free space and resume "
+                                   "with --resume-from-checkpoint latest") from error
     if rank0 and keep:
         root = os.path.dirname(path)
         for old in _steps(root)[keep:]:
@@ -151,4 +457,6 @@ def save_model(accelerator, wrapper, cfg) -> None:
     accelerator.print(f"saved the model to {cfg.output_dir}")
 
 
-__all__ = ["CHECKPOINT_PREFIX", "STATE_FILE", "LOG_FILE", "prepare_output_dir", "checkpoint_problem", "latest_checkpoint", "save_checkpoint", "save_model"]
+__all__ = ["CHECKPOINT_PREFIX", "STATE_FILE", "LOG_FILE", "CheckpointWriteError", "prepare_output_dir",
+           "checkpoint_problem", "latest_checkpoint", "read_state", "read_log", "data_fingerprint", "run_settings",
+           "settings_changes", "find_resume_checkpoint", "finish_resume", "save_checkpoint", "save_model"]

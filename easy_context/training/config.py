@@ -70,6 +70,9 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     stop_after_steps: int | None = None
     save_model: bool = True
+    # failures
+    max_nonfinite_steps: int = 3
+    collective_timeout: float = 600.0
 
     def __post_init__(self):
         """Checks that need no process group; raise ValueError naming the flag."""
@@ -96,6 +99,10 @@ class TrainConfig:
         if self.seq_length < 2:
             raise ValueError(f"--seq-length {self.seq_length}: a training sequence needs at least 2 tokens (one input "
                              "and its next-token target)")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError("--max-nonfinite-steps must be >= 1 (consecutive skipped steps before the run stops)")
+        if not self.collective_timeout > 0:
+            raise ValueError("--collective-timeout must be > 0 seconds")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError("--checkpoints-total-limit must be >= 1 (checkpoints to keep)")
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
@@ -191,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tiled-mlp", action="store_true", help="MLP computed in sequence tiles (easy_context.memory)")
     a("--tiled-mlp-tile-size", type=int, default=None, help="tokens per MLP tile (default: 4 x hidden_size)")
     a("--no-save-model", dest="save_model", action="store_false", help="skip the final save_pretrained")
+    a("--max-nonfinite-steps", type=int, default=3, metavar="N",
+      help="a step whose gradient norm or loss is inf/NaN is skipped (no update); stop after N in a row")
+    a("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
+      help="a rank that stops arriving fails the others after this long, naming it where it can; must exceed the "
+           "longest wait, e.g. a checkpoint save")
     return p
 
 

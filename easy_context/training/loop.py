@@ -45,7 +45,8 @@ import torch.distributed as dist
 from ..attention.registry import check_heads
 from ..data import FixedLengthCollator, load_train_dataset, shift_targets
 from ..utils import exit_with_parent, rank_world
-from .checkpoints import LOG_FILE, STATE_FILE, latest_checkpoint, prepare_output_dir, save_checkpoint, save_model
+from .checkpoints import (LOG_FILE, CheckpointWriteError, data_fingerprint, find_resume_checkpoint, finish_resume,
+                          prepare_output_dir, run_settings, save_checkpoint, save_model)
 from .config import TrainConfig, from_namespace, parse_config
 from .deepspeed import describe_attention, describe_precision, mixed_precision_of, prepare_optimization
 from .models import CausalLMWithShardedLoss, apply_memory_features, config_for, load_causal_lm
@@ -90,8 +91,10 @@ def micro_batches(cfg: TrainConfig, dataset, accelerator, start: int, vocab_size
 
 def make_accelerator(cfg: TrainConfig):
     """The ``accelerate.Accelerator`` of a run: device, mixed precision, accumulation and trackers of ``cfg``."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
     # cpu=True makes accelerate drop a DeepSpeed launch's plugin silently (plain DDP): without CUDA a DeepSpeed launch
     # (DS_ACCELERATOR=cpu) is left to pick the CPU itself
@@ -101,24 +104,98 @@ def make_accelerator(cfg: TrainConfig):
         # sync purely every N micro-batches: an epoch end must not force an early step (resume would drift)
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.gradient_accumulate_every,
                                                                 sync_with_dataloader=False),
-        log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=cfg.output_dir)
+        log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=cfg.output_dir,
+        # a rank that stops arriving fails the others' collectives after this long (when accelerate creates the group)
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))])
 
 
-def _resume(cfg: TrainConfig, accelerator) -> int:
-    """Load ``--resume-from-checkpoint``; return its optimizer step and drop later steps from the log (a killed
-    run logged them after its checkpoint: they are done again)."""
-    path = latest_checkpoint(cfg.output_dir) if cfg.resume_from_checkpoint == "latest" else cfg.resume_from_checkpoint
-    accelerator.load_state(path)
-    with open(os.path.join(path, STATE_FILE)) as f:
-        completed = json.load(f)["completed_steps"]
-    accelerator.print(f"resumed from {path} at step {completed}")
-    log_path = os.path.join(cfg.output_dir, LOG_FILE)
-    if rank_world()[0] == 0 and os.path.exists(log_path):
-        with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= completed]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
-    return completed
+def _grad_norm(accelerator, wrapper, max_norm: float):
+    """The global gradient norm before clipping (all ranks hold the reduced gradients: the same number on each);
+    the gradients are clipped to ``max_norm`` (> 0) only when it is finite, so non-finite ones stay for
+    :func:`_first_nonfinite` to name. The same arithmetic as ``torch.nn.utils.clip_grad_norm_``."""
+    accelerator.unscale_gradients()  # fp16: the scaler's gradients, unscaled once
+    params = [p for p in wrapper.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm > 0 and torch.isfinite(norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def _first_nonfinite(wrapper) -> str:
+    """The first parameter (in the model's order) whose gradient, else whose value, is not finite."""
+    for kind in ("gradient", "value"):
+        for name, p in wrapper.named_parameters():
+            t = p.grad if kind == "gradient" else p.detach()
+            if t is not None and not torch.isfinite(t).all():
+                return f"{name.removeprefix('module.').removeprefix('model.')} ({kind})"  # the causal LM's name
+    return "none (each gradient is finite: their sum of squares overflows)"
+
+
+def _nonfinite_error(cfg, steps: list[int], where: str, accelerator, applied: bool) -> FloatingPointError:
+    fp16 = (" Under fp16 the loss scaler overflows for a few steps while it settles: raise --max-nonfinite-steps."
+            if accelerator.mixed_precision == "fp16" else "")
+    span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+    if applied:
+        what = ("the DeepSpeed engine applied the update (it skips only fp16 overflows), so the weights are no longer "
+                "trustworthy; resume from the last checkpoint")
+    else:
+        what = (f"{len(steps)} consecutive step(s) with a non-finite gradient norm or loss (--max-nonfinite-steps "
+                f"{cfg.max_nonfinite_steps}); their updates were skipped")
+    return FloatingPointError(f"{span}: {what}. First non-finite parameter: {where}. Lower --learning-rate, train in "
+                              f"bf16 rather than fp16 (--mixed-precision bf16), or check the data.{fp16}")
+
+
+def _finite_or_none(x: float) -> float | None:
+    """JSON has no Infinity/NaN: a non-finite number is logged as null (with ``"nonfinite": true``)."""
+    return x if math.isfinite(x) else None
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than ``--collective-timeout``: a rank stopped arriving (named where possible)."""
+
+
+ROLL_CALL = "easy_context/collective_timeout/"
+
+
+def _timed_out(e: BaseException) -> bool:
+    """Whether a process-group error is a timeout (gloo: "Timed out waiting 3000ms for recv operation"; NCCL, when
+    its watchdog leaves the error to Python: "Watchdog caught collective operation timeout")."""
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in ("timed out", "timeout"))
+
+
+def _absent_ranks(rank: int, world: int, wait_s: float) -> list[int] | None:
+    """Roll call after a timeout: each rank that timed out says so in the launcher's TCP store (``MASTER_ADDR:
+    MASTER_PORT``) and waits up to ``wait_s`` for the others; the ranks that never answer are the stuck ones (a rank
+    blocked on a stuck one times out itself and answers). None: the store cannot be reached (another rendezvous)."""
+    from datetime import timedelta
+
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=max(wait_s, 1.0)))
+        store.set(f"{ROLL_CALL}{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            absent = [r for r in range(world) if not store.check([f"{ROLL_CALL}{r}"])]
+            if not absent or time.monotonic() > deadline:
+                return absent
+            time.sleep(0.2)
+    except (KeyError, ValueError, RuntimeError):  # no env, or the store is gone (its host rank is the stuck one)
+        return None
+
+
+def _timeout_error(cfg: TrainConfig, e: BaseException) -> CollectiveTimeout:
+    rank, world = rank_world()
+    absent = _absent_ranks(rank, world, min(cfg.collective_timeout, 60.0))
+    if absent:
+        who = (f"rank(s) {', '.join(map(str, absent))} of {world} did not arrive (stopped, hung or dead: see "
+               "its own output)")
+    elif absent == []:
+        who = "every rank timed out waiting (ranks calling different collectives?)"
+    else:
+        who = "a rank did not arrive (which one could not be determined: no launcher store at MASTER_ADDR)"
+    return CollectiveTimeout(f"rank {rank}: a collective waited longer than --collective-timeout "
+                             f"{cfg.collective_timeout:g} s: {who}. If a rank is only slow (a checkpoint save on a "
+                             f"slow disk, a very long step), raise --collective-timeout. ({e})")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -126,15 +203,29 @@ def train(cfg: TrainConfig) -> dict:
     "model"}``.
 
     ``losses`` maps each optimizer step done in this call to its logged global loss, ``grad_norms`` to the global
-    gradient norm before clipping (when clipping is on, or under DeepSpeed); ``model`` is the unwrapped
-    causal LM (weights as trained, SP attention still active).
+    gradient norm before clipping; ``model`` is the unwrapped causal LM (weights as trained, SP attention still
+    active).
+
+    Raises:
+        CollectiveTimeout: a collective waited longer than ``--collective-timeout`` (the message names the ranks
+            that did not arrive, where the launcher's store tells). FloatingPointError: ``--max-nonfinite-steps``
+            consecutive non-finite steps. CheckpointWriteError: a checkpoint could not be written.
     """
+    cfg = from_namespace(cfg)
+    try:
+        return _train(cfg)
+    except RuntimeError as e:
+        if dist.is_available() and dist.is_initialized() and _timed_out(e) and not isinstance(e, CollectiveTimeout):
+            raise _timeout_error(cfg, e) from e
+        raise
+
+
+def _train(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     from ..api import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
 
-    cfg = from_namespace(cfg)
     accelerator = make_accelerator(cfg)
     rank, world = rank_world((accelerator.process_index, accelerator.num_processes))
     # every check that needs no weights comes first: flags, processes, output folder, model shape, data
@@ -159,9 +250,13 @@ def train(cfg: TrainConfig) -> dict:
     if len(dataset) < cfg.batch_size * replicas:
         raise ValueError(f"the dataset has {len(dataset)} rows: fewer than one batch ({cfg.batch_size} rows) for each "
                          f"of the {replicas} data-parallel replicas")
-    set_seed(cfg.seed)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         cfg.dtype, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    settings = run_settings(cfg, replicas=replicas, packed=packed, dtype=dtype,
+                            mixed_precision=accelerator.mixed_precision, fingerprint=data_fingerprint(dataset))
+    # the checkpoint's files, settings and the log are checked before any weights are loaded
+    resume = find_resume_checkpoint(cfg, settings) if cfg.resume_from_checkpoint else None
+    set_seed(cfg.seed)
     model = load_causal_lm(cfg.model, config, dtype, init_random=cfg.init_random)
     apply_seq_parallel_monkey_patch(cfg.seq_algo, model, sp_size=cfg.sp_size, ring_degree=cfg.ring_degree,
                                     backend=cfg.attn_backend)
@@ -172,7 +267,12 @@ def train(cfg: TrainConfig) -> dict:
     kernel_line = describe_attention(accelerator, model, cfg.seq_algo, cfg.attn_backend)
     if kernel_line:
         accelerator.print(kernel_line)
-    completed = _resume(cfg, accelerator) if cfg.resume_from_checkpoint else 0
+    completed = 0
+    if resume:
+        path, completed = resume
+        accelerator.load_state(path)
+        accelerator.print(f"resumed from {path} at step {completed}")
+        finish_resume(cfg, path, completed)
     if cfg.report_to != "none":
         accelerator.init_trackers(cfg.project_name, config={k: v for k, v in vars(cfg).items()
                                                              if isinstance(v, (int, float, str, bool))})
@@ -183,7 +283,8 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=cfg.max_train_steps, initial=completed, disable=rank != 0)
     stop_at = min(cfg.max_train_steps, cfg.stop_after_steps or cfg.max_train_steps)
     losses, grad_norms, micro_losses, step_tokens, tic = {}, {}, [], 0, time.perf_counter()
-    grad_norm, warned_balance = None, False
+    grad_norm, warned_balance, nonfinite, first_bad = None, False, [], None
+    deepspeed = hasattr(wrapper, "get_global_grad_norm")
     wrapper.train()
     batches = micro_batches(cfg, dataset, accelerator, completed * cfg.gradient_accumulate_every, config.vocab_size)
     while completed < stop_at:
@@ -202,41 +303,65 @@ def train(cfg: TrainConfig) -> dict:
         with accelerator.accumulate(wrapper):
             out = wrapper(prepared["local_input_ids"], prepared["local_position_ids"], prepared["local_target_ids"])
             accelerator.backward(out.loss)  # under DeepSpeed this also steps the engine (clipping included)
-            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(wrapper.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            micro_losses.append(out.global_loss.item())
+            skip = False
+            if accelerator.sync_gradients and not deepspeed:
+                grad_norm = _grad_norm(accelerator, wrapper, cfg.max_grad_norm)
+                if not (torch.isfinite(grad_norm) and all(map(math.isfinite, micro_losses))):
+                    if first_bad is None:
+                        first_bad = _first_nonfinite(wrapper)
+                    # skip the update and the schedule, as accelerate does when fp16's GradScaler skips a step (then
+                    # the scaler's own step must run: it skips the update itself and lowers the scale)
+                    skip = accelerator.scaler is None
+            if not skip:
+                optimizer.step()
+                # fp16: the GradScaler skipped an overflowed step; our scheduler (not accelerate's) must skip it too
+                skip = accelerator.sync_gradients and bool(getattr(optimizer, "step_was_skipped", False))
             optimizer.zero_grad()
-        micro_losses.append(out.global_loss.item())
         step_tokens += int(out.num_tokens)
         if not accelerator.sync_gradients:
             continue
-        if hasattr(wrapper, "get_global_grad_norm"):  # DeepSpeed: the norm its step computed before clipping
+        if deepspeed:  # the norm its step computed before clipping
             grad_norm = wrapper.get_global_grad_norm()
-        scheduler.step()  # under DeepSpeed a no-op wrapper: the engine has stepped it
+        if not skip:
+            scheduler.step()  # under DeepSpeed a no-op wrapper: the engine has stepped it
         completed += 1
         loss = sum(micro_losses) / len(micro_losses)
-        if not math.isfinite(loss):  # the same global value on every rank: all stop together
-            raise FloatingPointError(f"step {completed}: the loss is {loss}; lower --learning-rate, train in bf16 "
-                                     "rather than fp16 (--mixed-precision bf16), or check the data")
+        # the loss and the norm are global (the same on every rank), so every rank counts alike and all stop together
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(float(grad_norm))):
+            nonfinite, first_bad = [], None
+        else:
+            nonfinite.append(completed)
+            if first_bad is None:
+                first_bad = ("not named under DeepSpeed (its gradients are partitioned)" if deepspeed
+                             else _first_nonfinite(wrapper))
+        applied = bool(nonfinite) and deepspeed and accelerator.mixed_precision != "fp16"
+        stop = applied or len(nonfinite) >= cfg.max_nonfinite_steps  # raised once this step is logged
         if step_tokens == 0 and rank == 0:
             warnings.warn(f"step {completed}: no target token in the whole batch (every label is -100): nothing was "
                           "learned from it")
         step_tokens = 0
         elapsed, tic, micro_losses = time.perf_counter() - tic, time.perf_counter(), []
-        record = {"step": completed, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
+        record = {"step": completed, "loss": _finite_or_none(loss), "ppl": _finite_or_none(math.exp(min(loss, 50.0))),
                   "lr": scheduler.get_last_lr()[0], "tokens_per_second": tokens_per_step / elapsed}
         if grad_norm is not None:  # the global gradient norm before clipping
-            record["grad_norm"] = grad_norms[completed] = float(grad_norm)
+            grad_norms[completed] = float(grad_norm)
+            record["grad_norm"] = _finite_or_none(float(grad_norm))
+        if nonfinite and nonfinite[-1] == completed:
+            record["nonfinite"] = True  # the update of this step was skipped
         losses[completed] = loss
         if cfg.report_to != "none":
             accelerator.log(record, step=completed)
         if rank == 0:  # (accelerate's is_main_process is True on every rank of a DeepSpeed launch on CPU)
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if stop:
+            raise _nonfinite_error(cfg, nonfinite, first_bad, accelerator, applied)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", ppl=f"{record['ppl']:.2f}", tok_s=f"{record['tokens_per_second']:.0f}")
         if cfg.checkpointing_steps and completed % cfg.checkpointing_steps == 0:
-            save_checkpoint(accelerator, cfg.output_dir, completed, keep=cfg.checkpoints_total_limit)
+            save_checkpoint(accelerator, cfg.output_dir, completed, keep=cfg.checkpoints_total_limit,
+                            metadata={"settings": settings})
     bar.close()
     unwrapped = accelerator.unwrap_model(wrapper).model
     if completed >= cfg.max_train_steps and cfg.save_model:
@@ -260,9 +385,16 @@ def main(argv=None) -> None:
         if rank_world()[0] == 0:
             print(f"train.py: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except (FloatingPointError, CheckpointWriteError) as e:  # the same on every rank: said once
+        if rank_world()[0] == 0:
+            print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except CollectiveTimeout as e:  # said by every rank that waited (rank 0 may be the stuck one)
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # the group is broken: tearing it down would wait on the stuck rank
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
-__all__ = ["LOG_FILE", "make_accelerator", "micro_batches", "train", "main"]
+__all__ = ["LOG_FILE", "CollectiveTimeout", "make_accelerator", "micro_batches", "train", "main"]
