@@ -8,6 +8,7 @@ mode needs no group) or as one short subprocess where the launcher itself is the
 import copy
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -64,30 +65,74 @@ def test_1_attention_arguments_the_kernels_lack_are_refused_by_name(model_type, 
         model(torch.randint(0, 64, (1, 8)))
 
 
-# ----------------------------------------------------------------------------- 2: prepare_data --seq-length 0
-@pytest.mark.parametrize("length", ["0", "-5", "1"])
-def test_2_prepare_data_rejects_a_length_below_two_before_any_work(length, tmp_path):
+# ----------------------------------------------------------------------------- 2: prepare_data's bad inputs
+def _prepare_data_error(capsys, argv):
+    """prepare_data.py's main on ``argv``: it must end with exit status 2 and one error line (no traceback)."""
     from easy_context.data import main
 
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err and err[-1].startswith("prepare_data.py: error: "), err
+    return err[-1]
+
+
+@pytest.mark.parametrize("length", ["0", "-5", "1"])
+def test_2_prepare_data_rejects_a_length_below_two_before_any_work(length, tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello world " * 50)
-    with pytest.raises(ValueError, match="at least 2 tokens"):
-        main(["--input", str(corpus), "--tokenizer", str(tmp_path / "nowhere"), "--seq-length", length,
-              "--output-dir", str(tmp_path / "out")])
+    assert "at least 2 tokens" in _prepare_data_error(capsys, [
+        "--input", str(corpus), "--tokenizer", str(tmp_path / "nowhere"), "--seq-length", length,
+        "--output-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
-def test_2b_prepare_data_names_a_missing_tokenizer_or_input(tmp_path):
-    from easy_context.data import main
-
+def test_2b_prepare_data_names_a_missing_tokenizer_or_input(tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello world")
-    with pytest.raises(FileNotFoundError, match="--tokenizer ./no/such/tokenizer: no such file"):
-        main(["--input", str(corpus), "--tokenizer", "./no/such/tokenizer", "--seq-length", "8", "--output-dir",
-              str(tmp_path / "o")])
-    with pytest.raises(FileNotFoundError, match="--input"):
-        main(["--input", str(tmp_path / "none.txt"), "--tokenizer", "x", "--seq-length", "8", "--output-dir",
-              str(tmp_path / "o")])
+    assert "--tokenizer ./no/such/tokenizer: no such file" in _prepare_data_error(capsys, [
+        "--input", str(corpus), "--tokenizer", "./no/such/tokenizer", "--seq-length", "8", "--output-dir",
+        str(tmp_path / "o")])
+    assert "--input" in _prepare_data_error(capsys, [
+        "--input", str(tmp_path / "none.txt"), "--tokenizer", "x", "--seq-length", "8", "--output-dir",
+        str(tmp_path / "o")])
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory):
+    from easy_context.eval.tiny import make_tokenizer
+
+    path = str(tmp_path_factory.mktemp("bytes_tokenizer"))
+    make_tokenizer("bytes").save_pretrained(path)
+    return path
+
+
+# (input file, its bytes, extra flags, what the one error line must say besides the file's name)
+PREPARE_DATA_BAD_INPUTS = [
+    ("empty.jsonl", b"", [], "is empty: nothing to tokenise"),
+    ("latin1.txt", "first line\ncaf\xe9\n".encode("latin-1"), [], r"line 2 is not UTF-8 .*iconv"),
+    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', [], r"line 2 is not UTF-8 text \(byte 0xe9"),
+    ("numbers.jsonl", b'{"text": 5}\n{"text": 6}\n', [], r"row 1: the 'text' column holds int 5, not text"),
+    ("mixed.jsonl", b'{"text": "ok"}\n{"text": 7}\n', [], r"row 2: the 'text' column holds int 7"),
+    ("null.jsonl", b'{"text": "ok"}\n{"text": null}\n', [], r"row 2: the 'text' column holds no value \(null\)"),
+    ("body.jsonl", b'{"body": "ok"}\n', [], r"has no 'text' column .*--text-column"),
+    ("sft.jsonl", b'{"prompt": "a?"}\n', ["--sft"], r"no 'response' column .*--response-column"),
+    ("sft_int.jsonl", b'{"prompt": "a?", "response": "b"}\n{"prompt": 3, "response": "c"}\n', ["--sft"],
+     r"row 2: the prompt of an SFT example is int"),
+]
+
+
+@pytest.mark.parametrize("name, content, flags, error", PREPARE_DATA_BAD_INPUTS,
+                         ids=[row[0] for row in PREPARE_DATA_BAD_INPUTS])
+def test_prepare_data_bad_input_is_one_error_naming_file_and_row(name, content, flags, error, tmp_path, capsys,
+                                                                  byte_tokenizer):
+    import re
+
+    (tmp_path / name).write_bytes(content)
+    line = _prepare_data_error(capsys, ["--input", str(tmp_path / name), "--tokenizer", byte_tokenizer,
+                                        "--seq-length", "4", "--output-dir", str(tmp_path / "out"), *flags])
+    assert name in line and re.search(error, line), line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
 # ----------------------------------------------------------------------------- 3: no position_ids under SP
@@ -187,6 +232,21 @@ def test_8_12_bad_flags_fail_before_anything_is_created(argv, error, match, tmp_
     with pytest.raises(error, match=match):
         training.parse_config([*argv, "--output-dir", str(out), "--report-to", "none"])
     assert not out.exists()
+
+
+# anything that looks like a path (a data file suffix, /, ./, ../, more than one folder, or an existing first folder)
+# is a local path: missing, it is "no such file" at once, never a hub lookup (retries, tracebacks, after the model)
+@pytest.mark.parametrize("spec", ["data/missing.jsonl", "missing.parquet", "./missing", "/no/such/data",
+                                  "tests/no_such_folder", "a/b/c", "my data/x"])
+def test_a_missing_local_dataset_path_is_no_such_file(spec, tmp_path):
+    from easy_context.data import load_train_dataset
+
+    out = tmp_path / "never"
+    with pytest.raises(FileNotFoundError, match=f"--dataset {re.escape(spec)}: no such file or folder; give an "):
+        training.parse_config([*MODEL, "--dataset", spec, "--output-dir", str(out)])
+    assert not out.exists()
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):  # the library's loader says the same
+        load_train_dataset(spec, seq_length=8)
 
 
 def test_13_report_to_wandb_without_wandb(tmp_path):

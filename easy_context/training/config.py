@@ -13,7 +13,7 @@ import importlib.util
 from dataclasses import dataclass, fields
 
 from ..attention.registry import SEQ_ALGOS, algorithm_options, get_attn_func
-from ..data import TRAIN_PACKING
+from ..data import TRAIN_PACKING, check_dataset_source
 from ..utils import add_flag, check_source, check_sp_size
 
 
@@ -104,6 +104,7 @@ class TrainConfig:
         for flag, source in (("--model", self.model), ("--model-config", self.model_config)):
             if source is not None:
                 check_source(source, flag)
+        check_dataset_source(self.dataset, "--dataset")  # a missing local path, not a hub id to look up
 
     @property
     def parallel_mode(self) -> str:
