@@ -108,7 +108,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         if ("%(default)" in text or action.nargs == 0 or action.required
-                or action.default in (None, False, argparse.SUPPRESS)):
+                or action.default is None or action.default is False or action.default == argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 

@@ -174,6 +174,47 @@ def test_4_a_used_output_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
     assert [r["step"] for r in _log(out)] == [1, 2]  # the old run's log is gone
 
 
+# what an earlier run in --output-dir left, and whether --overwrite-output-dir removes it: the run's own outputs (log,
+# checkpoints, TensorBoard events under any --project-name) go, everything else stays
+OVERWRITE_CASES = [
+    (training.LOG_FILE, "run"),
+    ("checkpoints/step_1/" + STATE_FILE, "run"),
+    ("old_project/events.out.tfevents.*", "run"),
+    ("old_project/notes.txt", "user"),  # a user's file next to the events (and so their folder) stays
+    ("notes.md", "user"),
+    ("data/corpus.jsonl", "user"),
+]
+
+
+def test_overwrite_output_dir_removes_only_the_earlier_runs_outputs(tmp_path):
+    import glob
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        pytest.skip("tensorboard is not installed")
+    out = tmp_path / "run"
+    _train(*TINY, "--report-to", "tensorboard", "--project-name", "old_project", "--checkpointing-steps", "1",
+           "--output-dir", str(out))
+    for path, owner in OVERWRITE_CASES:
+        if owner == "user":
+            (out / path).parent.mkdir(parents=True, exist_ok=True)
+            (out / path).write_text("mine")
+        assert glob.glob(str(out / path)), path
+    aside = [training.LOG_FILE, "checkpoints"]
+    for name in aside:
+        os.rename(out / name, tmp_path / name)
+    with pytest.raises(ValueError, match=r"holds an earlier run \(TensorBoard events\)"):  # the events alone
+        _train(*TINY, "--report-to", "tensorboard", "--output-dir", str(out))
+    for name in aside:
+        os.rename(tmp_path / name, out / name)
+    _train(*TINY, "--report-to", "tensorboard", "--overwrite-output-dir", "--max-train-steps", "2",
+           "--output-dir", str(out))
+    assert [r["step"] for r in _log(out)] == [1, 2]  # the new run's log only
+    for path, owner in OVERWRITE_CASES[1:]:
+        assert bool(glob.glob(str(out / path))) == (owner == "user"), (path, owner)
+    assert len(glob.glob(str(out / "easy_context" / "events.out.tfevents.*"))) == 1  # the new run's own
+
+
 def test_15_checkpoints_total_limit_keeps_the_newest(tmp_path):
     out = tmp_path / "ckpt"
     _train(*TINY, "--output-dir", str(out), "--max-train-steps", "3", "--checkpointing-steps", "1",
@@ -247,6 +288,63 @@ def test_a_missing_local_dataset_path_is_no_such_file(spec, tmp_path):
     assert not out.exists()
     with pytest.raises(FileNotFoundError, match="no such file or folder"):  # the library's loader says the same
         load_train_dataset(spec, seq_length=8)
+
+
+def _eval_needle_parser():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_needle", os.path.join(ROOT, "eval_needle.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+def _advise_parser():
+    from easy_context.advise import build_parser
+
+    return build_parser()
+
+
+def _prepare_data_parser():
+    from easy_context.data import build_parser
+
+    return build_parser()
+
+
+# (script, its parser, flags --help must not list, a command line in the seed's spellings that must still parse)
+HELP_CASES = [
+    ("train.py", training.build_parser, ["--stop-after-steps", "--parallel-mode"],
+     ["--parallel_mode", "data_parallel", "--model_config", "tiny-llama", "--init_random", "--output_dir", "o",
+      "--stop_after_steps", "1", "--seq_length", "64"]),
+    ("eval_needle.py", _eval_needle_parser, ["--parallel-mode"],
+     ["--model", "m", "--parallel_mode", "ulysses_attn", "--output_dir", "o", "--num_samples", "2"]),
+    ("prepare_data.py", _prepare_data_parser, [], None),
+    ("advise", _advise_parser, [], None),
+]
+
+
+@pytest.mark.parametrize("script, build, hidden, seed_argv", HELP_CASES, ids=[c[0] for c in HELP_CASES])
+def test_help_lists_each_flag_once_with_its_help_and_default(script, build, hidden, seed_argv, monkeypatch):
+    import argparse
+
+    monkeypatch.setenv("COLUMNS", "100")
+    parser = build()
+    text = parser.format_help()
+    listed = re.findall(r"^  (-[-\w]+)", text, flags=re.M)  # each flag's invocation line, in order
+    shown = [a for a in parser._actions if a.help != argparse.SUPPRESS]
+    assert listed == [a.option_strings[0] for a in shown], listed  # once each, under its first (dash) name
+    assert not [name for name in listed if "_" in name] and not set(hidden) & set(listed)
+    assert not [line for line in re.findall(r"^  -.*", text, flags=re.M) if ", -" in line and "--help" not in line]
+    assert max(len(line) for line in text.splitlines()) <= 100, max(text.splitlines(), key=len)
+    blocks = re.split(r"^  (?=-)", text.split("\noptions:\n", 1)[1], flags=re.M)[1:]
+    for action, block in zip(shown, blocks, strict=True):
+        assert action.help, f"{action.option_strings[0]} has no help"
+        if not (action.nargs == 0 or action.required or action.default is None or action.default is False):
+            assert "default" in block, block  # the default is shown
+    if seed_argv:  # the seed's --under_score spellings (and hidden flags) still work
+        args = vars(parser.parse_args(seed_argv))
+        assert {k: args[k] for k in ("output_dir", "seq_algo")} in ({"output_dir": "o", "seq_algo": "data_parallel"},
+                                                                     {"output_dir": "o", "seq_algo": "ulysses_attn"})
 
 
 def test_13_report_to_wandb_without_wandb(tmp_path):
