@@ -157,6 +157,7 @@ def load_train_dataset(spec: str, *, seq_length: int, vocab_size: int | None = N
         packing: ``train.py --packing``: ``"auto"`` keeps a ``position_ids`` column when the dataset has one
             (packed documents), ``"documents"`` requires it, ``"none"`` drops it (one causal sequence per row).
     Raises:
+        FileNotFoundError: a local-looking ``spec`` that does not exist (:func:`looks_local`; never a hub lookup).
         ValueError: no ``input_ids`` column, a first row shorter than ``seq_length``, ``labels`` / ``position_ids``
             of another length than ``input_ids``, or ``packing="documents"`` without ``position_ids`` (the message
             names the fix).
@@ -528,7 +529,8 @@ def _release_tmp(tmp: str, out: str) -> None:
 
 def _replace_output(tmp: str, out: str) -> None:
     """Move ``tmp/data`` to ``out``: the earlier output (if any) is renamed aside into ``tmp`` first and removed only
-    after the new one is in place, so ``out`` is always either the old or the new output, whole."""
+    after the new one is in place, so ``out`` holds the old output or the new one, whole, but for the instant between
+    the two renames (a run killed there gets the old one back on the next run: :func:`_claim_tmp`)."""
     old = os.path.join(tmp, "old")
     if os.path.lexists(out):
         os.rename(out, old)
