@@ -1,6 +1,7 @@
 """Pick a parallel mode and memory features for a model, a sequence length and a set of GPUs.
 
     python -m easy_context.advise --model-config llama-2-7b --seq-length 524288 --gpus 1 --host-mem-gib 128
+    python -m easy_context.advise --model-config tiny-llama --seq-length 4096 --gpus 2 --host-mem-gib 16
 
 A first-order memory model of one training step per GPU (bf16 weights; on several GPUs DeepSpeed ZeRO-3 shards;
 gradient checkpointing per decoder layer), in units of ``U = tokens per GPU x hidden x 2 bytes`` (one layer
@@ -78,12 +79,18 @@ class ModelShape:
 
 
 def load_shape(name_or_path: str) -> ModelShape:
-    """A preset name or a path/hub id of a transformers config."""
+    """The shape of a model: a name of :data:`PRESETS`, one of train.py's built-in ``--model-config`` names
+    (``tiny-llama``, ``small-llama``: :data:`easy_context.training.models.BUILTIN_CONFIGS`), a config JSON file, a
+    model folder or a hub id (what ``train.py --model-config`` takes).
+
+    Raises:
+        FileNotFoundError: a local-looking path that does not exist. ValueError: a JSON file without model_type.
+    """
     if name_or_path in PRESETS:
         return ModelShape(**PRESETS[name_or_path])
-    from transformers import AutoConfig
+    from .training.models import load_config
 
-    c = AutoConfig.from_pretrained(name_or_path).get_text_config()
+    c = load_config(name_or_path).get_text_config()
     return ModelShape(c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
                       getattr(c, "num_key_value_heads", None) or c.num_attention_heads, c.intermediate_size, c.vocab_size)
 
@@ -209,24 +216,54 @@ def advise(m: ModelShape, seq_length: int, gpus: int, gpu_mem_gib: float, host_m
     return Plan(algo, gpus, ring, f, gpu, host + optimizer_gib, m.layers, notes)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-config", default="llama-2-7b", help=f"preset ({', '.join(PRESETS)}) or a config path")
-    p.add_argument("--seq-length", type=int, default=131072)
-    p.add_argument("--gpus", type=int, default=8)
-    p.add_argument("--gpu-mem-gib", type=float, default=139.0, help="usable memory of one GPU (H200: 139)")
-    p.add_argument("--host-mem-gib", type=float, default=1024.0, help="host memory of the node (all GPUs)")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m easy_context.advise``."""
+    from .training.models import BUILTIN_CONFIGS
+    from .utils import HelpFormatter
+
+    p = argparse.ArgumentParser(
+        prog="python -m easy_context.advise", formatter_class=HelpFormatter,
+        description="Pick train.py's --seq-algo and memory flags for a model, a sequence length and a set of GPUs, "
+                    "from a memory model calibrated on H200 runs (bench/RESULTS.md section 6; a planning aid: leave "
+                    "the allocator slack).",
+        epilog="example: python -m easy_context.advise --model-config llama-2-7b --seq-length 524288 --gpus 1 "
+               "--host-mem-gib 128 --optimizer-host-bytes 0")
+    p.add_argument("--model-config", required=True, metavar="NAME|PATH",
+                   help=f"a preset ({', '.join(PRESETS)}), a train.py built-in ({', '.join(BUILTIN_CONFIGS)}), a "
+                        "config JSON file, a model folder or a hub id")
+    p.add_argument("--seq-length", type=int, required=True, help="tokens per training sequence")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs the sequence is split over")
+    p.add_argument("--host-mem-gib", type=float, required=True, help="host memory of the node (all GPUs), GiB")
+    p.add_argument("--gpu-mem-gib", type=float, default=139.0, help="usable memory of one GPU, GiB (H200: 139)")
     p.add_argument("--optimizer-host-bytes", type=float, default=ZERO_OFFLOAD_HOST_BYTES,
                    help=f"host bytes per parameter for the optimizer ({ZERO_OFFLOAD_HOST_BYTES:g}: ZeRO-3 with "
                         "parameters and Adam offloaded, as measured; 0: on GPU / SGD)")
+    return p
+
+
+def main(argv=None):
+    """Print the plan for the command line ``argv`` (None: ``sys.argv``); bad arguments are a usage error."""
+    p = build_parser()
     a = p.parse_args(argv)
-    m = load_shape(a.model_config)
+    for flag, value in (("--seq-length", a.seq_length), ("--gpus", a.gpus), ("--host-mem-gib", a.host_mem_gib),
+                        ("--gpu-mem-gib", a.gpu_mem_gib)):
+        if value <= 0:
+            p.error(f"{flag} must be positive, got {value:g}")
+    if a.optimizer_host_bytes < 0:
+        p.error(f"--optimizer-host-bytes must be >= 0, got {a.optimizer_host_bytes:g}")
+    try:
+        m = load_shape(a.model_config)
+    except (OSError, ValueError) as e:  # FileNotFoundError, a hub id that does not resolve, a bad config file
+        message = str(e)
+        p.error(message if message.startswith("--model-config") else f"--model-config {a.model_config}: {message}")
     plan = advise(m, a.seq_length, a.gpus, a.gpu_mem_gib, a.host_mem_gib / a.gpus,
                   optimizer_host_bytes=a.optimizer_host_bytes)
-    print(f"model: {a.model_config} ({m.params / 1e9:.2f} B params), {a.seq_length} tokens on {a.gpus} GPU(s)")
+    params = f"{m.params / 1e9:.2f} B" if m.params >= 1e8 else f"{m.params / 1e6:.2f} M"
+    gib = lambda x: f"{x:.1f}" if x >= 1 else f"{x:.3f}"  # noqa: E731 - tiny models
+    print(f"model: {a.model_config} ({params} params), {a.seq_length} tokens on {a.gpus} GPU(s)")
     print(f"  --seq-algo {plan.seq_algo}" + (f" --ring-degree {plan.ring_degree}" if plan.ring_degree else ""))
     print(f"  memory: {plan.flags()}")
-    print(f"  predicted peak: {plan.gpu_gib:.1f} GiB per GPU, {plan.host_gib:.1f} GiB host per GPU")
+    print(f"  predicted peak: {gib(plan.gpu_gib)} GiB per GPU, {gib(plan.host_gib)} GiB host per GPU")
     for n in plan.notes:
         print(f"  note: {n}")
     return plan

@@ -44,8 +44,12 @@ prefixes of the whole conversation.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import re
 import shutil
+import sys
 
 import torch
 
@@ -82,15 +86,46 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".ar
                   ".txt": "text"}
 
 
+def looks_local(spec: str) -> bool:
+    """Whether a dataset spec is meant as a local path rather than a hub id: it has a data file suffix
+    (.jsonl/.json/.parquet/.arrow/.csv/.txt), starts with ``/``, ``./``, ``../`` or ``~``, has more than one
+    ``/`` (hub ids are ``name`` or ``org/name``), or its first folder exists here."""
+    if os.path.splitext(spec)[1].lower() in _FILE_BUILDERS or spec.startswith(("/", "./", "../", "~")):
+        return True
+    parts = spec.rstrip(os.sep).split(os.sep)
+    if len(parts) == 2 and not all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", part) for part in parts):
+        return True  # not a valid org/name
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def check_dataset_source(spec: str, what: str = "--dataset") -> None:
+    """A local-looking dataset path (:func:`looks_local`) must exist: otherwise "no such file" with the fix, at
+    once, instead of a hub lookup of a path (retries, then a traceback). ``synthetic`` and hub ids pass.
+
+    Raises:
+        FileNotFoundError: naming ``what`` and the path.
+    """
+    if spec != SYNTHETIC and looks_local(spec) and not os.path.exists(os.path.expanduser(spec)):
+        raise FileNotFoundError(f"{what} {spec}: no such file or folder; give an existing "
+                                f"{'/'.join(_FILE_BUILDERS)} file, a folder written by prepare_data.py "
+                                f"--output-dir, 'synthetic', or a hub dataset id (name or org/name)")
+
+
 def load_any(spec: str, *, split: str = "train"):
     """A ``datasets.Dataset`` from a ``save_to_disk`` folder, a local file or folder, or a hub id.
 
     ``spec``: a folder written by ``save_to_disk`` (``load_from_disk``; of a ``DatasetDict`` the ``split`` is
     taken); a file ending in .json/.jsonl/.parquet/.arrow/.csv/.txt; a folder of such files; otherwise a hub
     dataset id (``load_dataset(spec, split=split)``).
+
+    Raises:
+        FileNotFoundError: a local-looking path (:func:`looks_local`) that does not exist.
+        ValueError: an empty file, or a file of unknown type.
     """
     from datasets import DatasetDict, load_dataset, load_from_disk
 
+    check_dataset_source(spec, "dataset")
+    spec = os.path.expanduser(spec)
     if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, f))
                                    for f in ("state.json", "dataset_dict.json", "dataset_info.json")):
         data = load_from_disk(spec)
@@ -122,6 +157,7 @@ def load_train_dataset(spec: str, *, seq_length: int, vocab_size: int | None = N
         packing: ``train.py --packing``: ``"auto"`` keeps a ``position_ids`` column when the dataset has one
             (packed documents), ``"documents"`` requires it, ``"none"`` drops it (one causal sequence per row).
     Raises:
+        FileNotFoundError: a local-looking ``spec`` that does not exist (:func:`looks_local`; never a hub lookup).
         ValueError: no ``input_ids`` column, a first row shorter than ``seq_length``, ``labels`` / ``position_ids``
             of another length than ``input_ids``, or ``packing="documents"`` without ``position_ids`` (the message
             names the fix).
@@ -395,7 +431,7 @@ def chat_tokens(tokenizer, messages) -> dict:
     return _labels_from_spans(tokenizer, text, spans)
 
 
-def _sft_source(columns, prompt_column, response_column, messages_column):
+def _sft_source(columns, prompt_column, response_column, messages_column, where="the input"):
     """``("messages", column)`` or ``("prompt_response", prompt, response)`` from the columns and the flags given."""
     if messages_column is not None and (prompt_column is not None or response_column is not None):
         raise ValueError("pass either --messages-column or --prompt-column/--response-column, not both")
@@ -403,21 +439,147 @@ def _sft_source(columns, prompt_column, response_column, messages_column):
         messages_column = "messages"
     if messages_column is not None:
         if messages_column not in columns:
-            raise ValueError(f"--sft: no {messages_column!r} column (columns: {columns}); pass --messages-column")
+            raise ValueError(f"--sft: {where} has no {messages_column!r} column (columns: {columns}); pass "
+                             "--messages-column")
         return ("messages", messages_column)
     prompt, response = prompt_column or "prompt", response_column or "response"
     missing = [c for c in (prompt, response) if c not in columns]
     if missing:
-        raise ValueError(f"--sft: no {' or '.join(map(repr, missing))} column (columns: {columns}); pass "
+        raise ValueError(f"--sft: {where} has no {' or '.join(map(repr, missing))} column (columns: {columns}); pass "
                          "--prompt-column/--response-column, or --messages-column for conversations")
     return ("prompt_response", prompt, response)
+
+
+# ----------------------------------------------------------------------------- prepare_data's output folder
+# prepare_data.py writes only into a new or empty folder or over its own earlier output, which it recognises by this
+# file (what wrote it, from what, and how); it never deletes a folder that holds anything else.
+MARKER_FILE = "prepare_data.json"
+WRITTEN_BY = "easy_context prepare_data.py"
+_TMP_MARKER = ".prepare_data_tmp"  # in <output-dir>.tmp: the folder is prepare_data's, a killed run's may be removed
+# what save_to_disk writes for one Dataset (datasets' own cache files included) besides the marker
+_DATASET_FILE = re.compile(r"state\.json|dataset_info\.json|data-\d{5}-of-\d{5}\.arrow|cache-[\w.-]+\.arrow")
+
+
+def _is_marker(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("written_by") == WRITTEN_BY
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def output_dir_problem(output_dir: str, *, overwrite: bool = False, sources=()) -> str | None:
+    """Why prepare_data.py may not write ``output_dir`` (None: it may), naming the fix.
+
+    It may write a folder that does not exist, an empty one, or one that holds only its own earlier output (its
+    :data:`MARKER_FILE` and the ``save_to_disk`` files); with ``overwrite`` also a ``save_to_disk`` folder of one
+    dataset without the marker (an older prepare_data.py's). Never the working folder or one above it, a folder
+    that holds any other file (even with ``overwrite``), one of ``sources`` (``[(flag, path)]``, e.g. the input)
+    or a folder around or inside one, nor when ``<output_dir>.tmp`` exists and is not prepare_data's.
+    """
+    out = os.path.abspath(output_dir)
+    if os.path.commonpath([out, os.getcwd()]) == out:
+        return (f"--output-dir {output_dir} is the working folder or one above it: prepare_data.py replaces its "
+                "output folder as a whole; pass a new folder, e.g. --output-dir data/packed")
+    for flag, path in sources:
+        src = os.path.abspath(path)
+        if os.path.exists(src) and os.path.commonpath([out, src]) in (out, src):
+            return (f"--output-dir {output_dir} and {flag} {path} are the same folder or one holds the other: "
+                    "pass another --output-dir")
+    tmp = out + ".tmp"
+    if os.path.lexists(tmp) and not os.path.isfile(os.path.join(tmp, _TMP_MARKER)):
+        return (f"{tmp} exists and was not made by prepare_data.py (which writes there first): move it away, or "
+                "pass another --output-dir")
+    if not os.path.lexists(out):
+        return None
+    if os.path.islink(out) or not os.path.isdir(out):
+        return f"--output-dir {output_dir} is a file or a link, not a folder: pass another --output-dir"
+    names = sorted(os.listdir(out))
+    foreign = [n for n in names if not ((n == MARKER_FILE or _DATASET_FILE.fullmatch(n))
+                                        and os.path.isfile(os.path.join(out, n)))]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        return (f"--output-dir {output_dir} holds files prepare_data.py did not write ({shown}); it replaces only "
+                "its own earlier output (even with --overwrite-output-dir): pass a new or empty folder as --output-dir")
+    if not names or _is_marker(os.path.join(out, MARKER_FILE)):
+        return None
+    if overwrite and {"state.json", "dataset_info.json"} <= set(names):
+        return None
+    return (f"--output-dir {output_dir} holds a dataset without prepare_data.py's {MARKER_FILE} (written by something "
+            "else, or an older prepare_data.py): pass --overwrite-output-dir to replace it, or another --output-dir")
+
+
+def _claim_tmp(out: str) -> str:
+    """``<out>.tmp``, new and marked as prepare_data's. A killed run's is removed first; if it was killed between
+    moving the earlier output aside and moving the new one in, the earlier output goes back in place."""
+    tmp = out + ".tmp"
+    if os.path.isfile(os.path.join(tmp, _TMP_MARKER)):
+        _release_tmp(tmp, out)
+    os.makedirs(tmp)
+    open(os.path.join(tmp, _TMP_MARKER), "w").close()
+    return tmp
+
+
+def _release_tmp(tmp: str, out: str) -> None:
+    old = os.path.join(tmp, "old")
+    if os.path.isdir(old) and not os.path.lexists(out):
+        os.rename(old, out)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_output(tmp: str, out: str) -> None:
+    """Move ``tmp/data`` to ``out``: the earlier output (if any) is renamed aside into ``tmp`` first and removed only
+    after the new one is in place, so ``out`` holds the old output or the new one, whole, but for the instant between
+    the two renames (a run killed there gets the old one back on the next run: :func:`_claim_tmp`)."""
+    old = os.path.join(tmp, "old")
+    if os.path.lexists(out):
+        os.rename(out, old)
+    os.rename(os.path.join(tmp, "data"), out)
+
+
+# ----------------------------------------------------------------------------- prepare_data's input
+def _not_utf8(paths) -> str | None:
+    """The first line of ``paths`` (text files) that is not UTF-8, as an error naming the file, line and fix."""
+    for path in paths:
+        if os.path.splitext(path)[1].lower() not in (".txt", ".json", ".jsonl", ".csv", ""):
+            continue
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return (f"{path} line {n} is not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}): "
+                            f"prepare_data.py reads UTF-8; convert the file, e.g. `iconv -f latin1 -t utf-8 {path}`")
+    return None
+
+
+@contextlib.contextmanager
+def _reading(input_path: str):
+    """Reading ``input_path`` with datasets: a failure caused by text that is not UTF-8 becomes a ValueError naming
+    the file and line (datasets says neither); our own errors and any other failure pass unchanged."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, (ValueError, FileNotFoundError)) and not isinstance(e, UnicodeDecodeError):
+            raise
+        problem = _not_utf8(_input_files(input_path))
+        if problem:
+            raise ValueError(problem) from None
+        raise
+
+
+def _input_files(input_path: str) -> list[str]:
+    if os.path.isfile(input_path):
+        return [input_path]
+    return sorted(os.path.join(root, n) for root, _, names in os.walk(input_path) for n in names)
+
 
 
 def prepare_corpus(input_path: str, tokenizer_path: str, seq_length: int, output_dir: str, *,
                    text_column: str = "text", add_bos: bool = True, add_eos: bool = True, num_proc: int = 1,
                    sample_by: str = "document", packing: str | None = None, sft: bool = False,
                    prompt_column: str | None = None, response_column: str | None = None,
-                   messages_column: str | None = None):
+                   messages_column: str | None = None, overwrite_output_dir: bool = False):
     """Tokenise a local corpus with a tokenizer, pack it into ``seq_length`` rows, ``save_to_disk`` it.
 
     Args:
@@ -432,11 +594,16 @@ def prepare_corpus(input_path: str, tokenizer_path: str, seq_length: int, output
         sft: examples with response-only labels (rows also carry ``labels``); implies ``"documents"``.
         prompt_column, response_column, messages_column: where SFT examples are: a messages column (default
             ``messages`` when present) or prompt/response text columns (default ``prompt`` / ``response``).
+        output_dir: a new or empty folder, or one holding this function's earlier output (recognised by its
+            :data:`MARKER_FILE`), which is replaced atomically; ``overwrite_output_dir`` also replaces a
+            ``save_to_disk`` folder without the marker. Anything else is refused (:func:`output_dir_problem`).
     Returns:
         The packed ``Dataset`` (also written to ``output_dir``).
     Raises:
-        ValueError: missing columns; BOS/EOS asked for but the tokenizer has none; ``sft`` with ``"stream"``; a
-            conversation the tokenizer cannot render (no chat template, ...); nothing left to pack.
+        ValueError: an output folder it may not write; an empty or non-UTF-8 input file, a text that is not a
+            string (naming the file and row); missing columns; BOS/EOS asked for but the tokenizer has none; ``sft``
+            with ``"stream"``; a conversation the tokenizer cannot render (no chat template, ...); nothing left to
+            pack. FileNotFoundError: no such input or tokenizer.
     """
     from datasets import Dataset, load_dataset, load_from_disk
     from transformers import AutoTokenizer
@@ -454,16 +621,28 @@ def prepare_corpus(input_path: str, tokenizer_path: str, seq_length: int, output
         raise ValueError(f"--seq-length {seq_length}: a training sample needs at least 2 tokens")
     if not os.path.exists(input_path):
         raise FileNotFoundError(f"--input {input_path}: no such file or folder")
+    if os.path.isfile(input_path) and os.path.getsize(input_path) == 0:
+        raise ValueError(f"--input {input_path} is empty: nothing to tokenise")
+    if os.path.isdir(input_path) and not _input_files(input_path):
+        raise ValueError(f"--input {input_path} is an empty folder: nothing to tokenise")
     check_source(tokenizer_path, "--tokenizer")
+    problem = output_dir_problem(output_dir, overwrite=overwrite_output_dir,
+                                 sources=(("--input", input_path), ("--tokenizer", tokenizer_path)))
+    if problem:  # before any work
+        raise ValueError(problem)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    if os.path.splitext(input_path)[1].lower() == ".txt" or (
-            os.path.isdir(input_path) and all(f.endswith(".txt") for f in os.listdir(input_path))):
-        files = input_path if os.path.isfile(input_path) else sorted(
-            os.path.join(input_path, f) for f in os.listdir(input_path))
-        raw = load_dataset("text", data_files=files, split="train", sample_by=sample_by)
-    else:
-        raw = load_any(input_path)
-    source = _sft_source(raw.column_names, prompt_column, response_column, messages_column) if sft else None
+    with _reading(input_path):
+        if os.path.splitext(input_path)[1].lower() == ".txt" or (
+                os.path.isdir(input_path) and all(f.endswith(".txt") for f in os.listdir(input_path))):
+            files = input_path if os.path.isfile(input_path) else sorted(
+                os.path.join(input_path, f) for f in os.listdir(input_path))
+            raw = load_dataset("text", data_files=files, split="train", sample_by=sample_by)
+        else:
+            raw = load_any(input_path)
+    if not len(raw):
+        raise ValueError(f"--input {input_path} has no rows: nothing to tokenise")
+    source = _sft_source(raw.column_names, prompt_column, response_column, messages_column,
+                         input_path) if sft else None
     if source is not None and source[0] == "messages":
         add_bos = add_eos = False  # the chat template frames each conversation
         _check_chat_template(tokenizer)
@@ -476,16 +655,32 @@ def prepare_corpus(input_path: str, tokenizer_path: str, seq_length: int, output
         raise ValueError(f"{input_path} has no {text_column!r} column (columns: {raw.column_names}); pass "
                          "--text-column")
 
-    def tokenize(batch):
+    def row_error(index, message):  # rows count from 1, as the lines of a .jsonl file do
+        return ValueError(f"{input_path} row {index + 1}: {message}")
+
+    def tokenize(batch, indices):
         if source is None:
-            return {"tokens": tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]}
-        if source[0] == "messages":
-            docs = [chat_tokens(tokenizer, m) for m in batch[source[1]]]
-        else:
-            docs = [sft_tokens(tokenizer, p, r) for p, r in zip(batch[source[1]], batch[source[2]])]
+            texts = batch[text_column]
+            for i, text in zip(indices, texts):
+                if not isinstance(text, str):
+                    what = "no value (null)" if text is None else f"{type(text).__name__} {text!r:.40}"
+                    raise row_error(i, f"the {text_column!r} column holds {what}, not text: fix the row, or pass "
+                                       "--text-column naming the column of the text")
+            return {"tokens": tokenizer(texts, add_special_tokens=False)["input_ids"]}
+        docs = []
+        for n, i in enumerate(indices):
+            try:
+                if source[0] == "messages":
+                    docs.append(chat_tokens(tokenizer, batch[source[1]][n]))
+                else:
+                    docs.append(sft_tokens(tokenizer, batch[source[1]][n], batch[source[2]][n]))
+            except ValueError as e:
+                raise row_error(i, str(e)) from None
         return {"tokens": [d["tokens"] for d in docs], "labels": [d["labels"] for d in docs]}
 
-    tokens = raw.map(tokenize, batched=True, remove_columns=raw.column_names, num_proc=num_proc or None)
+    with _reading(input_path):  # a .jsonl's strings are decoded here
+        tokens = raw.map(tokenize, batched=True, with_indices=True, remove_columns=raw.column_names,
+                         num_proc=num_proc or None)
 
     frame = (bos is not None) + (eos is not None)
     total = 0
@@ -503,27 +698,43 @@ def prepare_corpus(input_path: str, tokenizer_path: str, seq_length: int, output
             yield from pack_documents_with_positions(iter(tokens), seq_length, bos_id=bos, eos_id=eos)
 
     # Written under <output_dir>.tmp (from_generator's arrow cache inside it, not in ~/.cache) and renamed when
-    # complete: a killed run leaves only the .tmp folder, which the next run removes first.
-    tmp = output_dir.rstrip(os.sep) + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # complete: a killed run leaves only the .tmp folder (marked as prepare_data's), which the next run removes.
+    out = os.path.abspath(output_dir)
+    tmp = _claim_tmp(out)
     try:
-        Dataset.from_generator(chunks, cache_dir=os.path.join(tmp, "cache")).save_to_disk(os.path.join(tmp, "data"))
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(os.path.join(tmp, "data"), output_dir)
+        packed = Dataset.from_generator(chunks, cache_dir=os.path.join(tmp, "cache"))
+        packed.save_to_disk(os.path.join(tmp, "data"))
+        marker = {"written_by": WRITTEN_BY, "input": os.path.abspath(input_path), "tokenizer": tokenizer_path,
+                  "seq_length": seq_length, "packing": packing, "sft": sft, "bos": bos is not None,
+                  "eos": eos is not None, "rows": len(packed), "columns": packed.column_names}
+        with open(os.path.join(tmp, "data", MARKER_FILE), "w", encoding="utf-8") as f:
+            json.dump(marker, f, indent=1)
+        problem = output_dir_problem(output_dir, overwrite=overwrite_output_dir)  # nothing new appeared meanwhile
+        if problem:
+            raise ValueError(problem)
+        _replace_output(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return load_from_disk(output_dir)
+        _release_tmp(tmp, out)
+    return load_from_disk(out)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Tokenise and pack a local corpus (text, or SFT examples with --sft) into "
+def build_parser() -> argparse.ArgumentParser:
+    """prepare_data.py's command line."""
+    from .utils import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="prepare_data.py", formatter_class=HelpFormatter,
+                                description="Tokenise and pack a local corpus (text, or SFT examples with --sft) into "
                                 "fixed-length input_ids samples (save_to_disk) for train.py --dataset.")
-    p.add_argument("--input", required=True, help=".txt/.jsonl/.json/.parquet/.arrow/.csv file or folder")
+    p.add_argument("--input", required=True, help=".txt/.jsonl/.json/.parquet/.arrow/.csv file or folder (UTF-8)")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder or hub id (AutoTokenizer)")
     p.add_argument("--seq-length", type=int, required=True, help="tokens per packed sample")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--text-column", default="text")
+    p.add_argument("--output-dir", required=True,
+                   help="a new or empty folder, or one holding an earlier output of prepare_data.py (replaced "
+                        f"atomically; recognised by its {MARKER_FILE}); folders with other files are refused")
+    p.add_argument("--overwrite-output-dir", action="store_true",
+                   help=f"also replace a save_to_disk dataset folder without {MARKER_FILE} (never a folder with "
+                        "other files)")
+    p.add_argument("--text-column", default="text", help="the column of the text (not used with --sft)")
     p.add_argument("--no-bos", dest="add_bos", action="store_false", help="do not start documents with BOS")
     p.add_argument("--no-eos", dest="add_eos", action="store_false", help="do not end documents with EOS")
     p.add_argument("--sample-by", choices=("document", "paragraph", "line"), default="document",
@@ -540,11 +751,21 @@ def main(argv=None):
                    help="--sft: conversation column rendered with the tokenizer's chat template (default: messages, "
                         "when the input has it)")
     p.add_argument("--num-proc", type=int, default=1, help="tokenisation processes")
-    a = p.parse_args(argv)
-    packed = prepare_corpus(a.input, a.tokenizer, a.seq_length, a.output_dir, text_column=a.text_column,
-                            add_bos=a.add_bos, add_eos=a.add_eos, num_proc=a.num_proc, sample_by=a.sample_by,
-                            packing=a.packing, sft=a.sft, prompt_column=a.prompt_column,
-                            response_column=a.response_column, messages_column=a.messages_column)
+    return p
+
+
+def main(argv=None):
+    """``prepare_data.py``: a bad input ends with one line on standard error and exit status 2 (no traceback)."""
+    a = build_parser().parse_args(argv)
+    try:
+        packed = prepare_corpus(a.input, a.tokenizer, a.seq_length, a.output_dir, text_column=a.text_column,
+                                add_bos=a.add_bos, add_eos=a.add_eos, num_proc=a.num_proc, sample_by=a.sample_by,
+                                packing=a.packing, sft=a.sft, prompt_column=a.prompt_column,
+                                response_column=a.response_column, messages_column=a.messages_column,
+                                overwrite_output_dir=a.overwrite_output_dir)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"prepare_data.py: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     print(f"wrote {len(packed)} samples x {a.seq_length} tokens ({', '.join(packed.column_names)}) to {a.output_dir}")
 
 

@@ -3,6 +3,8 @@ detection, the torch.compile switch of the fused kernels, and the one flag style
 easy_context."""
 from __future__ import annotations
 
+import argparse
+import copy
 import os
 
 import torch
@@ -85,10 +87,31 @@ def exit_with_parent() -> None:
 
 def add_flag(parser, *names: str, **kwargs):
     """``parser.add_argument`` under each name and the underscore spelling of each ``--dash-name`` (the scripts'
-    one style is dashes; the seed's ``--under_score`` spellings keep working)."""
+    one style is dashes; the seed's ``--under_score`` spellings keep working). With :class:`HelpFormatter` the
+    help lists the flag once, under its first name; the other spellings are accepted, unlisted."""
     spellings = [*names, *("--" + n[2:].replace("-", "_") for n in names if n.startswith("--"))]
-    return parser.add_argument(*dict.fromkeys(spellings), **kwargs)
+    action = parser.add_argument(*dict.fromkeys(spellings), **kwargs)
+    action.aliases_hidden = True
+    return action
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The scripts' ``--help``: a flag made by :func:`add_flag` under its first name only (its aliases work but are
+    not listed), and the default after the help of every flag that has one (not for switches, nor None)."""
+
+    def _format_action_invocation(self, action):
+        if getattr(action, "aliases_hidden", False):
+            action = copy.copy(action)
+            action.option_strings = action.option_strings[:1]
+        return super()._format_action_invocation(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or action.nargs == 0 or action.required
+                or action.default is None or action.default is False or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
 __all__ = ["ENV_COMPILE", "rank_world", "check_sp_size", "is_zero3", "compiled", "check_source", "exit_with_parent",
-           "add_flag"]
+           "add_flag", "HelpFormatter"]

@@ -71,3 +71,39 @@ def test_features_cost_what_was_measured():
     assert predict_gib(llama, 1 << 17, 1, Features(offload_layers=8))[0] == pytest.approx(plain - 8)
     # short sequences peak at the end of backward, with every gradient allocated
     assert predict_gib(llama, 1 << 12, 1, Features(offload_layers=32))[0] > 4 * llama.params / 2**30
+
+
+# (command line, exit status, text the output must hold): no silent plan for a default model, train.py's built-in
+# configs known, a usage error for anything else
+CLI_CASES = [
+    ([], 2, "the following arguments are required: --model-config, --seq-length, --gpus, --host-mem-gib"),
+    (["--model-config", "tiny-llama", "--seq-length", "4096", "--gpus", "2", "--host-mem-gib", "16"], 0,
+     "model: tiny-llama (0.13 M params), 4096 tokens on 2 GPU(s)"),
+    (["--model-config", "small-llama", "--seq-length", "32768", "--gpus", "1", "--host-mem-gib", "16"], 0,
+     "--seq-algo zigzag_ring_attn"),
+    (["--model-config", "llama-2-7b", "--seq-length", "131072", "--gpus", "8", "--host-mem-gib", "1024"], 0,
+     "--seq-algo ulysses_attn"),
+    (["--model-config", "./no/such/config.json", "--seq-length", "8", "--gpus", "1", "--host-mem-gib", "1"], 2,
+     "--model-config ./no/such/config.json: no such file or folder"),
+    (["--model-config", "tiny-llama", "--seq-length", "8", "--gpus", "0", "--host-mem-gib", "1"], 2,
+     "--gpus must be positive"),
+    (["--help"], 0, "a train.py built-in (tiny-llama, small-"),
+]
+
+
+@pytest.mark.parametrize("argv, status, text", CLI_CASES, ids=[" ".join(c[0][:2]) or "no arguments" for c in CLI_CASES])
+def test_command_line(argv, status, text, capsys):
+    from easy_context.advise import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    both = " ".join((out.out + out.err).split())  # argparse wraps lines
+    assert code == status and text in both, both[-2000:]
+    if status == 2:
+        assert "usage: python -m easy_context.advise" in out.err and "model:" not in out.out
+    if argv == ["--help"]:
+        assert "first-order memory model" not in both  # the module docstring is not the help

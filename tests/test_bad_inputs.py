@@ -8,6 +8,7 @@ mode needs no group) or as one short subprocess where the launcher itself is the
 import copy
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -64,30 +65,74 @@ def test_1_attention_arguments_the_kernels_lack_are_refused_by_name(model_type, 
         model(torch.randint(0, 64, (1, 8)))
 
 
-# ----------------------------------------------------------------------------- 2: prepare_data --seq-length 0
-@pytest.mark.parametrize("length", ["0", "-5", "1"])
-def test_2_prepare_data_rejects_a_length_below_two_before_any_work(length, tmp_path):
+# ----------------------------------------------------------------------------- 2: prepare_data's bad inputs
+def _prepare_data_error(capsys, argv):
+    """prepare_data.py's main on ``argv``: it must end with exit status 2 and one error line (no traceback)."""
     from easy_context.data import main
 
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err and err[-1].startswith("prepare_data.py: error: "), err
+    return err[-1]
+
+
+@pytest.mark.parametrize("length", ["0", "-5", "1"])
+def test_2_prepare_data_rejects_a_length_below_two_before_any_work(length, tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello world " * 50)
-    with pytest.raises(ValueError, match="at least 2 tokens"):
-        main(["--input", str(corpus), "--tokenizer", str(tmp_path / "nowhere"), "--seq-length", length,
-              "--output-dir", str(tmp_path / "out")])
+    assert "at least 2 tokens" in _prepare_data_error(capsys, [
+        "--input", str(corpus), "--tokenizer", str(tmp_path / "nowhere"), "--seq-length", length,
+        "--output-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
-def test_2b_prepare_data_names_a_missing_tokenizer_or_input(tmp_path):
-    from easy_context.data import main
-
+def test_2b_prepare_data_names_a_missing_tokenizer_or_input(tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello world")
-    with pytest.raises(FileNotFoundError, match="--tokenizer ./no/such/tokenizer: no such file"):
-        main(["--input", str(corpus), "--tokenizer", "./no/such/tokenizer", "--seq-length", "8", "--output-dir",
-              str(tmp_path / "o")])
-    with pytest.raises(FileNotFoundError, match="--input"):
-        main(["--input", str(tmp_path / "none.txt"), "--tokenizer", "x", "--seq-length", "8", "--output-dir",
-              str(tmp_path / "o")])
+    assert "--tokenizer ./no/such/tokenizer: no such file" in _prepare_data_error(capsys, [
+        "--input", str(corpus), "--tokenizer", "./no/such/tokenizer", "--seq-length", "8", "--output-dir",
+        str(tmp_path / "o")])
+    assert "--input" in _prepare_data_error(capsys, [
+        "--input", str(tmp_path / "none.txt"), "--tokenizer", "x", "--seq-length", "8", "--output-dir",
+        str(tmp_path / "o")])
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory):
+    from easy_context.eval.tiny import make_tokenizer
+
+    path = str(tmp_path_factory.mktemp("bytes_tokenizer"))
+    make_tokenizer("bytes").save_pretrained(path)
+    return path
+
+
+# (input file, its bytes, extra flags, what the one error line must say besides the file's name)
+PREPARE_DATA_BAD_INPUTS = [
+    ("empty.jsonl", b"", [], "is empty: nothing to tokenise"),
+    ("latin1.txt", "first line\ncaf\xe9\n".encode("latin-1"), [], r"line 2 is not UTF-8 .*iconv"),
+    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', [], r"line 2 is not UTF-8 text \(byte 0xe9"),
+    ("numbers.jsonl", b'{"text": 5}\n{"text": 6}\n', [], r"row 1: the 'text' column holds int 5, not text"),
+    ("mixed.jsonl", b'{"text": "ok"}\n{"text": 7}\n', [], r"row 2: the 'text' column holds int 7"),
+    ("null.jsonl", b'{"text": "ok"}\n{"text": null}\n', [], r"row 2: the 'text' column holds no value \(null\)"),
+    ("body.jsonl", b'{"body": "ok"}\n', [], r"has no 'text' column .*--text-column"),
+    ("sft.jsonl", b'{"prompt": "a?"}\n', ["--sft"], r"no 'response' column .*--response-column"),
+    ("sft_int.jsonl", b'{"prompt": "a?", "response": "b"}\n{"prompt": 3, "response": "c"}\n', ["--sft"],
+     r"row 2: the prompt of an SFT example is int"),
+]
+
+
+@pytest.mark.parametrize("name, content, flags, error", PREPARE_DATA_BAD_INPUTS,
+                         ids=[row[0] for row in PREPARE_DATA_BAD_INPUTS])
+def test_prepare_data_bad_input_is_one_error_naming_file_and_row(name, content, flags, error, tmp_path, capsys,
+                                                                  byte_tokenizer):
+    import re
+
+    (tmp_path / name).write_bytes(content)
+    line = _prepare_data_error(capsys, ["--input", str(tmp_path / name), "--tokenizer", byte_tokenizer,
+                                        "--seq-length", "4", "--output-dir", str(tmp_path / "out"), *flags])
+    assert name in line and re.search(error, line), line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
 # ----------------------------------------------------------------------------- 3: no position_ids under SP
@@ -127,6 +172,47 @@ def test_4_a_used_output_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
     assert len(_log(out)) == 1  # nothing appended by the refused run
     _train(*TINY, "--output-dir", out, "--overwrite-output-dir", "--max-train-steps", "2")
     assert [r["step"] for r in _log(out)] == [1, 2]  # the old run's log is gone
+
+
+# what an earlier run in --output-dir left, and whether --overwrite-output-dir removes it: the run's own outputs (log,
+# checkpoints, TensorBoard events under any --project-name) go, everything else stays
+OVERWRITE_CASES = [
+    (training.LOG_FILE, "run"),
+    ("checkpoints/step_1/" + STATE_FILE, "run"),
+    ("old_project/events.out.tfevents.*", "run"),
+    ("old_project/notes.txt", "user"),  # a user's file next to the events (and so their folder) stays
+    ("notes.md", "user"),
+    ("data/corpus.jsonl", "user"),
+]
+
+
+def test_overwrite_output_dir_removes_only_the_earlier_runs_outputs(tmp_path):
+    import glob
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        pytest.skip("tensorboard is not installed")
+    out = tmp_path / "run"
+    _train(*TINY, "--report-to", "tensorboard", "--project-name", "old_project", "--checkpointing-steps", "1",
+           "--output-dir", str(out))
+    for path, owner in OVERWRITE_CASES:
+        if owner == "user":
+            (out / path).parent.mkdir(parents=True, exist_ok=True)
+            (out / path).write_text("mine")
+        assert glob.glob(str(out / path)), path
+    aside = [training.LOG_FILE, "checkpoints"]
+    for name in aside:
+        os.rename(out / name, tmp_path / name)
+    with pytest.raises(ValueError, match=r"holds an earlier run \(TensorBoard events\)"):  # the events alone
+        _train(*TINY, "--report-to", "tensorboard", "--output-dir", str(out))
+    for name in aside:
+        os.rename(tmp_path / name, out / name)
+    _train(*TINY, "--report-to", "tensorboard", "--overwrite-output-dir", "--max-train-steps", "2",
+           "--output-dir", str(out))
+    assert [r["step"] for r in _log(out)] == [1, 2]  # the new run's log only
+    for path, owner in OVERWRITE_CASES[1:]:
+        assert bool(glob.glob(str(out / path))) == (owner == "user"), (path, owner)
+    assert len(glob.glob(str(out / "easy_context" / "events.out.tfevents.*"))) == 1  # the new run's own
 
 
 def test_15_checkpoints_total_limit_keeps_the_newest(tmp_path):
@@ -190,6 +276,78 @@ def test_8_12_bad_flags_fail_before_anything_is_created(argv, error, match, tmp_
     with pytest.raises(error, match=match):
         training.parse_config([*argv, "--output-dir", str(out), "--report-to", "none"])
     assert not out.exists()
+
+
+# anything that looks like a path (a data file suffix, /, ./, ../, more than one folder, or an existing first folder)
+# is a local path: missing, it is "no such file" at once, never a hub lookup (retries, tracebacks, after the model)
+@pytest.mark.parametrize("spec", ["data/missing.jsonl", "missing.parquet", "./missing", "/no/such/data",
+                                  "tests/no_such_folder", "a/b/c", "my data/x"])
+def test_a_missing_local_dataset_path_is_no_such_file(spec, tmp_path):
+    from easy_context.data import load_train_dataset
+
+    out = tmp_path / "never"
+    with pytest.raises(FileNotFoundError, match=f"--dataset {re.escape(spec)}: no such file or folder; give an "):
+        training.parse_config([*MODEL, "--dataset", spec, "--output-dir", str(out)])
+    assert not out.exists()
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):  # the library's loader says the same
+        load_train_dataset(spec, seq_length=8)
+
+
+def _eval_needle_parser():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_needle", os.path.join(ROOT, "eval_needle.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+def _advise_parser():
+    from easy_context.advise import build_parser
+
+    return build_parser()
+
+
+def _prepare_data_parser():
+    from easy_context.data import build_parser
+
+    return build_parser()
+
+
+# (script, its parser, flags --help must not list, a command line in the seed's spellings that must still parse)
+HELP_CASES = [
+    ("train.py", training.build_parser, ["--stop-after-steps", "--parallel-mode"],
+     ["--parallel_mode", "data_parallel", "--model_config", "tiny-llama", "--init_random", "--output_dir", "o",
+      "--stop_after_steps", "1", "--seq_length", "64"]),
+    ("eval_needle.py", _eval_needle_parser, ["--parallel-mode"],
+     ["--model", "m", "--parallel_mode", "ulysses_attn", "--output_dir", "o", "--num_samples", "2"]),
+    ("prepare_data.py", _prepare_data_parser, [], None),
+    ("advise", _advise_parser, [], None),
+]
+
+
+@pytest.mark.parametrize("script, build, hidden, seed_argv", HELP_CASES, ids=[c[0] for c in HELP_CASES])
+def test_help_lists_each_flag_once_with_its_help_and_default(script, build, hidden, seed_argv, monkeypatch):
+    import argparse
+
+    monkeypatch.setenv("COLUMNS", "100")
+    parser = build()
+    text = parser.format_help()
+    listed = re.findall(r"^  (-[-\w]+)", text, flags=re.M)  # each flag's invocation line, in order
+    shown = [a for a in parser._actions if a.help != argparse.SUPPRESS]
+    assert listed == [a.option_strings[0] for a in shown], listed  # once each, under its first (dash) name
+    assert not [name for name in listed if "_" in name] and not set(hidden) & set(listed)
+    assert not [line for line in re.findall(r"^  -.*", text, flags=re.M) if ", -" in line and "--help" not in line]
+    assert max(len(line) for line in text.splitlines()) <= 100, max(text.splitlines(), key=len)
+    blocks = re.split(r"^  (?=-)", text.split("\noptions:\n", 1)[1], flags=re.M)[1:]
+    for action, block in zip(shown, blocks, strict=True):
+        assert action.help, f"{action.option_strings[0]} has no help"
+        if not (action.nargs == 0 or action.required or action.default is None or action.default is False):
+            assert "default" in block, block  # the default is shown
+    if seed_argv:  # the seed's --under_score spellings (and hidden flags) still work
+        args = vars(parser.parse_args(seed_argv))
+        assert {k: args[k] for k in ("output_dir", "seq_algo")} in ({"output_dir": "o", "seq_algo": "data_parallel"},
+                                                                     {"output_dir": "o", "seq_algo": "ulysses_attn"})
 
 
 def test_13_report_to_wandb_without_wandb(tmp_path):

@@ -106,6 +106,76 @@ def test_prepare_without_bos_eos_and_errors(tmp_path, tokenizer_dir):
         data.prepare_corpus(str(src), tokenizer_dir, 10**6, str(tmp_path / "q"), text_column="body")
 
 
+def _earlier_output(out, src, tokenizer_dir):
+    data.prepare_corpus(str(src), tokenizer_dir, 16, str(out))
+
+
+def _foreign_dataset(out, *_):
+    from datasets import Dataset
+
+    Dataset.from_dict({"input_ids": [[1, 2, 3]]}).save_to_disk(str(out))
+
+
+def _killed_while_swapping(out, src, tokenizer_dir):
+    """A run killed after moving the earlier output aside into <out>.tmp/old and before moving the new one in."""
+    _earlier_output(out, src, tokenizer_dir)
+    tmp = out.parent / (out.name + ".tmp")
+    tmp.mkdir()
+    (tmp / ".prepare_data_tmp").touch()
+    out.rename(tmp / "old")
+
+
+def _user_files(out, *_):
+    out.mkdir()
+    (out / "corpus.txt").write_text("my only copy")
+    (out / "notes.md").write_text("notes")
+
+
+# (case, how the folder looks before, --output-dir relative to the test folder, --overwrite-output-dir, the error
+# or None: written). Whatever the folder held that prepare_data.py did not write must survive every row.
+OUTPUT_DIR_CASES = [
+    ("new folder", None, "out", False, None),
+    ("empty folder", lambda out, *_: out.mkdir(), "out", False, None),
+    ("its own earlier output", _earlier_output, "out", False, None),
+    ("a killed run's swap", _killed_while_swapping, "out", False, None),
+    ("a user's folder", _user_files, "out", False, r"did not write \(corpus.txt, notes.md\).*new or empty folder"),
+    ("a user's folder, overwrite", _user_files, "out", True, r"did not write .*even with --overwrite-output-dir"),
+    ("its output plus a user's file", lambda out, *a: (_earlier_output(out, *a), (out / "notes.md").touch()), "out",
+     True, r"did not write \(notes.md\)"),
+    ("a dataset it did not mark", _foreign_dataset, "out", False, "pass --overwrite-output-dir to replace it"),
+    ("a dataset it did not mark, overwrite", _foreign_dataset, "out", True, None),
+    ("the working folder", _user_files, ".", True, "is the working folder"),
+    ("the input's folder", None, "src", False, "--input .* the same folder or one holds the other"),
+    ("<out>.tmp of someone else", lambda out, *_: (out.parent / "out.tmp").mkdir(), "out", False,
+     "out.tmp exists and was not made by prepare_data.py"),
+]
+
+
+@pytest.mark.parametrize("case, before, where, overwrite, error", OUTPUT_DIR_CASES,
+                         ids=[c[0] for c in OUTPUT_DIR_CASES])
+def test_prepare_writes_only_its_own_output_folder(tmp_path, tokenizer_dir, monkeypatch, case, before, where,
+                                                   overwrite, error):
+    (tmp_path / "src").mkdir()
+    src = tmp_path / "src" / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in _corpus(20)))
+    out = tmp_path / "out"
+    if before is not None:
+        before(out, src, tokenizer_dir)
+    monkeypatch.chdir(out if where == "." else tmp_path)
+    theirs = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".jsonl")}
+    target = str(tmp_path / where) if where != "." else "."
+    if error is None:
+        packed = data.prepare_corpus(str(src), tokenizer_dir, 8, target, overwrite_output_dir=overwrite)
+        assert len(packed[0]["input_ids"]) == 8 and data.load_train_dataset(str(out), seq_length=8)["input_ids"] == \
+            packed["input_ids"]  # the new output, whole, in place of any earlier one
+        assert json.loads((out / data.MARKER_FILE).read_text())["seq_length"] == 8
+    else:
+        with pytest.raises(ValueError, match=error):
+            data.prepare_corpus(str(src), tokenizer_dir, 8, target, overwrite_output_dir=overwrite)
+    assert {p: p.read_bytes() for p in theirs} == theirs  # nothing of the user's deleted or changed
+    assert not (tmp_path / "out.tmp").exists() or case == "<out>.tmp of someone else"
+
+
 @pytest.mark.parametrize("ext", ["jsonl", "parquet"])
 def test_load_local_files_and_validation(tmp_path, ext):
     from datasets import Dataset

@@ -295,3 +295,100 @@ def test_eval_ppl_under_deepspeed_zero3(model_dir, tmp_path):
     docs = load_documents(tokenizer, synthetic_tokens=384, samples=3)
     want = [_reference_ppl(reference, docs, n, tokenizer.bos_token_id) for n in (96, 192, 384)]
     assert got == pytest.approx(want, rel=1e-4)  # same tolerance as the eval_ppl checks above
+
+
+# ----------------------------------------------------------------------------- eval_needle re-runs into one folder
+# (case, how the re-run differs from the first run: flags, or a callable(paths) -> flags, and what it must do: reuse
+# every cell (0 new), run only the new cells (n), or be refused before the model is loaded, naming what differs)
+def _retrained(paths):
+    weights = os.path.join(paths["model"], "model.safetensors")
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as if saved again by another training run
+    return []
+
+
+def _other_model(paths):
+    import shutil
+
+    other = os.path.join(paths["tmp"], "other-model")
+    shutil.copytree(paths["model"], other)
+    return ["--model", other]
+
+
+def _haystack(paths):
+    from easy_context.eval.haystack import synthetic_essays
+
+    folder = os.path.join(paths["tmp"], "essays")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "a.txt"), "w") as f:
+        f.write(synthetic_essays(4000, seed=9))
+    return ["--haystack-dir", folder]
+
+
+def _older_results(paths):
+    os.remove(os.path.join(paths["out"], "settings.json"))
+    return []
+
+
+NEEDLE_RERUNS = [
+    ("the same settings", [], 0),
+    ("a larger grid", ["--context-lengths", "160,192"], 2),
+    ("another model", _other_model, r"model: '.*tiny_needle_model' then, '.*other-model' now"),
+    ("the model retrained in place", _retrained, r"model: .*tiny_needle_model has changed files since"),
+    ("another task", ["--task", "kv"], "task: 'magic_number' then, 'kv' now"),
+    ("another seed", ["--seed", "7"], "seed: 24242424 then, 7 now"),
+    ("more samples", ["--num-samples", "2"], "num_samples: 1 then, 2 now"),
+    ("distractors", ["--num-distractor", "1"], "num_distractor: 0 then, 1 now"),
+    ("other digits", ["--rnd-number-digits", "5"], "rnd_number_digits: 7 then, 5 now"),
+    ("another RoPE base", ["--rope-theta", "500"], "rope_theta: None then, 500.0 now"),
+    ("another dtype", ["--dtype", "bfloat16"], "dtype: 'float32' then, 'bfloat16' now"),
+    ("a haystack folder", _haystack, "haystack: 'synthetic' then, '.*essays' now"),
+    ("results of an older eval_needle.py", _older_results, "without a readable settings.json"),
+]
+
+
+@pytest.fixture(scope="module")
+def needle_first_run(model_dir, tmp_path_factory):
+    """A model folder of its own (one row changes its files) and the output of a first eval_needle run with it."""
+    import shutil
+
+    model = str(tmp_path_factory.mktemp("needle_rerun") / "tiny_needle_model")
+    shutil.copytree(model_dir, model)
+    out = str(tmp_path_factory.mktemp("needle_rerun_out") / "first")
+    _script("eval_needle").main(["--model", model, "--context-lengths", "160", "--depth-interval", "1",
+                                 "--num-samples", "1", "--output-dir", out])
+    return model, out
+
+
+@pytest.mark.parametrize("case, change, expect", NEEDLE_RERUNS, ids=[row[0] for row in NEEDLE_RERUNS])
+def test_eval_needle_rerun_reuses_cells_only_of_the_same_settings(case, change, expect, needle_first_run, tmp_path,
+                                                                  monkeypatch):
+    import shutil
+
+    import easy_context.eval.common as common
+    import easy_context.eval.needle as needle
+
+    model, first = needle_first_run
+    out = str(tmp_path / "out")
+    shutil.copytree(first, out)
+    weights = os.path.join(model, "model.safetensors")
+    times = os.stat(weights)
+    calls = {"load": 0, "forward": 0}
+    load, forward = common.load_model, needle.answer_predictions
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: calls.__setitem__("load", calls["load"] + 1) or
+                        load(*a, **k))
+    monkeypatch.setattr(needle, "answer_predictions", lambda *a, **k: calls.__setitem__(
+        "forward", calls["forward"] + 1) or forward(*a, **k))
+    argv = ["--model", model, "--context-lengths", "160", "--depth-interval", "1", "--num-samples", "1",
+            "--output-dir", out]
+    try:
+        argv += change({"model": model, "tmp": str(tmp_path), "out": out}) if callable(change) else change
+        if isinstance(expect, int):
+            result = _script("eval_needle").main(argv)
+            assert calls["forward"] == expect and len(result["cells"]) == 2 + expect
+        else:
+            with pytest.raises(ValueError, match=expect + ".*pass another --output-dir"):
+                _script("eval_needle").main(argv)
+            assert calls == {"load": 0, "forward": 0}  # refused before the model is loaded
+    finally:
+        os.utime(weights, ns=(times.st_atime_ns, times.st_mtime_ns))

@@ -299,6 +299,93 @@ def answer_predictions(model, input_ids: torch.Tensor, answer_start: int, num_an
     return preds
 
 
+# A cell's result depends on its (length, depth) and on everything recorded here: the model (path and its files'
+# sizes and times: retrained in place is another model), the needles (task, seed, digits, distractors, ...), the
+# haystack, the RoPE base and the dtype. They are written to settings.json next to the results, and a re-run into the
+# folder with other values is refused instead of reusing cells of another run. The grid itself (lengths, depths)
+# may change: cells are keyed by it, so a larger grid runs only the new cells. The parallel mode and the number of
+# processes may change too (the same forward, exactly).
+SETTINGS_FILE = "settings.json"
+GRID_FIELDS = ("min_context_length", "max_context_length", "context_interval", "depth_interval", "lengths")
+_MODEL_FILES = (".safetensors", ".bin", ".json", ".model", ".jinja")
+
+
+def _files(folder: str, suffixes) -> dict:
+    """``{name: [size, mtime_ns]}`` of the files in ``folder`` (not below) ending in one of ``suffixes``."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and name.endswith(tuple(suffixes)):
+            st = os.stat(path)
+            out[name] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _source(path: str, suffixes) -> dict:
+    """What identifies a model or haystack: a local folder by its absolute path and its files, a hub id by name."""
+    if os.path.isdir(path):
+        return {"path": os.path.abspath(path), "files": _files(path, suffixes)}
+    return {"path": path}
+
+
+def run_settings(config: NeedleConfig, *, model: str, haystack_dir: str | None = None,
+                 rope_theta: float | None = None, dtype: str | None = None) -> dict:
+    """The settings a cell's result depends on besides its (length, depth) (see :data:`SETTINGS_FILE`), as JSON.
+
+    Args:
+        model: the model's folder or hub id (``--model``). haystack_dir: ``--haystack-dir`` (None: synthetic).
+        rope_theta, dtype: the overrides the model was loaded with (dtype resolved, e.g. ``"float32"``).
+    """
+    settings = {k: v for k, v in asdict(config).items() if k not in GRID_FIELDS}
+    settings.update(model=_source(model, _MODEL_FILES), rope_theta=rope_theta, dtype=dtype,
+                    haystack="synthetic" if haystack_dir is None else _source(haystack_dir, (".txt",)))
+    return json.loads(json.dumps(settings))
+
+
+def settings_problem(output_dir: str, settings: dict) -> str | None:
+    """Why ``output_dir``'s finished cells must not be reused with ``settings`` (None: they may, or there are none).
+
+    Refused: results without a recorded ``settings.json`` (an older eval_needle.py's: nothing says which model made
+    them) and results recorded with other settings; the message names what differs and the fix.
+    """
+    if not os.path.exists(os.path.join(output_dir, "results.csv")):
+        return None
+    fix = (f"pass another --output-dir, or delete results.csv, samples.jsonl and {SETTINGS_FILE} in {output_dir} "
+           "to evaluate afresh")
+    try:
+        with open(os.path.join(output_dir, SETTINGS_FILE), encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return (f"{output_dir} holds needle results without a readable {SETTINGS_FILE} (an older eval_needle.py, or "
+                f"damaged), so nothing says which model and settings made them; {fix}")
+    diffs = []
+    for key in sorted(set(recorded) | set(settings)):
+        old, new = recorded.get(key), settings.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict) and old.get("path") == new.get("path"):
+            diffs.append(f"{key}: {new.get('path')} has changed files since")
+        else:
+            show = lambda v: v.get("path") if isinstance(v, dict) else v  # noqa: E731
+            diffs.append(f"{key}: {show(old)!r} then, {show(new)!r} now")
+    if diffs:
+        return (f"{output_dir} holds needle results of other settings ({'; '.join(diffs)}): its cells would be "
+                f"reused for this run; {fix}")
+    return None
+
+
+def rank0_decides(value):
+    """``value`` of rank 0 on every rank (one broadcast; single-process: ``value``), so that ranks never disagree
+    on what a file says."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
 def _read_results(path: str) -> list[dict]:
     import pandas as pd
 
@@ -308,8 +395,11 @@ def _read_results(path: str) -> list[dict]:
 
 
 def evaluate_needle(model, tokenizer, config: NeedleConfig, *, seq_algo: str, output_dir: str, device="cpu",
-                    haystack_dir: str | None = None, model_name: str = "model", progress: bool = True) -> dict:
-    """Run the grid, appending one row per cell to ``output_dir/results.csv``; cells already there are skipped.
+                    haystack_dir: str | None = None, model_name: str = "model", progress: bool = True,
+                    settings: dict | None = None) -> dict:
+    """Run the grid, appending one row per cell to ``output_dir/results.csv``; cells already there are skipped when
+    they were computed with the same ``settings`` (:func:`run_settings`; None: from ``config``, the model's
+    ``name_or_path`` and ``haystack_dir``), else the call is refused.
 
     Collective: every rank calls it. In the sequence-parallel modes all ranks run every sample together; in
     ``data_parallel`` sample ``s`` runs on rank ``s % world`` and the counts are summed.
@@ -318,6 +408,8 @@ def evaluate_needle(model, tokenizer, config: NeedleConfig, *, seq_algo: str, ou
     (config, cells, average accuracy) and ``heatmap.png``.
     Returns:
         ``{"average_accuracy": float, "cells": [row, ...]}``.
+    Raises:
+        ValueError: ``output_dir`` holds results of other settings, or of unrecorded ones (:func:`settings_problem`).
     """
     import torch.distributed as dist
     from tqdm import tqdm
@@ -328,15 +420,14 @@ def evaluate_needle(model, tokenizer, config: NeedleConfig, *, seq_algo: str, ou
 
     rank, world = rank_world()
     csv_path = os.path.join(output_dir, "results.csv")
-    done = _read_results(csv_path) if rank == 0 else None
-    if world > 1:  # rank 0's view of the file decides, so ranks never disagree on which cells to run
-        box = [done]
-        dist.broadcast_object_list(box, src=0)
-        done = box[0]
-    stale = [r for r in done if int(r["num_samples"]) != config.num_samples]
-    if stale:
-        raise ValueError(f"{csv_path} holds cells with num_samples={stale[0]['num_samples']}, not "
-                         f"{config.num_samples}; use another --output_dir or delete the file")
+    if settings is None:
+        settings = run_settings(config, model=getattr(model, "name_or_path", None) or model_name,
+                                haystack_dir=haystack_dir)
+    # rank 0's view of the files decides, so ranks never disagree on which cells to run
+    problem, done = rank0_decides((settings_problem(output_dir, settings), _read_results(csv_path))
+                                  if rank == 0 else None)
+    if problem:
+        raise ValueError(problem)
     finished = {(int(r["context_length"]), int(r["depth_percent"])) for r in done}
     cells = [(n, d) for n in config.context_lengths for d in config.depths if (n, round(d * 100)) not in finished]
 
@@ -347,6 +438,9 @@ def evaluate_needle(model, tokenizer, config: NeedleConfig, *, seq_algo: str, ou
     needles = [config.needles(s) for s in range(config.num_samples)]
     if rank == 0:
         os.makedirs(output_dir, exist_ok=True)
+        if not os.path.exists(csv_path):  # the settings of the cells about to be written
+            with open(os.path.join(output_dir, SETTINGS_FILE), "w", encoding="utf-8") as f:
+                json.dump(settings, f, indent=1)
     for length, depth in tqdm(cells, desc="needle cells", disable=not progress or rank != 0):
         correct = torch.zeros((), dtype=torch.long, device=device)
         answers = []  # this rank's samples: what was asked, expected and predicted
@@ -420,5 +514,6 @@ def plot_heatmap(rows: list[dict], path: str, *, title: str | None = None) -> No
 
 
 __all__ = ["NeedleConfig", "NeedlePrompt", "NeedleTask", "NEEDLE_TASKS", "SentenceBoundaries", "build_prompt",
+           "SETTINGS_FILE", "run_settings", "settings_problem",
            "split_answer", "answer_predictions", "evaluate_needle", "plot_heatmap", "NEEDLE_FORMAT", "QUESTION_FORMAT",
            "PREFIX"]

@@ -328,6 +328,17 @@ def finish_resume(cfg, path: str, completed: int) -> None:
         os.replace(log + ".tmp", log)
 
 
+def tensorboard_events(output_dir: str) -> list[str]:
+    """The TensorBoard event files (``events.out.tfevents.*``) of earlier runs in ``output_dir`` or one folder down:
+    accelerate's tracker writes them to ``<output-dir>/<project-name>/``, whatever the project name was."""
+    if not os.path.isdir(output_dir):
+        return []
+    folders = [output_dir] + [os.path.join(output_dir, d) for d in sorted(os.listdir(output_dir))
+                              if os.path.isdir(os.path.join(output_dir, d))]
+    return [os.path.join(folder, n) for folder in folders for n in sorted(os.listdir(folder))
+            if n.startswith("events.out.tfevents.") and os.path.isfile(os.path.join(folder, n))]
+
+
 def prepare_output_dir(cfg) -> None:
     """Create ``--output-dir``, refusing one that holds an earlier run (its log, checkpoints or saved model) unless
     the run is resumed (``--resume-from-checkpoint``) or ``--overwrite-output-dir`` deletes them first: otherwise a
@@ -338,13 +349,15 @@ def prepare_output_dir(cfg) -> None:
     """
     out = cfg.output_dir
     earlier = [n for n in (LOG_FILE, "checkpoints", "config.json") if os.path.exists(os.path.join(out, n))]
+    events = tensorboard_events(out)
+    earlier += ["TensorBoard events"] if events else []
     if cfg.resume_from_checkpoint:
         if cfg.resume_from_checkpoint != "latest" and not os.path.isdir(cfg.resume_from_checkpoint):
             raise FileNotFoundError(f"--resume-from-checkpoint {cfg.resume_from_checkpoint}: no such folder")
     elif earlier and not cfg.overwrite_output_dir:
         raise ValueError(f"--output-dir {out} holds an earlier run ({', '.join(earlier)}): pass "
                          "--resume-from-checkpoint latest to continue it, --overwrite-output-dir to start afresh "
-                         "(its log and checkpoints are deleted), or another --output-dir")
+                         "(its log, checkpoints and TensorBoard events are deleted), or another --output-dir")
     barrier = dist.barrier if dist.is_available() and dist.is_initialized() else (lambda: None)
     barrier()  # every rank has looked before rank 0 deletes anything
     if rank_world()[0] == 0:
@@ -355,6 +368,10 @@ def prepare_output_dir(cfg) -> None:
                     shutil.rmtree(path)
                 elif os.path.exists(path):
                     os.remove(path)
+            for path in events:  # only the event files: anything else in their folder stays
+                os.remove(path)
+                if os.path.dirname(path) != out and not os.listdir(os.path.dirname(path)):
+                    os.rmdir(os.path.dirname(path))
         os.makedirs(out, exist_ok=True)
     barrier()
 

@@ -13,8 +13,8 @@ import importlib.util
 from dataclasses import dataclass, fields
 
 from ..attention.registry import SEQ_ALGOS, algorithm_options, get_attn_func
-from ..data import TRAIN_PACKING
-from ..utils import add_flag, check_source, check_sp_size
+from ..data import TRAIN_PACKING, check_dataset_source
+from ..utils import HelpFormatter, add_flag, check_source, check_sp_size
 
 
 @dataclass(kw_only=True)
@@ -111,6 +111,7 @@ class TrainConfig:
         for flag, source in (("--model", self.model), ("--model-config", self.model_config)):
             if source is not None:
                 check_source(source, flag)
+        check_dataset_source(self.dataset, "--dataset")  # a missing local path, not a hub id to look up
 
     @property
     def parallel_mode(self) -> str:
@@ -132,11 +133,16 @@ class TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Long-context full fine-tuning with exact sequence parallelism. "
-                                "Launch with `accelerate launch --config_file accelerate_configs/<cfg>.yaml train.py`.")
+    # HelpFormatter: each flag once (the seed's --under_score spellings and --parallel-mode work, unlisted), defaults
+    p = argparse.ArgumentParser(
+        prog="train.py", formatter_class=HelpFormatter,
+        usage="%(prog)s (--model PATH | --model-config NAME --init-random) --output-dir DIR [options]",
+        description="Long-context full fine-tuning with exact sequence parallelism. Launch with `accelerate launch "
+                    "--config_file accelerate_configs/<cfg>.yaml train.py`. Flags are --dash-words; the seed's "
+                    "--under_score spellings are accepted too.")
     a = functools.partial(add_flag, p)
     a("--seq-algo", "--parallel-mode", dest="seq_algo", choices=SEQ_ALGOS, default="zigzag_ring_attn",
-          help="sequence-parallel algorithm (--parallel_mode: the seed's name)")
+      metavar="ALGO", help=f"{' | '.join(SEQ_ALGOS)} (the seed's name: --parallel_mode)")
     a("--model", default=None, help="local folder or hub id of a causal LM (weights loaded unless --init-random)")
     a("--model-config", dest="model_config", default=None,
           help="with --init-random: a built-in name (tiny-llama, small-llama), a config JSON file or folder, or a hub id")
@@ -150,20 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
           help="default: the accelerate config's; under DeepSpeed on CUDA bf16 unless this says otherwise")
     a("--dataset", default="synthetic", help="'synthetic', a save_to_disk folder, a json/jsonl/parquet/arrow "
           "file or a hub id, with an input_ids column (see prepare_data.py)")
-    a("--seq-length", type=int, default=16384)
+    a("--seq-length", type=int, default=16384, help="tokens per training sequence")
     a("--packing", choices=TRAIN_PACKING, default="auto",
           help="packed documents: auto = use the dataset's position_ids column when it has one (prepare_data.py "
                "--packing documents / --sft: each document attends only to itself, no target across a document "
                "boundary); documents = require it; none = ignore it (one causal sequence per row)")
     a("--rope-theta", type=float, default=None, help="RoPE base (default: the model's)")
     a("--batch-size", type=int, default=1, help="sequences per DP replica per micro-batch")
-    a("--gradient-accumulate-every", type=int, default=1)
-    a("--learning-rate", type=float, default=2e-5)
-    a("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant")
-    a("--warmup-steps", type=int, default=0)
-    a("--weight-decay", type=float, default=0.0)
-    a("--adam-betas", type=float, nargs=2, default=(0.9, 0.95))
-    a("--adam-eps", type=float, default=1e-8)
+    a("--gradient-accumulate-every", type=int, default=1, help="micro-batches per optimizer step")
+    a("--learning-rate", type=float, default=2e-5, help="peak learning rate (AdamW)")
+    a("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+      help="after the warm-up: constant, or linear / cosine decay to 0 at --max-train-steps")
+    a("--warmup-steps", type=int, default=0, help="optimizer steps of linear warm-up from 0")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--adam-betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("BETA1", "BETA2"), help="AdamW betas")
+    a("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
     a("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     a("--max-train-steps", type=int, default=400, help="optimizer steps")
     a("--sp-size", type=int, default=None, help="ranks per sequence-parallel group (default: the whole world)")
@@ -171,19 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attn-backend", default=None, help="local attention kernel (auto, fa4, cudnn, flash, efficient, flash_attn, "
           "math)")
     a("--loss-chunk-size", type=int, default=4096, help="tokens per chunk of the fused LM-head cross-entropy")
-    a("--output-dir", required=True)
-    a("--seed", type=int, default=42)
+    a("--output-dir", required=True, metavar="DIR",
+      help="the run's folder: log, checkpoints, TensorBoard events, the final model")
+    a("--seed", type=int, default=42, help="model initialisation, data order, the synthetic data")
     a("--report-to", choices=("tensorboard", "wandb", "none"), default="tensorboard",
           help="wandb runs offline with WANDB_MODE=offline")
-    a("--project-name", default="easy_context")
+    a("--project-name", default="easy_context", help="tracker project (TensorBoard: <output-dir>/<project-name>)")
     a("--checkpointing-steps", type=int, default=0, help="save accelerate state every N optimizer steps (0: never)")
     a("--checkpoints-total-limit", type=int, default=None, help="keep only the newest N checkpoints")
     a("--overwrite-output-dir", action="store_true",
-      help="start afresh in an --output-dir that holds an earlier run (its log and checkpoints are deleted)")
+      help="start afresh in an --output-dir that holds an earlier run (its log, checkpoints and TensorBoard events "
+           "are deleted; other files are kept)")
     a("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output-dir/checkpoints")
-    a("--stop-after-steps", type=int, default=None,
-          help="exit after this optimizer step without saving the model, as if the job were killed (tests resume)")
-    a("--gradient-checkpointing", action="store_true")
+    # for tests of resuming: exit after this optimizer step without saving the model, as if the job were killed
+    a("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    a("--gradient-checkpointing", action="store_true", help="recompute each decoder layer in backward")
     a("--offload-checkpointing", nargs="?", type=int, const=True, default=False, metavar="N",
           help="gradient checkpointing with the layer inputs kept in host memory (easy_context.memory); with N, only "
                "the first N decoder layers' (partial offload, when host memory is short)")
