@@ -54,8 +54,10 @@ def apply_seq_parallel_monkey_patch(seq_algo: str, model, *, sp_size: int | None
         than an active sliding window; each of these raises a clear error instead of computing something else.
     """
     from .integrations import hf
+    from .loss import watch_data_parallel_wrappers
 
     check_seq_algo(seq_algo)
+    watch_data_parallel_wrappers()  # so that a loss computed around a DDP wrapper's forward is refused
     if seq_algo == "data_parallel":
         if isinstance(model, str):
             hf.pretrained_base(model)  # still reject unsupported model types
