@@ -145,12 +145,24 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
             x = shard_sequence(seq_algo, x, sp_rank, sp_world, dim=1, **opts)
         return x.to(device)
 
-    return {
+    out = {
         "local_input_ids": shard(input_ids),
         "local_position_ids": shard(position_ids),
         "local_target_ids": shard(target_ids),
         "work_balance": balance,
     }
+    if sequence_parallel and _distributed():
+        from .integrations import hf
+
+        # the model that gets these shards must assemble this layout (not its own attention on each shard)
+        hf.expect_sequence_parallel_model(seq_algo, sp_world, opts, out["local_input_ids"], out["local_position_ids"])
+    return out
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _balance_documents(seq_algo, world, opts, pad, input_ids, position_ids, target_ids):
