@@ -160,7 +160,8 @@ def sharded_cross_entropy(hidden_states: torch.Tensor, weight: torch.Tensor, tar
         hidden_states: ``(batch, local_seq, hidden)`` this rank's final hidden states (after the final norm);
             weight/bias: the LM head (``get_output_embeddings()``).
         targets: ``(batch, local_seq)`` this rank's *already-shifted* targets (the target of token t is token t+1 of
-            the global sequence), ``ignore_index`` where no loss: ``prepare_seq_parallel_inputs(...)["local_target_ids"]``.
+            the global sequence), ``ignore_index`` where no loss:
+            ``prepare_seq_parallel_inputs(...)["local_target_ids"]``.
             A shard cannot be shifted locally: its last token's target lives on another rank.
         group: ranks whose valid tokens form the average. None (default) = the whole world: the token mean over
             the global DP x SP batch. Pass the SP group (``easy_context.attention.comm.get_sp_group(sp_size)``) for

@@ -374,7 +374,8 @@ def _misuse_worker(rank, world):
     ids = torch.randint(0, 128, (2, 32), generator=gen)
     tgt = ids.roll(-1, 1)
     tgt[:, -1] = -100
-    return {"wrong attention": _wrong_attention_rows(rank, world, ids, tgt), "labels": _labels_rows(rank, world, ids, tgt)}
+    return {"wrong attention": _wrong_attention_rows(rank, world, ids, tgt),
+            "labels": _labels_rows(rank, world, ids, tgt)}
 
 
 @pytest.fixture(scope="module")
