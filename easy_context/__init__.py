@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .attention import (ALGORITHMS, SEQ_ALGOS, dist_flash_attn_func, gather_sequence, get_attn_func, local_attn_func,
                         sequence_granularity, shard_sequence, ulysses_attn_func, usp_attn_func, zigzag_ring_attn_func)
-from .loss import ShardedLoss, linear_cross_entropy_sum, sharded_cross_entropy
+from .loss import CausalLMWithShardedLoss, ShardedLoss, linear_cross_entropy_sum, sharded_cross_entropy
 
 __version__ = "0.2.0"
 
@@ -28,7 +28,8 @@ _LAZY = {
 
 __all__ = [
     "ALGORITHMS", "SEQ_ALGOS", "get_attn_func", "local_attn_func", "zigzag_ring_attn_func", "dist_flash_attn_func",
-    "ulysses_attn_func", "usp_attn_func", "shard_sequence", "gather_sequence", "sequence_granularity", "sharded_cross_entropy", "linear_cross_entropy_sum", "ShardedLoss", *_LAZY,
+    "ulysses_attn_func", "usp_attn_func", "shard_sequence", "gather_sequence", "sequence_granularity",
+    "CausalLMWithShardedLoss", "sharded_cross_entropy", "linear_cross_entropy_sum", "ShardedLoss", *_LAZY,
 ]
 
 

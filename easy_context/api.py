@@ -54,8 +54,10 @@ def apply_seq_parallel_monkey_patch(seq_algo: str, model, *, sp_size: int | None
         than an active sliding window; each of these raises a clear error instead of computing something else.
     """
     from .integrations import hf
+    from .loss import watch_data_parallel_wrappers
 
     check_seq_algo(seq_algo)
+    watch_data_parallel_wrappers()  # so that a loss computed around a DDP wrapper's forward is refused
     if seq_algo == "data_parallel":
         if isinstance(model, str):
             hf.pretrained_base(model)  # still reject unsupported model types
@@ -100,11 +102,27 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
         results are exact.
         ``data_parallel`` returns the full (unpadded) tensors.
     Raises:
-        ValueError: unknown ``seq_algo``, ``sp_size`` not dividing ``world_size``, mismatched shapes, positions that
-            neither count up by one nor restart at 0, or packed rows for ``dist_flash_attn``.
+        ValueError: unknown ``seq_algo``, ``rank`` outside ``[0, world_size)``, ``rank`` / ``world_size`` that are
+            not this process's (torch.distributed initialised, a sequence-parallel ``seq_algo``), ``sp_size`` not
+            dividing ``world_size``, mismatched shapes, positions that neither count up by one nor restart at 0,
+            packed rows for ``dist_flash_attn``, or ranks of one SP group given different batches (below).
+        TypeError: ids, positions or targets that are not integer tensors (float ids are never truncated).
+    Notes:
+        Collective over the SP group when torch.distributed is initialised and the batch is sharded: one all-gather
+        of a few integers per call (the batch shape and a checksum of the ids, positions and targets, see
+        ``comm.fingerprint``), so that ranks given different rows, tokens or lengths (a DistributedSampler, or
+        ``accelerator.prepare(dataloader)``, gives each rank its own rows) all raise before any attention
+        collective instead of training on a sequence no rank has. Every rank of the world must call it.
     """
     check_seq_algo(seq_algo)
+    _check_rank(seq_algo, rank, world_size)
     sp_rank, sp_world = _sp_rank_size(rank, world_size, sp_size)
+    for name, x in (("input_ids", input_ids), ("position_ids", position_ids), ("target_ids", target_ids)):
+        if x is not None and (not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.dtype.is_complex
+                              or x.dtype == torch.bool):
+            raise TypeError(f"{name} must be an integer tensor (token ids / positions), got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}: convert it where it was made (e.g. "
+                            "torch.tensor(rows, dtype=torch.long)); float values are not rounded here")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
     batch, seq = input_ids.shape
@@ -116,6 +134,8 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
         raise ValueError(f"target_ids {tuple(target_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
     sequence_parallel = seq_algo != "data_parallel" and sp_world > 1
     if sequence_parallel:
+        if _distributed():  # before any check that could raise on some ranks only (the others would hang)
+            _check_same_batch(seq_algo, rank, sp_size, device, input_ids, position_ids, target_ids)
         check_positions(position_ids)
         if not get_algorithm(seq_algo).documents and bool((position_ids[:, 1:] == 0).any()):
             raise ValueError(DOCUMENTS_UNSUPPORTED)
@@ -143,12 +163,69 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
             x = shard_sequence(seq_algo, x, sp_rank, sp_world, dim=1, **opts)
         return x.to(device)
 
-    return {
+    out = {
         "local_input_ids": shard(input_ids),
         "local_position_ids": shard(position_ids),
         "local_target_ids": shard(target_ids),
         "work_balance": balance,
     }
+    if sequence_parallel and _distributed():
+        from .integrations import hf
+
+        # the model that gets these shards must assemble this layout (not its own attention on each shard)
+        hf.expect_sequence_parallel_model(seq_algo, sp_world, opts, out["local_input_ids"], out["local_position_ids"])
+    return out
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _check_rank(seq_algo: str, rank, world_size) -> None:
+    """``rank`` in ``[0, world_size)``; for a sequence-parallel algorithm under torch.distributed, the process's own
+    rank and world (a shard of another rank, or of a world of another size, would be silently wrong)."""
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, world_size={world_size}): pass this process's global rank and "
+                         "the number of processes (accelerator.process_index / accelerator.num_processes)")
+    if seq_algo != "data_parallel" and _distributed():
+        from .utils import rank_world
+
+        actual = rank_world()
+        if actual[1] != world_size:  # the same on every rank: all raise together
+            raise ValueError(f"world_size={world_size}, but torch.distributed runs {actual[1]} processes: pass the "
+                             "number of processes (dist.get_world_size(); accelerator.num_processes)")
+        # a wrong rank is reported by _check_same_batch, after the all-gather, on every rank at once
+
+
+def _check_same_batch(seq_algo, rank, sp_size, device, input_ids, position_ids, target_ids) -> None:
+    """Every rank of the SP group holds the same full batch (shape, ids, positions, targets) and passed its own rank;
+    else every rank raises ValueError (one all-gather of 6 integers, before any other collective of the step)."""
+    from .attention.comm import fingerprint, gather_ints, get_sp_group, global_rank
+
+    group = get_sp_group(sp_size)
+    names = ("rows", "length", "input_ids", "position_ids", "target_ids")
+    mine = [*input_ids.shape, fingerprint(input_ids), fingerprint(position_ids), fingerprint(target_ids)]
+    table = gather_ints([rank, *mine], group, torch.device(device))
+    wrong = {global_rank(group, i): row[0] for i, row in enumerate(table) if row[0] != global_rank(group, i)}
+    if wrong:
+        raise ValueError(f"prepare_seq_parallel_inputs({seq_algo!r}): the rank argument is not the process's global "
+                         f"rank ({', '.join(f'process {p} passed rank={r}' for p, r in wrong.items())}); pass "
+                         "accelerator.process_index / dist.get_rank() (not the local rank)")
+    differ = [n for i, n in enumerate(names, 1) if any(row[i] != table[0][i] for row in table)]
+    if differ:
+        ranks = [global_rank(group, i) for i in range(len(table))]
+        shapes = ", ".join(f"rank {r}: {row[1]}x{row[2]}" for r, row in zip(ranks, table))
+        raise ValueError(f"prepare_seq_parallel_inputs({seq_algo!r}): the ranks of one sequence-parallel group must "
+                         f"pass the same full batch, but their {', '.join(differ)} differ (batch shapes {shapes}). "
+                         "Each rank would shard another sequence and the attention would mix them (silently wrong "
+                         "loss and gradients). Give every rank of an SP group the same rows: "
+                         "prepare_dataloader(seq_algo, dataloader, accelerator, sp_size=...) instead of "
+                         "accelerator.prepare(dataloader) or a DistributedSampler")
 
 
 def _balance_documents(seq_algo, world, opts, pad, input_ids, position_ids, target_ids):

@@ -1,4 +1,5 @@
-"""Cross-entropy over sharded sequences, exactly normalised across ranks, without full-vocabulary logits.
+"""Cross-entropy over sharded sequences, exactly normalised across ranks, without full-vocabulary logits, and the
+module that computes it inside a data-parallel wrapper's forward (:class:`CausalLMWithShardedLoss`).
 
 Why the loss is reduced across ranks: under sequence parallelism each rank holds a slice of the targets, and
 the number of valid (non -100) targets differs between slices (SFT prompts, padding). A per-rank mean followed
@@ -15,6 +16,13 @@ over all ``W`` ranks, so the applied gradient is ``(1/W) * sum_r grad(loss_r)``.
   token mean;
 * ``G`` = the SP group (``|G| = sp``, ``W/sp`` groups): ``(1/W) * sum_G sp * grad(S_G) / N_G =
   (sp/W) * sum_G grad(S_G / N_G)``, the gradient of the mean over replicas of each replica's token mean.
+
+So ``loss_r`` is *not* the loss to log (it is ``|G|`` times this rank's share and differs between ranks); the token
+mean is ``global_loss``. The averaging must really happen: DDP averages only the gradients of a backward whose forward
+went through the DDP module. A loss computed from ``ddp.module.model(...)`` and ``ddp.module.lm_head.weight`` is never
+averaged (each rank keeps its own gradient, and the replicas drift apart); :func:`sharded_cross_entropy` refuses the
+weight of a DDP-wrapped model outside that wrapper's forward (see :func:`watch_data_parallel_wrappers`). Compute the
+loss inside the wrapped module instead: :class:`CausalLMWithShardedLoss`.
 """
 from __future__ import annotations
 
@@ -22,12 +30,24 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 class ShardedLoss(NamedTuple):
-    loss: torch.Tensor         # this rank's scaled loss: call backward on it (see module docstring)
-    global_loss: torch.Tensor  # detached token-mean CE over the group: the number to log (same on every rank)
-    num_tokens: torch.Tensor   # valid targets in the group (int64)
+    """What :func:`sharded_cross_entropy` returns.
+
+    Attributes:
+        loss: call backward on it. ``|group| * local_sum / num_tokens``: |group| (the world size by default) times this
+            rank's share of the token mean, so that the data-parallel average over all ranks (DDP, DeepSpeed, FSDP)
+            applies the gradient of the group's token mean. Its value differs between ranks and is not the loss:
+            do not log it.
+        global_loss: the token-mean cross-entropy over the group, detached, identical on every rank: log this.
+        num_tokens: the valid (not ``ignore_index``) targets of the group, int64.
+    """
+
+    loss: torch.Tensor
+    global_loss: torch.Tensor
+    num_tokens: torch.Tensor
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -107,6 +127,14 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: targets must "
                          "have hidden.shape[:-1]")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or (bias is not None and
+                                                                     bias.shape != weight.shape[:1]):
+        # ZeRO-3 leaves a size-0 placeholder outside the owner's forward, FSDP a flat shard
+        raise ValueError(f"weight {tuple(weight.shape)} (bias {None if bias is None else tuple(bias.shape)}) is not "
+                         f"the (vocab, {hidden.shape[-1]}) output projection of hidden {tuple(hidden.shape)}. A "
+                         "parameter sharded by DeepSpeed ZeRO-3 or FSDP has another shape outside the forward of the "
+                         "module that owns it: compute the loss inside the wrapped module's forward "
+                         "(easy_context.CausalLMWithShardedLoss; under ZeRO-3 call its register_for_zero3())")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -125,26 +153,41 @@ def sharded_cross_entropy(hidden_states: torch.Tensor, weight: torch.Tensor, tar
                           chunk_size: int = 4096, use_liger: bool | None = None) -> ShardedLoss:
     """Token-mean cross-entropy over a sequence sharded across ranks, ready for data-parallel backward.
 
-    Collective: every rank of ``group`` must call it (one all-reduce of two numbers).
+    Collective: every rank of ``group`` must call it (one all-reduce of two numbers). For training under DDP /
+    DeepSpeed / FSDP call it inside the wrapped module's forward: :class:`CausalLMWithShardedLoss` does.
 
     Args:
-        hidden_states: ``(batch, local_seq, hidden)`` this rank's final hidden states (e.g.
-            ``model.model(...).last_hidden_state``); weight/bias: the LM head (``model.lm_head.weight``).
-        targets: ``(batch, local_seq)`` this rank's already-shifted targets, ``ignore_index`` where no loss.
+        hidden_states: ``(batch, local_seq, hidden)`` this rank's final hidden states (after the final norm);
+            weight/bias: the LM head (``get_output_embeddings()``).
+        targets: ``(batch, local_seq)`` this rank's *already-shifted* targets (the target of token t is token t+1 of
+            the global sequence), ``ignore_index`` where no loss:
+            ``prepare_seq_parallel_inputs(...)["local_target_ids"]``.
+            A shard cannot be shifted locally: its last token's target lives on another rank.
         group: ranks whose valid tokens form the average. None (default) = the whole world: the token mean over
-            the global DP x SP batch. Pass the SP group (``easy_context.attention.comm.get_sp_group(sp_size)``) for the mean
-            of per-replica token means.
+            the global DP x SP batch. Pass the SP group (``easy_context.attention.comm.get_sp_group(sp_size)``) for
+            the mean of per-replica token means.
         chunk_size, use_liger: see :func:`linear_cross_entropy_sum`.
     Returns:
-        :class:`ShardedLoss`: ``loss`` = ``|group| * local_sum / N_group``, whose gradient after the usual
-        averaging over all world ranks (DDP, DeepSpeed, FSDP) equals the gradient of the group token mean (see the
-        module docstring); ``global_loss`` = that token mean, detached, identical on all ranks (log it);
-        ``num_tokens`` = ``N_group``. With no valid target anywhere the loss is 0.
+        :class:`ShardedLoss`: ``loss`` = ``|group| * local_sum / N_group`` (backward on it; not the number to log),
+        whose gradient after the usual averaging over all world ranks (DDP, DeepSpeed, FSDP) equals the gradient of
+        the group token mean (see the module docstring); ``global_loss`` = that token mean, detached, identical on all
+        ranks (log it); ``num_tokens`` = ``N_group``. With no valid target anywhere the loss is 0.
+    Raises:
+        RuntimeError: ``weight`` belongs to a model wrapped in DDP and this call is not inside that wrapper's forward
+            while gradients are recorded: DDP would not average the gradients (use :class:`CausalLMWithShardedLoss`).
+        ValueError: shapes that disagree (also a ZeRO-3 / FSDP parameter read outside its module's forward).
     """
+    _check_inside_data_parallel_forward(weight, hidden_states)
     local_sum = linear_cross_entropy_sum(hidden_states, weight, targets, bias=bias, ignore_index=ignore_index,
                                          chunk_size=chunk_size, use_liger=use_liger)
+    return group_token_mean(local_sum, (targets != ignore_index).sum(), group=group)
+
+
+def group_token_mean(local_sum: torch.Tensor, local_count: torch.Tensor, *, group=None) -> ShardedLoss:
+    """:class:`ShardedLoss` from this rank's cross-entropy sum and valid-target count (one all-reduce over
+    ``group``; see the module docstring for the scaling)."""
     # float64 keeps token counts exact far beyond 2^24
-    stats = torch.stack([local_sum.detach().double(), (targets != ignore_index).sum().to(local_sum.device).double()])
+    stats = torch.stack([local_sum.detach().double(), local_count.to(local_sum.device).double()])
     group_size = 1
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(stats, group=group)
@@ -154,4 +197,122 @@ def sharded_cross_entropy(hidden_states: torch.Tensor, weight: torch.Tensor, tar
     return ShardedLoss(loss, (stats[0] / count).float(), stats[1].long())
 
 
-__all__ = ["ShardedLoss", "sharded_cross_entropy", "linear_cross_entropy_sum"]
+class CausalLMWithShardedLoss(nn.Module):
+    """``forward(input_ids, position_ids, target_ids) -> ShardedLoss`` of a causal LM on this rank's shard.
+
+    The public training API: the decoder, the LM head and :func:`sharded_cross_entropy` all run inside *this*
+    module's forward, so give this module (not the causal LM) to ``accelerator.prepare`` / DDP / DeepSpeed / FSDP.
+    Their forward hooks then cover the whole computation: DDP arms its gradient averaging, ZeRO-3 and FSDP gather
+    the parameters. Calling the inner ``model.model(...)`` and the loss yourself bypasses them (DDP: gradients
+    never averaged, refused by :func:`sharded_cross_entropy`).
+
+    Usage::
+
+        model = CausalLMWithShardedLoss(causal_lm)      # after apply_seq_parallel_monkey_patch(seq_algo, causal_lm)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        p = prepare_seq_parallel_inputs(seq_algo, ids, None, targets, rank, world, device)
+        out = model(p["local_input_ids"], p["local_position_ids"], p["local_target_ids"])
+        accelerator.backward(out.loss)                   # W x this rank's share: DDP's average is exact
+        log(out.global_loss)                             # the token mean over the global batch
+
+    Args:
+        model: a transformers causal LM (``base_model`` = the decoder, ``get_output_embeddings()`` = the head).
+        loss_group: the ranks whose tokens form one token mean (None: the whole world).
+        chunk_size: tokens per chunk of the fused head + cross-entropy.
+    Notes:
+        The LM head weight is read by this module, not by ``lm_head.forward``: under ZeRO-3 call
+        :meth:`register_for_zero3` before ``accelerator.prepare``; under FSDP keep the head in the root unit
+        (the default transformer-layer wrap policy does), not in a unit of its own.
+    """
+
+    def __init__(self, model, *, loss_group=None, chunk_size: int = 4096):
+        super().__init__()
+        watch_data_parallel_wrappers()
+        self.model = model
+        self.loss_group = loss_group
+        self.chunk_size = chunk_size
+
+    @property
+    def config(self):
+        """The causal LM's config (accelerate sizes DeepSpeed's "auto" buckets from ``config.hidden_size``)."""
+        return self.model.config
+
+    def register_for_zero3(self) -> None:
+        """Make ZeRO-3 gather the LM head weight for this module's forward (it is read outside ``lm_head``)."""
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        head = self.model.get_output_embeddings()
+        for param in head.parameters():
+            register_external_parameter(self, param)
+
+    def forward(self, input_ids, position_ids, target_ids):
+        """``(batch, local_seq)`` ids, global positions and pre-shifted targets of this rank's shard (as
+        ``prepare_seq_parallel_inputs`` returns them) -> :class:`ShardedLoss`."""
+        # (batch, local_seq) -> (batch, local_seq, hidden): the decoder without the head. No cache and no
+        # attention_mask: only then does transformers read position_ids that restart at 0 as packed documents and mask
+        # attention between them (sdpa/eager, data_parallel); a cache or a 2-D mask would silently turn that off.
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+        head = self.model.get_output_embeddings()
+        return sharded_cross_entropy(hidden, head.weight, target_ids, bias=head.bias, group=self.loss_group,
+                                     chunk_size=self.chunk_size)
+
+
+# ------------------------------------------------------------------ the DDP bypass guard
+#
+# DDP averages gradients only for a backward whose forward ran through the DDP module (its forward arms the reducer);
+# nothing marks a module or parameter as wrapped. So the modules DDP wraps are seen as DDP registers them
+# (``self.module = module`` in its constructor fires torch's module registration hooks): their parameters get a
+# reference to a small per-DDP state whose counter the DDP module's own forward hooks raise and lower. A loss on such
+# a weight while the counter is 0 is the bypass. Cost: one isinstance per submodule registration, two counter updates
+# per DDP forward, one getattr per loss.
+
+_REGISTRATION_HOOK = []  # the handle, once installed
+
+
+class _WrapperForward:
+    """How many forwards of one DDP module are running (0: outside its forward)."""
+
+    def __init__(self, wrapper: nn.Module):
+        self.depth = 0
+        self.name = type(wrapper).__name__
+        wrapper.register_forward_pre_hook(self._enter)
+        wrapper.register_forward_hook(self._leave, always_call=True)
+
+    def _enter(self, module, args):
+        self.depth += 1
+
+    def _leave(self, module, args, output):
+        self.depth -= 1
+
+
+def _on_register(parent: nn.Module, name: str, submodule):
+    if isinstance(parent, nn.parallel.DistributedDataParallel) and name == "module" and submodule is not None:
+        state = _WrapperForward(parent)
+        for param in submodule.parameters():
+            param._easy_context_wrapper_forward = state  # the newest wrapper wins (a module re-wrapped)
+    return None
+
+
+def watch_data_parallel_wrappers() -> None:
+    """From now on, remember which parameters a ``DistributedDataParallel`` wraps, so that
+    :func:`sharded_cross_entropy` can refuse to compute a loss DDP would not average. Idempotent; called by
+    ``apply_seq_parallel_monkey_patch`` and :class:`CausalLMWithShardedLoss` (wrappers built earlier are not seen)."""
+    if not _REGISTRATION_HOOK:
+        _REGISTRATION_HOOK.append(nn.modules.module.register_module_module_registration_hook(_on_register))
+
+
+def _check_inside_data_parallel_forward(weight: torch.Tensor, hidden: torch.Tensor) -> None:
+    state = getattr(weight, "_easy_context_wrapper_forward", None)
+    if state is None or state.depth or not torch.is_grad_enabled() or not (weight.requires_grad or
+                                                                            hidden.requires_grad):
+        return
+    raise RuntimeError(f"sharded_cross_entropy got the LM head weight of a model wrapped in {state.name}, outside the "
+                       f"wrapper's forward: {state.name} would never average these gradients (each rank would train "
+                       "on its own). Compute the loss inside the wrapped module: wrap the causal LM in "
+                       "easy_context.CausalLMWithShardedLoss before accelerator.prepare / DDP and call "
+                       "model(local_input_ids, local_position_ids, local_target_ids); for evaluation use "
+                       "torch.no_grad()")
+
+
+__all__ = ["ShardedLoss", "sharded_cross_entropy", "linear_cross_entropy_sum", "group_token_mean",
+           "CausalLMWithShardedLoss", "watch_data_parallel_wrappers"]

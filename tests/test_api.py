@@ -95,6 +95,26 @@ def test_prepare_inputs_errors():
     assert torch.equal(out["local_position_ids"], packed)
 
 
+_IDS = torch.arange(16)[None]
+
+
+@pytest.mark.parametrize("algo", ["zigzag_ring_attn", "data_parallel"])
+@pytest.mark.parametrize("args, error, match", [
+    ((_IDS, None, None, 4, 4), ValueError, r"rank 4 is outside \[0, world_size=4\)"),
+    ((_IDS, None, None, -1, 4), ValueError, r"rank -1 is outside \[0, world_size=4\)"),
+    ((_IDS, None, None, 0, 0), ValueError, r"rank 0 is outside \[0, world_size=0\)"),
+    ((_IDS, None, None, 1.0, 4), TypeError, "rank must be an int"),
+    ((_IDS.float() + 0.7, None, None, 0, 4), TypeError, "input_ids must be an integer tensor.*float32"),
+    ((_IDS.bool(), None, None, 0, 4), TypeError, "input_ids must be an integer tensor.*bool"),
+    ((_IDS, _IDS.double(), None, 0, 4), TypeError, "position_ids must be an integer tensor"),
+    ((_IDS, None, _IDS.half(), 0, 4), TypeError, "target_ids must be an integer tensor"),
+])
+def test_prepare_inputs_refuses_bad_ranks_and_dtypes(algo, args, error, match):
+    ids, pos, tgt, rank, world = args
+    with pytest.raises(error, match=match):
+        prepare_seq_parallel_inputs(algo, ids, pos, tgt, rank, world, "cpu")
+
+
 # ----------------------------------------------------------------------------- 4 ranks
 
 
@@ -199,17 +219,88 @@ def _dataloaders(rank, world):
     return seen
 
 
+def _same_batch_rows(rank, world):
+    """Ranks of one SP group given different batches (the DistributedSampler habit and its cousins): the error text of
+    each row on this rank ("ok" when accepted)."""
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 128, (2, 64), generator=gen)
+    tgt = ids.roll(-1, 1)
+    rows = {
+        "the same batch": lambda: (ids, None, tgt),
+        "rank r gets row r % 2": lambda: (ids[rank % 2:rank % 2 + 1], None, tgt[rank % 2:rank % 2 + 1]),
+        "one token differs on rank 3": lambda: (ids + (rank == 3) * (torch.arange(64) == 40), None, tgt),
+        "lengths 64 and 62 that pad to the same size": lambda: (ids[:, :64 - 2 * (rank % 2)], None,
+                                                               tgt[:, :64 - 2 * (rank % 2)]),
+        "other targets on rank 1": lambda: (ids, None, tgt if rank != 1 else ids),
+        "other positions on rank 2": lambda: (ids, torch.arange(64)[None] + (rank == 2), tgt),
+    }
+    out = {}
+    for sp_size in (None, 2):
+        for name, row in rows.items():
+            batch = row()
+            if sp_size == 2 and name == "rank r gets row r % 2":
+                batch = (ids[rank // 2:rank // 2 + 1], None, tgt[rank // 2:rank // 2 + 1])  # replica r: row r
+                name = "replica r gets row r"
+            try:
+                prepare_seq_parallel_inputs("zigzag_ring_attn", *batch, rank, world, "cpu", sp_size=sp_size)
+                out[(name, sp_size)] = "ok"
+            except ValueError as e:
+                out[(name, sp_size)] = str(e)
+    for name, r, w in (("the local rank for the global one", rank % 2, world), ("world_size 2 of 4", rank % 2, 2)):
+        try:
+            prepare_seq_parallel_inputs("ulysses_attn", ids, None, tgt, r, w, "cpu", sp_size=2)
+            out[(name, 2)] = "ok"
+        except ValueError as e:
+            out[(name, 2)] = str(e)
+    return out
+
+
 def _worker(rank, world, path):
     _seed_snippet(rank, world, path)
     _odd_length(rank, world)
     _dp_sp(rank, world)
-    return _dataloaders(rank, world)
+    return {"loaders": _dataloaders(rank, world), "same batch": _same_batch_rows(rank, world)}
 
 
-def test_api_on_4_ranks(tmp_path):
-    model = _llama()
-    model.save_pretrained(tmp_path / "tiny-llama")
-    seen = run_distributed(_worker, 4, str(tmp_path / "tiny-llama"), timeout=300)
+@pytest.fixture(scope="module")
+def on_4_ranks(tmp_path_factory):
+    path = tmp_path_factory.mktemp("api") / "tiny-llama"
+    _llama().save_pretrained(path)
+    return run_distributed(_worker, 4, str(path), timeout=300)
+
+
+SAME_BATCH = "must pass the same full batch, but their {} differ.*prepare_dataloader"
+# (row, sp_size) -> the error on ranks 0..3 (None: accepted there)
+SAME_BATCH_EXPECTED = {
+    ("the same batch", None): [None] * 4,
+    ("rank r gets row r % 2", None): [SAME_BATCH.format("input_ids, target_ids")] * 4,
+    ("one token differs on rank 3", None): [SAME_BATCH.format("input_ids")] * 4,
+    ("lengths 64 and 62 that pad to the same size", None): [SAME_BATCH.format("length, input_ids.*")] * 4,
+    ("other targets on rank 1", None): [SAME_BATCH.format("target_ids")] * 4,
+    ("other positions on rank 2", None): [SAME_BATCH.format("position_ids")] * 4,
+    ("the same batch", 2): [None] * 4,
+    ("replica r gets row r", 2): [None] * 4,  # different replicas, different rows: the point of DP x SP
+    ("one token differs on rank 3", 2): [None, None, SAME_BATCH.format("input_ids"), SAME_BATCH.format("input_ids")],
+    ("lengths 64 and 62 that pad to the same size", 2): [SAME_BATCH.format("length, input_ids.*")] * 4,
+    ("other targets on rank 1", 2): [SAME_BATCH.format("target_ids")] * 2 + [None] * 2,
+    ("other positions on rank 2", 2): [None] * 2 + [SAME_BATCH.format("position_ids")] * 2,
+    ("the local rank for the global one", 2): [None] * 2 + ["process 2 passed rank=0, process 3 passed rank=1.*not "
+                                                            "the local rank"] * 2,
+    ("world_size 2 of 4", 2): ["world_size=2, but torch.distributed runs 4 processes"] * 4,
+}
+
+
+@pytest.mark.parametrize("row", SAME_BATCH_EXPECTED, ids=lambda r: f"{r[0]}, sp_size={r[1]}")
+def test_ranks_of_an_sp_group_must_get_the_same_batch(on_4_ranks, row):
+    import re
+
+    for rank, expected in enumerate(SAME_BATCH_EXPECTED[row]):
+        got = on_4_ranks[rank]["same batch"][row]
+        assert got == "ok" if expected is None else re.search(expected, got), (row, rank, got)
+
+
+def test_api_on_4_ranks(on_4_ranks):
+    seen = [r["loaders"] for r in on_4_ranks]
 
     def flat(batches):
         return sorted(x for b in batches for x in b)

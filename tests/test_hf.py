@@ -271,3 +271,148 @@ def test_clear_errors():
     apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         model(torch.zeros(1, 8, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- misuse that used to be silently wrong
+def _wrong_attention_rows(rank, world, ids, tgt):
+    """Shards fed to a model whose attention does not assemble them: each row's error text (or "ok")."""
+    cfg = _configs()["llama"]
+
+    def wrapped(model):
+        from easy_context import CausalLMWithShardedLoss
+
+        return CausalLMWithShardedLoss(model)
+
+    def prepared(algo="zigzag_ring_attn", **opts):
+        return prepare_seq_parallel_inputs(algo, ids, None, tgt, rank, world, "cpu", **opts)
+
+    def string_form_after_build():
+        model = _model(cfg)
+        try:
+            apply_seq_parallel_monkey_patch("zigzag_ring_attn", "llama")  # too late for `model`
+            p = prepared()
+            return model(p["local_input_ids"], position_ids=p["local_position_ids"])
+        finally:
+            hf.unpatch_model_type("llama")
+
+    def unpatched(call):
+        model = _model(cfg)
+        p = prepared()
+        return call(model, p)
+
+    def patched(algo, prepare_algo, model_opts=None, prepare_opts=None):
+        model = _model(cfg)
+        apply_seq_parallel_monkey_patch(algo, model, **(model_opts or {}))
+        p = prepared(prepare_algo, **(prepare_opts or {}))
+        return model(p["local_input_ids"], position_ids=p["local_position_ids"])
+
+    rows = {
+        "string form after the model was built": string_form_after_build,
+        "no patch": lambda: unpatched(lambda m, p: m(p["local_input_ids"], position_ids=p["local_position_ids"])),
+        "no patch, called by keywords": lambda: unpatched(
+            lambda m, p: m(input_ids=p["local_input_ids"], position_ids=p["local_position_ids"])),
+        "no patch, inside CausalLMWithShardedLoss": lambda: unpatched(
+            lambda m, p: wrapped(m)(p["local_input_ids"], p["local_position_ids"], p["local_target_ids"])),
+        "patched for another algorithm": lambda: patched("ulysses_attn", "zigzag_ring_attn"),
+        "patched with another ring_degree": lambda: patched("usp_attn", "usp_attn", {"ring_degree": 1},
+                                                            {"ring_degree": 2}),
+        "patched alike (the control)": lambda: patched("usp_attn", "usp_attn", {"ring_degree": 2},
+                                                       {"ring_degree": 2}),
+    }
+    out = {}
+    for name, row in rows.items():
+        try:
+            row()
+            out[name] = "ok"
+        except Exception as e:  # noqa: BLE001 - the parent test names any failure
+            out[name] = f"{type(e).__name__}: {e}"
+    # the global hook exists only while shards wait for their model
+    out["hook removed after the last row"] = "ok" if hf._GUARD.handle is None else "still registered"
+    return out
+
+
+def _labels_rows(rank, world, ids, tgt):
+    """``labels=`` / ``shift_labels=`` given to the patched model: its loss against the unpatched model's on the whole
+    sequence, and the DDP-averaged gradients against the unpatched ones. Returns each row's worst relative error."""
+    base = _model(_configs()["llama"])
+    labels = ids.clone()
+    labels[0, 5:17] = -100  # an SFT prompt span: uneven valid labels over the ranks
+    out = {}
+    for algo in ("zigzag_ring_attn", "ulysses_attn"):
+        ref = copy.deepcopy(base)
+        ref_out = ref(ids, labels=labels)
+        ref_out.loss.backward()
+        for how in ("labels", "shift_labels"):
+            model = copy.deepcopy(base)
+            apply_seq_parallel_monkey_patch(algo, model)
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+            p = prepare_seq_parallel_inputs(algo, ids, None, shifted, rank, world, "cpu")
+            local_labels = shard_sequence(algo, labels, rank, world)
+            kwargs = dict(labels=local_labels) if how == "labels" else dict(labels=local_labels,
+                                                                            shift_labels=p["local_target_ids"])
+            loss = model(p["local_input_ids"], position_ids=p["local_position_ids"], **kwargs).loss
+            loss.backward()
+            worst = _close(loss, ref_out.loss.detach(), f"{algo} {how} loss")  # the same value on every rank
+            for name, param in model.named_parameters():
+                grad = param.grad.clone()
+                dist.all_reduce(grad)  # what DDP does: average over all ranks
+                worst = max(worst, _close(grad / world, dict(ref.named_parameters())[name].grad,
+                                          f"{algo} {how} grad {name}"))
+            out[f"{algo} {how}"] = worst
+    model = copy.deepcopy(base)
+    apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
+    p = prepare_seq_parallel_inputs("zigzag_ring_attn", ids, None, None, rank, world, "cpu")
+    try:
+        model(p["local_input_ids"], position_ids=p["local_position_ids"], labels=p["local_input_ids"],
+              num_items_in_batch=torch.tensor(7))
+        out["num_items_in_batch"] = "ok"
+    except ValueError as e:
+        out["num_items_in_batch"] = f"ValueError: {e}"
+    return out
+
+
+def _misuse_worker(rank, world):
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 128, (2, 32), generator=gen)
+    tgt = ids.roll(-1, 1)
+    tgt[:, -1] = -100
+    return {"wrong attention": _wrong_attention_rows(rank, world, ids, tgt),
+            "labels": _labels_rows(rank, world, ids, tgt)}
+
+
+@pytest.fixture(scope="module")
+def misuse_on_2_ranks():
+    return run_distributed(_misuse_worker, 2, timeout=240)
+
+
+WRONG_ATTENTION_EXPECTED = {
+    "string form after the model was built": r"llama was patched with the string form.*"
+                                             r"apply_seq_parallel_monkey_patch\('zigzag_ring_attn', model\)",
+    "no patch": r"its attention is 'sdpa'.*apply_seq_parallel_monkey_patch\('zigzag_ring_attn', model\)",
+    "no patch, called by keywords": r"its attention is 'sdpa'",
+    "no patch, inside CausalLMWithShardedLoss": r"ValueError: a llama model got the shards.*its attention is 'sdpa'",
+    "patched for another algorithm": r"assembles 'ulysses_attn' over 2 ranks: pass the same seq_algo",
+    "patched with another ring_degree": r"over 2 ranks, ring_degree=2\), but .* ring_degree=1: pass the same",
+    "patched alike (the control)": r"^ok$",
+    "hook removed after the last row": r"^ok$",
+}
+
+
+@pytest.mark.parametrize("row", WRONG_ATTENTION_EXPECTED)
+def test_shards_reach_only_a_model_that_assembles_them(misuse_on_2_ranks, row):
+    import re
+
+    for per_rank in misuse_on_2_ranks:
+        got = per_rank["wrong attention"][row]
+        assert re.search(WRONG_ATTENTION_EXPECTED[row], got), (row, got)
+
+
+@pytest.mark.parametrize("row", ["zigzag_ring_attn labels", "zigzag_ring_attn shift_labels", "ulysses_attn labels",
+                                 "ulysses_attn shift_labels", "num_items_in_batch"])
+def test_labels_give_the_exact_loss_of_the_whole_sequence(misuse_on_2_ranks, row):
+    for per_rank in misuse_on_2_ranks:
+        got = per_rank["labels"][row]
+        if row == "num_items_in_batch":
+            assert "num_items_in_batch" in got and "CausalLMWithShardedLoss" in got, got
+        else:
+            assert got <= RTOL, (row, got)  # _close already asserted inside the worker; the worst error is recorded

@@ -141,3 +141,99 @@ def test_sharded_loss_on_4_ranks():
     results = run_distributed(_sft_worker, 4)
     counts = [r["counts"] for r in results]
     assert len(set(counts)) > 1, counts  # the case really is uneven across ranks
+
+
+# ----------------------------------------------------------------------------- the public loss API under DDP
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64)).float()
+
+
+def _ddp_recipes(rank, world):
+    """Each recipe trains one step of a zigzag-patched tiny Llama on this rank's shard under DDP. The exact one
+    (CausalLMWithShardedLoss inside DDP) must give DDP's own averaged gradients equal to the unpatched model's on the
+    whole sequence; a bypass of DDP's forward must be refused before DDP silently skips the averaging."""
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from easy_context import CausalLMWithShardedLoss, apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
+
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 64, (2, 32), generator=gen)
+    tgt = ids.roll(-1, 1)
+    tgt[:, -1] = -100
+    tgt[0, 3:19] = -100  # uneven valid targets over the ranks
+    base = _tiny_llama()
+    ref = copy.deepcopy(base)
+    F.cross_entropy(ref(ids).logits.flatten(0, 1), tgt.flatten()).backward()
+
+    def patched():
+        model = copy.deepcopy(base)
+        apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
+        return model
+
+    def step(call):
+        p = prepare_seq_parallel_inputs("zigzag_ring_attn", ids, None, tgt, rank, world, "cpu")
+        return call(p["local_input_ids"], p["local_position_ids"], p["local_target_ids"])
+
+    def wrapper_in_ddp():
+        ddp = DDP(CausalLMWithShardedLoss(patched()))
+        step(ddp).loss.backward()
+        for (name, param), ref_param in zip(ddp.module.model.named_parameters(), ref.parameters()):
+            _close(param.grad, ref_param.grad, f"DDP-averaged grad {name}", rtol=1e-4)  # no all-reduce of ours
+        return "exact"
+
+    def inner_model_then_loss(no_grad=False):  # the old README recipe
+        ddp = DDP(patched())
+        model = ddp.module
+        with torch.set_grad_enabled(not no_grad):
+            return step(lambda i, p, t: sharded_cross_entropy(model.model(i, position_ids=p).last_hidden_state,
+                                                              model.lm_head.weight, t))
+
+    def wrapper_called_around_ddp():
+        ddp = DDP(CausalLMWithShardedLoss(patched()))
+        return step(ddp.module)  # the wrapper's forward, but not DDP's
+
+    recipes = {"CausalLMWithShardedLoss inside DDP": wrapper_in_ddp,
+               "model.model + sharded_cross_entropy under DDP": inner_model_then_loss,
+               "the wrapper's module called around DDP": wrapper_called_around_ddp,
+               "model.model + sharded_cross_entropy under DDP, no_grad (evaluation)":
+                   lambda: inner_model_then_loss(no_grad=True) and "allowed"}
+    out = {}
+    for name, recipe in recipes.items():
+        try:
+            out[name] = recipe()
+        except RuntimeError as e:
+            out[name] = str(e)
+    return out
+
+
+DDP_EXPECTED = {
+    "CausalLMWithShardedLoss inside DDP": "exact",
+    "model.model + sharded_cross_entropy under DDP": "would never average these gradients",
+    "the wrapper's module called around DDP": "would never average these gradients",
+    "model.model + sharded_cross_entropy under DDP, no_grad (evaluation)": "allowed",
+}
+
+
+def test_loss_api_is_exact_under_ddp_and_a_bypass_is_refused():
+    for per_rank in run_distributed(_ddp_recipes, 2):
+        for name, expected in DDP_EXPECTED.items():
+            assert expected in per_rank[name], (name, per_rank[name])
+            if expected != "exact":
+                assert expected == "allowed" or "CausalLMWithShardedLoss" in per_rank[name]
+
+
+@pytest.mark.parametrize("weight, match", [
+    (torch.empty(0), r"weight \(0,\) .*ZeRO-3 or FSDP"),  # a ZeRO-3 placeholder outside its module's forward
+    (torch.randn(37 * 16 // 2), r"weight \(296,\)"),      # a flat FSDP shard
+    (torch.randn(37, 8), r"weight \(37, 8\)"),
+])
+def test_a_sharded_or_mismatched_head_weight_is_refused(weight, match):
+    hidden, _, _, targets = _problem()
+    with pytest.raises(ValueError, match=match):
+        sharded_cross_entropy(hidden[None], weight, targets[None])

@@ -112,26 +112,57 @@ def _meta_device(group, device: torch.device) -> torch.device:
     return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 
-def check_same_across_group(values: dict[str, int], group, device: torch.device, what: str) -> None:
+def gather_ints(values: list[int], group, device: torch.device) -> list[list[int]]:
+    """Every rank's ``values`` (the same count on each), in group-rank order: one small all-gather."""
+    rank, world = group_rank_size(group)
+    mine = torch.tensor([int(v) for v in values], dtype=torch.int64, device=_meta_device(group, device))
+    if world == 1:
+        return [mine.tolist()]
+    allv = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(allv, mine, group=group)
+    return torch.stack(allv).cpu().tolist()
+
+
+def check_same_across_group(values: dict[str, int], group, device: torch.device, what: str, *,
+                            fix: str | None = None) -> None:
     """All ranks of ``group`` must pass the same ``values``; otherwise every rank raises ValueError.
 
     One small all-gather; runs before any data collective so that ranks which would otherwise post
-    mismatched sends/receives (a hang under NCCL) fail together with a message naming the difference.
+    mismatched sends/receives (a hang under NCCL) fail together with a message naming the difference and
+    ``fix`` (default: shard with prepare_seq_parallel_inputs).
     """
     rank, world = group_rank_size(group)
     if world == 1:
         return
     names = list(values)
-    mine = torch.tensor([int(values[n]) for n in names], dtype=torch.int64, device=_meta_device(group, device))
-    allv = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(allv, mine, group=group)
-    table = torch.stack(allv).cpu()
-    bad = [n for i, n in enumerate(names) if (table[:, i] != table[0, i]).any()]
+    table = gather_ints([values[n] for n in names], group, device)
+    bad = [n for i, n in enumerate(names) if any(row[i] != table[0][i] for row in table)]
     if bad:
-        per_rank = {n: table[:, names.index(n)].tolist() for n in bad}
-        raise ValueError(f"{what}: ranks of the group disagree on {bad} (per rank: {per_rank}); every rank must "
-                         f"pass tensors of the same shape/dtype and the same options. Shard the batch with "
-                         f"prepare_seq_parallel_inputs / shard_sequence so each rank holds an equal slice.")
+        per_rank = {n: [row[names.index(n)] for row in table] for n in bad}
+        fix = fix or ("every rank must pass tensors of the same shape/dtype and the same options. Shard the batch "
+                      "with prepare_seq_parallel_inputs / shard_sequence so each rank holds an equal slice.")
+        raise ValueError(f"{what}: ranks of the group disagree on {bad} (per rank: {per_rank}); {fix}")
+
+
+_FINGERPRINT_MOD = 2**31 - 1  # prime; every product below stays under 2**62
+
+
+def fingerprint(x: torch.Tensor | None) -> int:
+    """A 62-bit checksum of an integer tensor's values in their order (-1 for None): equal tensors give equal
+    numbers on every rank and device, and a changed, moved or missing value a different one but with probability
+    about 2**-62. Two position-weighted sums modulo a prime, computed where ``x`` is (one small sync).
+    Not a cryptographic hash: it guards against programming errors, not adversaries."""
+    if x is None:
+        return -1
+    p = _FINGERPRINT_MOD
+    flat = torch.remainder(x.reshape(-1).to(torch.int64), p)  # (n,) in [0, p)
+    index = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64)
+    sums = []
+    for mult in (48271, 69621):  # two weightings: w_i = (i * mult) mod p, never 0 for i < p
+        w = torch.remainder(index * mult, p)
+        sums.append(torch.remainder(flat * w, p).sum())  # n < 2**32 terms below 2**31 each: no overflow
+    h1, h2 = torch.remainder(torch.stack(sums), p).tolist()
+    return (h1 << 31) | h2
 
 
 _DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}

@@ -15,6 +15,11 @@ an implementation registered here. Nothing in the decoder is copied or replaced:
 * :func:`patch_model_type` (the seed form, before the model exists) makes every model of a model type built
   afterwards (``from_pretrained``, ``from_config`` or the constructor, whatever ``attn_implementation`` it
   asks for) switch itself to that name at the end of its ``post_init``.
+* both also give a causal LM the exact loss of ``labels=`` over the whole sequence (:func:`make_causal_lm_loss`):
+  transformers' own shift-and-mean on a shard would drop each shard's last target and average per rank.
+* :func:`expect_sequence_parallel_model`: shards made by ``prepare_seq_parallel_inputs`` must reach a model whose
+  attention assembles their layout; a model left on its own attention (patched too late, or not at all) raises at
+  its first call with them instead of attending within each shard.
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_
 # with a value (Gemma2's softcap, gpt-oss's s_aux sinks, ...) is refused by name instead of being dropped.
 _IGNORED_KWARGS = frozenset({"position_ids", "use_cache", "output_attentions", "output_router_logits",
                              "output_hidden_states", "cache_position", "past_key_values", "past_key_value",
-                             "layer_idx", "return_dict"})
+                             "layer_idx", "return_dict",
+                             "shift_labels", "num_items_in_batch"})  # loss arguments transformers passes down too
 _UNSUPPORTED_HINTS = {"softcap": "attention logit soft-capping (Gemma2's config.attn_logit_softcapping)",
                       "s_aux": "attention sinks (gpt-oss)", "sinks": "attention sinks",
                       "head_mask": "a head mask", "alibi": "ALiBi biases"}
@@ -238,7 +244,22 @@ def register_attention(config: SPAttentionConfig) -> str:
 
     AttentionInterface.register(config.name, make_attention(config))
     AttentionMaskInterface.register(config.name, no_mask)
+    _REGISTERED[config.name] = config
     return config.name
+
+
+# attn_implementation name -> the configuration registered under it in this process
+_REGISTERED: dict[str, SPAttentionConfig] = {}
+
+
+def registered_config(attn_implementation: str | None) -> SPAttentionConfig | None:
+    """The configuration behind an ``attn_implementation`` name of ours (None for any other): the registered name,
+    or the longest one it starts with (wrappers such as attention-preserving checkpointing append a suffix)."""
+    name = str(attn_implementation or "")
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    prefixes = [n for n in _REGISTERED if name.startswith(n + "_")]
+    return _REGISTERED[max(prefixes, key=len)] if prefixes else None
 
 
 def patch_model(model, config: SPAttentionConfig):
@@ -258,7 +279,82 @@ def patch_model(model, config: SPAttentionConfig):
     if model.config._attn_implementation != name:
         raise TypeError(f"{type(model).__name__} does not route its attention through transformers' "
                         "AttentionInterface, so sequence-parallel attention cannot be applied to it")
+    _install_loss(model, config)
     return model
+
+
+def _install_loss(model, config: SPAttentionConfig) -> None:
+    """Give a causal LM (``loss_type`` ForCausalLM) the exact sequence-parallel loss of ``labels=``."""
+    if getattr(model, "loss_type", None) == "ForCausalLM":
+        previous = getattr(model, "_easy_context_default_loss", None) or model.loss_function
+        model._easy_context_default_loss = previous
+        model.loss_function = make_causal_lm_loss(config, model, previous)
+
+
+def make_causal_lm_loss(config: SPAttentionConfig, model, default: Callable) -> Callable:
+    """The ``loss_function`` of a sequence-parallel causal LM: ``model(ids, position_ids=..., labels=labels).loss`` is
+    exactly what the unpatched model returns on the whole sequence (of the SP group).
+
+    transformers' loss shifts ``labels`` by one and averages. On a shard that is wrong twice: the target of a shard's
+    last token is the first token of the *next* chunk, held by another rank (zigzag chunks are not even adjacent), and
+    a per-rank mean weights tokens unequally. Here:
+
+    * ``labels`` ``(batch, local_seq)``: this rank's shard of the unshifted labels (as the inputs were sharded, e.g.
+      ``labels=prepared["local_input_ids"]``). They are all-gathered over the SP group (one collective of the ids),
+      shifted over the whole sequence (the last position gets -100), and this rank's shard is taken again. Positions
+      that ``prepare_seq_parallel_inputs`` padded count like any label (as in transformers): give them -100, or
+    * ``shift_labels`` ``(batch, local_seq)``: already-shifted targets of this shard, e.g.
+      ``shift_labels=prepared["local_target_ids"]`` (padding -100 already; no gather). transformers computes a loss
+      only when ``labels`` is given too (any tensor of that shape: it is not read then).
+
+    Returns a loss whose *value* is the token mean over the SP group (identical on its ranks) and whose *gradient* is
+    that of ``sp * local_sum / N`` (:func:`easy_context.loss.group_token_mean`), so that DDP's average over all ranks
+    applies the gradient of the mean of the replicas' token means, as DDP does for the unpatched model. A model no
+    longer on an attention of ours (``set_attn_implementation("sdpa")``) gets ``default``, transformers' loss.
+    """
+    import weakref
+
+    model_ref = weakref.ref(model)
+
+    def sequence_parallel_causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None,
+                                         ignore_index: int = -100, shift_labels=None, **kwargs):
+        import torch.nn.functional as F
+
+        from ..attention.comm import get_sp_group, group_rank_size
+        from ..attention.registry import gather_sequence, shard_sequence
+        from ..loss import group_token_mean
+
+        owner = model_ref()  # (a deep copy shares the original's reference: it is judged like the original)
+        if owner is not None and registered_config(owner.config._attn_implementation) is None:
+            return default(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                           ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+        if num_items_in_batch is not None:
+            raise ValueError(f"{config.name}: num_items_in_batch (a per-process token count, the Trainer's gradient "
+                             "accumulation) cannot normalise a loss over sequence shards; the patched model averages "
+                             "over the valid labels of the whole SP group itself. Use "
+                             "easy_context.CausalLMWithShardedLoss for training loops")
+        group = get_sp_group(config.sp_size)
+        if shift_labels is None:
+            if labels.shape != logits.shape[:-1]:
+                raise ValueError(f"{config.name}: labels {tuple(labels.shape)} must be this rank's shard, shaped like "
+                                 f"the logits {tuple(logits.shape[:-1])} (logits_to_keep cannot be combined)")
+            rank, world = group_rank_size(group)
+            # (b, s/W) shard -> (b, s) global labels -> shifted over the whole sequence -> this rank's shard again
+            full = gather_sequence(config.seq_algo, labels.contiguous(), group=group, dim=1, **config.options)
+            shifted = F.pad(full[:, 1:], (0, 1), value=ignore_index)
+            shift_labels = shard_sequence(config.seq_algo, shifted, rank, world, dim=1, **config.options)
+        elif shift_labels.shape != logits.shape[:-1]:
+            raise ValueError(f"{config.name}: shift_labels {tuple(shift_labels.shape)} must be this rank's shard of "
+                             f"the shifted targets, shaped like the logits {tuple(logits.shape[:-1])}")
+        targets = shift_labels.to(logits.device).reshape(-1)
+        local_sum = F.cross_entropy(logits.float().reshape(-1, vocab_size), targets, ignore_index=ignore_index,
+                                    reduction="sum")
+        out = group_token_mean(local_sum, (targets != ignore_index).sum(), group=group)
+        # value: the group token mean; gradient: that of out.loss (scaled for the data-parallel average)
+        return out.loss + (out.global_loss - out.loss).detach()
+
+    sequence_parallel_causal_lm_loss.__qualname__ = f"sequence_parallel_causal_lm_loss[{config.name}]"
+    return sequence_parallel_causal_lm_loss
 
 
 # model-type base class -> its own post_init before we wrapped it (None: it inherited PreTrainedModel's)
@@ -296,6 +392,7 @@ def patch_model_type(model_type: str, config: SPAttentionConfig) -> str:
     def post_init(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         self.set_attn_implementation(name)
+        _install_loss(self, config)
         return result
 
     post_init.easy_context_attn_implementation = name
@@ -320,6 +417,98 @@ def patched_attn_implementation(model_type: str) -> str | None:
     return getattr(pretrained_base(model_type).__dict__.get("post_init"), "easy_context_attn_implementation", None)
 
 
+class _ShardGuard:
+    """Shards of :func:`prepare_seq_parallel_inputs` waiting for the model they are fed to (see
+    :func:`expect_sequence_parallel_model`). One per process: the two calls share no object."""
+
+    def __init__(self):
+        self.pending = []    # (weakref to local_input_ids, weakref to local_position_ids, expected layout)
+        self.handle = None   # the global forward hook, present only while shards are pending
+
+    def expect(self, tensors, layout) -> None:
+        import weakref
+
+        from torch.nn.modules.module import register_module_forward_hook
+
+        self.pending = [p for p in self.pending if p[0]() is not None] + [(*map(weakref.ref, tensors), layout)]
+        if self.handle is None:
+            self.handle = register_module_forward_hook(self._check, with_kwargs=True)
+
+    def _check(self, module, args, kwargs, output) -> None:
+        # every module call while shards are pending: a few per step (the embedding, then the rotary embedding or the
+        # model: the innermost module with a transformers config that got them finishes first)
+        config = getattr(module, "config", None)
+        attn = getattr(config, "_attn_implementation", None) if config is not None else None
+        hit = None
+        if attn is not None:
+            given = [a for a in (*args, *kwargs.values()) if a is not None]
+            hit = next((p for p in self.pending if any(a is p[0]() or a is p[1]() for a in given)), None)
+        self.pending = [p for p in self.pending if p is not hit and p[0]() is not None]
+        if not self.pending and self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        if hit is not None:
+            problem = _layout_problem(attn, hit[2], config)
+            if problem:
+                raise ValueError(f"a {getattr(config, 'model_type', '')} model got the shards of "
+                                 f"prepare_seq_parallel_inputs({problem}")
+
+
+_GUARD = _ShardGuard()
+
+
+def expect_sequence_parallel_model(seq_algo: str, sp_world: int, options: dict, local_input_ids,
+                                   local_position_ids) -> None:
+    """Check, when these shards reach a model, that its attention assembles their layout.
+
+    A model left on its own attention (the string form of the patch called after the model was built, no patch, or
+    one with another algorithm / ``sp_size`` / ``ring_degree``) would attend within each rank's shard only: logits
+    and gradients wrong, the loss barely. Mechanism: while shards are pending, a global forward hook (torch's
+    ``register_module_forward_hook``, removed again once they arrived) looks at each finished module call; the first
+    module with a transformers ``config`` that got one of these very tensors (``local_input_ids`` or
+    ``local_position_ids``, by position or keyword) is the model's rotary embedding (Llama, Mistral, Qwen2/3: before
+    any decoder layer ran) or the model itself. There it compares the ``attn_implementation`` with the layout and
+    raises ValueError naming the fix. Only weak references to the shards are kept; shards that never reach a model
+    cost nothing once freed.
+    """
+    _GUARD.expect((local_input_ids, local_position_ids), (seq_algo, sp_world, _resolved_options(seq_algo, sp_world,
+                                                                                                 options)))
+
+
+def _resolved_options(seq_algo: str, sp_world: int, options: dict) -> dict:
+    if seq_algo == "usp_attn":
+        from ..attention.comm import usp_degrees
+
+        return {"ring_degree": usp_degrees(sp_world, options.get("ring_degree"))[0]}
+    return dict(options)
+
+
+def _layout_problem(attn_implementation: str, layout, config) -> str | None:
+    """Why a model on ``attn_implementation`` cannot take shards of ``layout`` (None: it can); the message's tail."""
+    from ..utils import rank_world
+
+    seq_algo, sp_world, options = layout
+    what = f"{seq_algo!r} over {sp_world} ranks{''.join(f', {k}={v}' for k, v in options.items())})"
+    ours = registered_config(attn_implementation)
+    if ours is None:
+        model_type = getattr(config, "model_type", None)
+        late = (f" {model_type} was patched with the string form, which switches only models built after it; this one "
+                "was built before." if model_type in SUPPORTED_MODEL_TYPES
+                and patched_attn_implementation(model_type) else "")
+        sp = "" if sp_world == rank_world()[1] else f", sp_size={sp_world}"
+        return (f"{what}, but its attention is {attn_implementation!r}, which would attend within each rank's shard "
+                f"only (wrong logits and gradients).{late} Patch this model: apply_seq_parallel_monkey_patch("
+                f"{seq_algo!r}, model{sp}{''.join(f', {k}={v}' for k, v in options.items())}), or patch with the "
+                "string form before building it")
+    model_sp = ours.sp_size or rank_world()[1]
+    mine = (ours.seq_algo, model_sp, _resolved_options(ours.seq_algo, model_sp, ours.options))
+    if mine != (seq_algo, sp_world, options):
+        return (f"{what}, but its attention {attn_implementation!r} assembles {mine[0]!r} over {mine[1]} ranks"
+                f"{''.join(f', {k}={v}' for k, v in mine[2].items())}: pass the same seq_algo, sp_size and "
+                "ring_degree to apply_seq_parallel_monkey_patch and prepare_seq_parallel_inputs")
+    return None
+
+
 def is_sequence_parallel(model) -> bool:
     """Whether ``model`` runs an attention registered by easy_context."""
     return str(getattr(model.config, "_attn_implementation", "")).startswith("easy_context_")
@@ -327,4 +516,5 @@ def is_sequence_parallel(model) -> bool:
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "SPAttentionConfig", "register_attention", "patch_model", "patch_model_type",
            "unpatch_model_type", "patched_attn_implementation", "is_sequence_parallel", "no_mask", "make_attention",
-           "pretrained_base", "safe_attn_name", "global_documents"]
+           "pretrained_base", "safe_attn_name", "global_documents", "registered_config", "make_causal_lm_loss",
+           "expect_sequence_parallel_model"]

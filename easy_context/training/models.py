@@ -1,16 +1,16 @@
 """Models: configurations and loading, shared by training and evaluation (built-in shapes without download, any
 config JSON file, a folder or hub id; the RoPE base override; the causal LM with ``sdpa`` attention before any
-sequence-parallel patch), and what training adds around the loaded model: the memory features of the flags and the
-wrapper whose forward returns the exact sharded loss."""
+sequence-parallel patch), and what training adds around the loaded model: the memory features of the flags (the
+wrapper whose forward returns the exact sharded loss is :class:`easy_context.loss.CausalLMWithShardedLoss`)."""
 from __future__ import annotations
 
 import json
 import os
 
 import torch
-from torch import nn
 
 from .. import memory
+from ..loss import CausalLMWithShardedLoss  # the public loss wrapper lives with the loss; re-exported for training
 from ..utils import check_source
 
 # Built-in configurations for --model-config (no files or downloads): small Llama models for demos and tests.
@@ -82,49 +82,6 @@ def load_causal_lm(source: str | None, config, dtype: torch.dtype, *, init_rando
     if init_random:
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, attn_implementation="sdpa")
-
-
-class CausalLMWithShardedLoss(nn.Module):
-    """``forward(input_ids, position_ids, target_ids) -> ShardedLoss`` of a causal LM on this rank's shard.
-
-    Wrap the causal LM in this and give *this* to ``accelerator.prepare`` (see the module docstring: DDP and
-    ZeRO-3 hooks then cover the decoder and the loss).
-
-    Args:
-        model: a transformers causal LM (``base_model`` = the decoder, ``get_output_embeddings()`` = the head).
-        loss_group: the ranks whose tokens form one token mean (None: the whole world).
-        chunk_size: tokens per chunk of the fused head + cross-entropy.
-    """
-
-    def __init__(self, model, *, loss_group=None, chunk_size: int = 4096):
-        super().__init__()
-        self.model = model
-        self.loss_group = loss_group
-        self.chunk_size = chunk_size
-
-    @property
-    def config(self):
-        """The causal LM's config (accelerate sizes DeepSpeed's "auto" buckets from ``config.hidden_size``)."""
-        return self.model.config
-
-    def register_for_zero3(self) -> None:
-        """Make ZeRO-3 gather the LM head weight for this module's forward (it is read outside ``lm_head``)."""
-        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-        head = self.model.get_output_embeddings()
-        for param in head.parameters():
-            register_external_parameter(self, param)
-
-    def forward(self, input_ids, position_ids, target_ids):
-        from ..loss import sharded_cross_entropy
-
-        # (batch, local_seq) -> (batch, local_seq, hidden): the decoder without the head. No cache and no
-        # attention_mask: only then does transformers read position_ids that restart at 0 as packed documents and mask
-        # attention between them (sdpa/eager, data_parallel); a cache or a 2-D mask would silently turn that off.
-        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
-        head = self.model.get_output_embeddings()
-        return sharded_cross_entropy(hidden, head.weight, target_ids, bias=head.bias, group=self.loss_group,
-                                     chunk_size=self.chunk_size)
 
 
 def apply_memory_features(cfg, model) -> None:
