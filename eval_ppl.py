@@ -16,31 +16,38 @@ import argparse
 import functools
 
 from easy_context.attention import SEQ_ALGOS
-from easy_context.utils import add_flag
+from easy_context.utils import HelpFormatter, add_flag
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval_ppl.py", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
+    a = functools.partial(add_flag, p)  # --dash-flags; the seed's -m/-d/-s/-f and --under_score spellings work too
+    a("--model", "-m", action="append", required=True, help="model directory (or hub id); repeat for several")
+    a("--dataset", "-d", default=None,
+      help="a save_to_disk folder, data files or a hub id (an input_ids column is used as is)")
+    a("--subset", "-s", default=None, help="the hub dataset's configuration name")
+    a("--feature", "-f", default="text", help="the text column to tokenize (without an input_ids column)")
+    a("--split", default="test", help="the dataset split")
+    a("--synthetic", action="store_true", help="score synthetic essays of --max-tokens tokens")
+    a("--min-tokens", type=int, default=256, help="shortest context, in tokens")
+    a("--max-tokens", type=int, default=8192, help="longest context, in tokens")
+    a("--tokens-step", type=int, default=None, help="step between contexts; default: double from --min-tokens")
+    a("--dataset-min-tokens", type=int, default=None, help="keep only documents of at least this many tokens")
+    a("--samples", type=int, default=None, help="score the first N documents (default: all; 1 with --synthetic)")
+    a("--truncate", action="store_true", help="one window per document (its first tokens)")
+    a("--sliding-window", type=int, default=256, help="stride between a document's windows, in tokens")
+    a("--seq-algo", "--parallel-mode", dest="seq_algo", default="zigzag_ring_attn", choices=SEQ_ALGOS, metavar="ALGO",
+      help=f"{' | '.join(SEQ_ALGOS)} (the seed's name: --parallel_mode)")
+    a("--output-file", default="output/ppl.csv", help="the CSV plot.py reads (one row per --model)")
+    a("--rope-theta", type=float, default=None, help="override the RoPE base of the model's config")
+    a("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32...")
+    a("--hide-progress", action="store_true", help="no progress bar")
+    return p
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    a = functools.partial(add_flag, p)  # --dash-flags; --under_score spellings work too
-    a("-m", "--model", action="append", required=True, help="model directory (repeat for several)")
-    a("-d", "--dataset", default=None)
-    a("-s", "--subset", default=None)
-    a("-f", "--feature", default="text")
-    a("--split", default="test")
-    a("--synthetic", action="store_true", help="score synthetic essays of --max-tokens tokens")
-    a("--min-tokens", type=int, default=256)
-    a("--max-tokens", type=int, default=8192)
-    a("--tokens-step", type=int, default=None, help="default: double from --min-tokens")
-    a("--dataset-min-tokens", type=int, default=None)
-    a("--samples", type=int, default=None)
-    a("--truncate", action="store_true", help="one window per document (its first tokens)")
-    a("--sliding-window", type=int, default=256)
-    a("--seq-algo", "--parallel-mode", dest="seq_algo", default="zigzag_ring_attn", choices=SEQ_ALGOS)
-    a("--output-file", default="output/ppl.csv")
-    a("--rope-theta", type=float, default=None)
-    a("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32...")
-    a("--hide-progress", action="store_true")
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> list[tuple[str, list[float]]]:

@@ -1,7 +1,7 @@
 """Does a model learn the needle demo's retrieval task? A CPU-sized probe, outside train.py.
 
-Trains a small byte-level Llama on :func:`easy_context.eval.facts.fact_rows` (train key space) and every 100 steps
-scores the retrieval on eval_needle.py's own prompts (eval key space, distractors = facts - 1) at the trained
+Trains a small byte-level Llama on :func:`examples.needle_demo.rows.fact_rows` (train key space) and every 100
+steps scores the retrieval on eval_needle.py's own prompts (eval key space, distractors = facts - 1) at the trained
 length. Prints one JSON line per evaluation. Used to pick the demo's task after the 2-GPU run learned nothing
 (bench/RESULTS.md 10e):
 
@@ -24,10 +24,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from easy_context.eval.facts import fact_rows  # noqa: E402
 from easy_context.eval.haystack import load_haystack  # noqa: E402
 from easy_context.eval.needle import NEEDLE_TASKS, NeedleConfig, SentenceBoundaries, build_prompt  # noqa: E402
 from easy_context.eval.tiny import make_tokenizer  # noqa: E402
+from examples.needle_demo.rows import fact_rows  # noqa: E402
 
 
 def main():

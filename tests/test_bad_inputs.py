@@ -293,13 +293,21 @@ def test_a_missing_local_dataset_path_is_no_such_file(spec, tmp_path):
         load_train_dataset(spec, seq_length=8)
 
 
-def _eval_needle_parser():
+def _script_parser(name):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("eval_needle", os.path.join(ROOT, "eval_needle.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.build_parser()
+
+
+def _eval_needle_parser():
+    return _script_parser("eval_needle")
+
+
+def _eval_ppl_parser():
+    return _script_parser("eval_ppl")
 
 
 def _advise_parser():
@@ -314,20 +322,27 @@ def _prepare_data_parser():
     return build_parser()
 
 
-# (script, its parser, flags --help must not list, a command line in the seed's spellings that must still parse)
+# (script, its parser, flags --help must not list, a command line in the seed's spellings that must still parse,
+# and what it parses to)
 HELP_CASES = [
     ("train.py", training.build_parser, ["--stop-after-steps", "--parallel-mode"],
      ["--parallel_mode", "data_parallel", "--model_config", "tiny-llama", "--init_random", "--output_dir", "o",
-      "--stop_after_steps", "1", "--seq_length", "64"]),
+      "--stop_after_steps", "1", "--seq_length", "64"], {"output_dir": "o", "seq_algo": "data_parallel"}),
     ("eval_needle.py", _eval_needle_parser, ["--parallel-mode"],
-     ["--model", "m", "--parallel_mode", "ulysses_attn", "--output_dir", "o", "--num_samples", "2"]),
-    ("prepare_data.py", _prepare_data_parser, [], None),
-    ("advise", _advise_parser, [], None),
+     ["--model", "m", "--parallel_mode", "ulysses_attn", "--output_dir", "o", "--num_samples", "2"],
+     {"output_dir": "o", "seq_algo": "ulysses_attn"}),
+    ("eval_ppl.py", _eval_ppl_parser, ["--parallel-mode", "-m", "-d", "-s", "-f"],
+     ["-m", "a", "--model", "b", "-d", "pg19", "-s", "x", "-f", "txt", "--parallel_mode", "ulysses_attn",
+      "--output_file", "o.csv", "--min_tokens", "64", "--sliding_window", "32"],
+     {"model": ["a", "b"], "dataset": "pg19", "subset": "x", "feature": "txt", "seq_algo": "ulysses_attn",
+      "output_file": "o.csv", "min_tokens": 64, "sliding_window": 32}),
+    ("prepare_data.py", _prepare_data_parser, [], None, None),
+    ("advise", _advise_parser, [], None, None),
 ]
 
 
-@pytest.mark.parametrize("script, build, hidden, seed_argv", HELP_CASES, ids=[c[0] for c in HELP_CASES])
-def test_help_lists_each_flag_once_with_its_help_and_default(script, build, hidden, seed_argv, monkeypatch):
+@pytest.mark.parametrize("script, build, hidden, seed_argv, parsed", HELP_CASES, ids=[c[0] for c in HELP_CASES])
+def test_help_lists_each_flag_once_with_its_help_and_default(script, build, hidden, seed_argv, parsed, monkeypatch):
     import argparse
 
     monkeypatch.setenv("COLUMNS", "100")
@@ -346,8 +361,7 @@ def test_help_lists_each_flag_once_with_its_help_and_default(script, build, hidd
             assert "default" in block, block  # the default is shown
     if seed_argv:  # the seed's --under_score spellings (and hidden flags) still work
         args = vars(parser.parse_args(seed_argv))
-        assert {k: args[k] for k in ("output_dir", "seq_algo")} in ({"output_dir": "o", "seq_algo": "data_parallel"},
-                                                                     {"output_dir": "o", "seq_algo": "ulysses_attn"})
+        assert {k: args[k] for k in parsed} == parsed
 
 
 def test_13_report_to_wandb_without_wandb(tmp_path):

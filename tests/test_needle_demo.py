@@ -1,5 +1,5 @@
-"""The needle demo (train_scripts/needle_demo.sh): its task and corpus (easy_context/eval/facts.py) and the whole
-pipeline at CPU size, end to end, so that the demo cannot rot.
+"""The needle demo (examples/needle_demo, run by train_scripts/needle_demo.sh): its task (easy_context/eval/facts.py),
+its training rows and report, and the whole pipeline at CPU size, end to end, so that the demo cannot rot.
 
 The end-to-end test runs the real script (`NEEDLE_DEMO_CPU=1`: a 0.1M-parameter Llama, 128 -> 512 tokens, 2 gloo
 processes for training; ~50 s on 2 cores) and checks that every stage wrote its files, that no eval key reached the
@@ -16,10 +16,12 @@ import sys
 
 import pytest
 
-from easy_context.eval.facts import draw_facts, fact_rows, find_key_leaks, key_split
+from easy_context.eval.facts import draw_facts, find_key_leaks, key_split
 from easy_context.eval.haystack import synthetic_essays
 from easy_context.eval.needle import NeedleConfig
 from easy_context.eval.tiny import make_tokenizer
+from examples.needle_demo.report import PUBLISHED, by_depth, by_distance, record, report_markdown
+from examples.needle_demo.rows import fact_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,6 +99,23 @@ def test_find_key_leaks():
     assert not re.search(r"[A-Z]{2}|\d", synthetic_essays(300_000, seed=11))
 
 
+def test_the_package_never_imports_the_demo():
+    """examples/ sits above easy_context: no module of the package imports it, and eval/facts.py (the kv task)
+    imports nothing of the package, so eval.needle -> eval.facts runs one way (they once imported each other)."""
+    import ast
+    import pathlib
+
+    package = pathlib.Path(ROOT, "easy_context")
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            assert not [n for n in names if n.split(".")[0] == "examples"], path
+    facts = ast.parse((package / "eval" / "facts.py").read_text())
+    assert not [node for node in ast.walk(facts) if isinstance(node, ast.ImportFrom)
+                and (node.level or (node.module or "").startswith("easy_context"))]
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -106,8 +125,6 @@ def _free_port():
 def test_accuracy_by_needle_distance(tmp_path):
     """Cells are bucketed by (1 - depth) x length, not by context length: a 64K cell with the needle at depth 100
     is a short-distance test. Expected buckets worked out by hand."""
-    from easy_context.needle_demo import by_depth, by_distance
-
     rows = [(1024, 0, True),      # 1024 before the question: <= 2K
             (65536, 100, True),   # 0: <= 2K
             (4096, 50, False),    # 2048: <= 2K (the edge belongs to the lower bucket)
@@ -178,8 +195,6 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
 
     # stage 5: the published folder holds every image and number, and its report states them as the files do
     published = out / "publish"
-    from easy_context.needle_demo import PUBLISHED, by_depth, by_distance
-
     assert sorted(p.name for p in published.iterdir()) == sorted([*PUBLISHED.values(), "README.md"])
     summary = json.loads((published / "summary.json").read_text())
     assert summary["tokens_trained"] == {"train_short": 200 * 8 * 2 * 128, "train_mid": 10 * 4 * 2 * 256,
@@ -201,8 +216,6 @@ def test_needle_demo_cpu_end_to_end(tmp_path):
 def test_run_record_keeps_a_later_invocations_changed_settings(tmp_path, monkeypatch):
     """Stage 0 starts run.json; an invocation of later stages with another setting adds it, and the report says so
     (a stage re-run with ROPE_MID changed once went on record with stage 0's value)."""
-    from easy_context.needle_demo import record, report_markdown
-
     monkeypatch.setenv("EASY_CONTEXT_COMMIT", "abc1234")
     monkeypatch.setenv("ROPE_MID", "1000000")
     monkeypatch.setenv("SHORT", "256")

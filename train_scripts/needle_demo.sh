@@ -28,7 +28,7 @@
 #      perplexities, the issue's goals)
 #   5  publish/: the heatmaps, the perplexity plot and CSV, summary.json, run.json (date, device, commit, these
 #      settings, and each later invocation's stages and changed settings), stage_times.tsv, leak_check.json and
-#      README.md, a report of them all (easy_context/needle_demo.py)
+#      README.md, a report of them all (examples/needle_demo)
 #
 # Device time on 2 x H200 (measured 2026-11-30, the run published in docs/needle_demo, bench/RESULTS.md 16a;
 # stage_times.tsv records each run's; the run just before it, on the same machine, took 685 s, up to 25% more a stage):
@@ -113,7 +113,7 @@ TASK_FLAGS=(--task kv --key-length "$KEY_LENGTH" --rnd-number-digits "$VALUE_DIG
 mkdir -p "$DIR"
 if [[ " $STAGES " == *" 0 "* ]]; then rm -f "$DIR/stage_times.tsv"; fi  # a fresh run
 # run.json: stage 0 starts it; an invocation of later stages adds the settings it changed (a re-run is on record)
-python -m easy_context.needle_demo record --output-dir "$DIR" --stages "$STAGES" --settings "${SETTINGS[@]}"
+python -m examples.needle_demo record --output-dir "$DIR" --stages "$STAGES" --settings "${SETTINGS[@]}"
 
 launch() {  # launch <processes> <script> <args...> (one process: plain python, no launcher to start)
     local n=$1; shift
@@ -141,7 +141,7 @@ train() {  # train <from> <to> <seq> <rope> <steps> <batch> <lr> <algo> <data>
 
 prepare() {
     rm -rf "$DIR/init" "$DIR/data"
-    python -m easy_context.needle_demo prepare --output-dir "$DIR" $MODEL_FLAGS --rope-theta "$ROPE_SHORT" \
+    python -m examples.needle_demo prepare --output-dir "$DIR" $MODEL_FLAGS --rope-theta "$ROPE_SHORT" \
         --key-length "$KEY_LENGTH" --value-digits "$VALUE_DIGITS" --other-labels "$OTHER_LABELS" \
         --near-keys "$NEAR_KEYS" \
         --short-length "$SHORT" --short-rows "$((STEPS_SHORT * BATCH_SHORT * GPUS))" --short-facts "$FACTS_SHORT" \
@@ -175,7 +175,7 @@ eval_long() {
         --samples "$PPL_DOCS" --min-tokens "$PPL_MIN" --max-tokens "$LONG" --truncate --seq-algo "$EVAL_ALGO" \
         --hide-progress --output-file "$DIR/ppl.csv"
     python plot.py "$DIR/ppl.csv" --output "$DIR/ppl" --xmax "$LONG" --log  # the short model's rise spans 1.2 to ~600
-    python -m easy_context.needle_demo summary --output-dir "$DIR" --short-length "$SHORT" --long-length "$LONG"
+    python -m examples.needle_demo summary --output-dir "$DIR" --short-length "$SHORT" --long-length "$LONG"
 }
 
 run_stage 0 prepare
@@ -185,7 +185,7 @@ run_stage 3 long
 run_stage 4 eval_long
 # after stage 4's time is recorded: images, numbers and their report in one folder (copy it to docs/needle_demo)
 if [[ " $STAGES " == *" 5 "* ]]; then
-    python -m easy_context.needle_demo publish --output-dir "$DIR" --to "$DIR/publish"
+    python -m examples.needle_demo publish --output-dir "$DIR" --to "$DIR/publish"
 fi
 echo "heatmaps: $DIR/needle_init/heatmap.png $DIR/needle_short/heatmap.png $DIR/needle_long/heatmap.png"
 echo "perplexity: $DIR/ppl.png (from $DIR/ppl.csv); summary: $DIR/summary.json;" \
