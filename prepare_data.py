@@ -18,14 +18,14 @@ spent on padding.
 end-of-turn marker). Examples come from --prompt-column / --response-column text (default prompt / response), or
 from a messages column of {"role", "content"} lists rendered with the tokenizer's chat template (used when the input
 has a "messages" column or --messages-column is given; the template does all framing). Details:
-easy_context/data.py.
+easy_context/data/ (packing.py, sft.py; the job and its output-folder rules: prepare.py).
 
 --output-dir must be a new or empty folder, or an earlier output of prepare_data.py (recognised by the
 prepare_data.json it writes there), which is replaced atomically; a folder with other files is refused, and an
 unmarked save_to_disk folder is replaced only with --overwrite-output-dir. A bad input (empty, not UTF-8, a text
 that is not a string, a missing column) ends with one error line naming the file and row, exit status 2.
 """
-from easy_context.data import main
+from easy_context.data.prepare import main
 
 if __name__ == "__main__":
     main()

@@ -170,7 +170,7 @@ def test_sdpa_case_repeats_kv_when_the_backend_refuses_gqa(monkeypatch):
     q, do = (torch.randn(1, 4, 16, 8, generator=g) for _ in range(2))
     k, v = (torch.randn(1, 2, 16, 8, generator=g).requires_grad_() for _ in range(2))
     q.requires_grad_()
-    case = peers._sdpa_case(q, k, v, do, 0.3, "auto", lambda x: x)
+    case = peers.sdpa_case(q, k, v, do, 0.3, "auto", lambda x: x)
     got = case.fwdbwd()
     assert case.info["gqa"] == "repeat" and "No available kernel" in case.info["gqa_refused"]
     ref = real(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True, scale=0.3)

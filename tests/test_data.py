@@ -1,4 +1,4 @@
-"""easy_context/data.py and prepare_data.py: packing a corpus with a locally trained tokenizer (round trip), the
+"""easy_context/data/ and prepare_data.py: packing a corpus with a locally trained tokenizer (round trip), the
 formats train.py reads, the collator/targets, and the synthetic set. No processes, no downloads.
 """
 import json
