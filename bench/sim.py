@@ -12,7 +12,7 @@ import threading
 
 import torch
 
-from easy_context.attention import dist_flash, zigzag_ring
+from easy_context.attention import dist_flash, ring
 from easy_context.attention.comm import RingComm
 from easy_context.attention.registry import layout, shard_sequence
 
@@ -99,10 +99,10 @@ def simulate(algo: str, q, k, v, dout, world: int, kernel, scale: float, causal:
         algo_sched = algo
     if algo_sched == "zigzag_ring_attn":
         def fwd(c, q, k, v, causal, s, kern):
-            return zigzag_ring.ring_forward(c, q, k, v, causal, s, kern, docs)
+            return ring.ring_forward(c, q, k, v, causal, s, kern, docs)
 
         def bwd(c, do, q, k, v, o, l, causal, s, kern):
-            return zigzag_ring.ring_backward(c, do, q, k, v, o, l, causal, s, kern, docs)
+            return ring.ring_backward(c, do, q, k, v, o, l, causal, s, kern, docs)
     else:
         def fwd(c, q, k, v, causal, s, kern):
             return dist_flash.dist_flash_forward(c, q, k, v, s, kern, None)
@@ -133,7 +133,7 @@ def simulate(algo: str, q, k, v, dout, world: int, kernel, scale: float, causal:
 def _head_parallel(q, k, v, dout, world, ring, kernel, scale, causal, docs):
     """Ulysses degree ``U = world / ring``: head group u (with the kv replication Ulysses applies) over the whole
     sequence through the zigzag ring of ``ring`` simulated ranks; the groups' results side by side."""
-    from easy_context.attention.ulysses import ulysses_kv_replication
+    from easy_context.attention.head_parallel import ulysses_kv_replication
 
     u_deg = world // ring
     rep = ulysses_kv_replication(q.shape[2], k.shape[2], u_deg)
