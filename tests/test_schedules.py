@@ -1,19 +1,14 @@
 """Ring schedules for world sizes the CPU cannot spawn cheaply (odd W, W=8), run in one process.
 
-bench/sim.py runs every rank's exact forward/backward schedule (the library's own functions) in a thread
+tests/_sim.py runs every rank's exact forward/backward schedule (the library's own functions) in a thread
 with in-memory mailboxes in place of p2p; the result must equal float64 full attention.
 """
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-from sim import simulate  # noqa: E402
-
-from easy_context.attention.kernels import get_kernel  # noqa: E402
-from reference import attention_ref, rel_err  # noqa: E402
+from _sim import simulate
+from easy_context.attention.kernels import get_kernel
+from reference import attention_ref, rel_err
 
 TOL = 1e-5  # float32 vs float64, as in test_sequence_parallel.py
 
