@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from sim import NullComm  # noqa: E402
 
-from easy_context.attention import dist_flash, zigzag_ring  # noqa: E402
+from easy_context.attention import dist_flash  # noqa: E402
+from easy_context.attention.ring import ring_backward, ring_forward  # noqa: E402
 from easy_context.attention.kernels import KERNELS, get_kernel, split_causal  # noqa: E402
 from easy_context.attention.registry import shard_sequence  # noqa: E402
 
@@ -71,8 +72,8 @@ def schedule(algo, rank, w, kern, q, k, v, dout, scale, reps, docs=None):
         f = lambda: dist_flash.dist_flash_forward(comm, q, k, v, scale, kern, None)  # noqa: E731
         b = lambda o, l: dist_flash.dist_flash_backward(comm, dout, q, k, v, o, l, scale, kern, None)  # noqa: E731
     else:
-        f = lambda: zigzag_ring.ring_forward(comm, q, k, v, True, scale, kern, docs)  # noqa: E731
-        b = lambda o, l: zigzag_ring.ring_backward(comm, dout, q, k, v, o, l, True, scale, kern, docs)  # noqa: E731
+        f = lambda: ring_forward(comm, q, k, v, True, scale, kern, docs)  # noqa: E731
+        b = lambda o, l: ring_backward(comm, dout, q, k, v, o, l, True, scale, kern, docs)  # noqa: E731
     o, l = f()
     o = o.transpose(1, 2).to(q.dtype)
     return timed(f, reps), timed(lambda: (f(), b(o, l)), reps)
@@ -81,7 +82,7 @@ def schedule(algo, rank, w, kern, q, k, v, dout, scale, reps, docs=None):
 def per_rank(algo, w, kern, s, h, hkv, d, dev, scale, reps, q, k, v, dout, docs):
     """The busiest rank's (fwd, fwd+bwd) seconds of ``algo`` on ``w`` ranks, communication excluded; None where the
     algorithm does not take the case (heads that do not divide, documents for dist_flash)."""
-    from easy_context.attention.ulysses import ulysses_kv_replication
+    from easy_context.attention.head_parallel import ulysses_kv_replication
 
     if algo in ("ulysses_attn", "usp_attn"):
         ring = 1 if algo == "ulysses_attn" else 2  # usp's default mesh: Ulysses w/2 inside, a ring of 2 across

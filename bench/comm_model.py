@@ -13,7 +13,7 @@ Efficiency when not hidden: compute / max(compute, comm) per step (comm overlapp
 Step mode (``--step``): the predicted overlap of compute and communication, ring step by ring step, for one
 training step of a Llama-2-7B-shaped model (gradient checkpointing: every layer runs the attention forward twice
 unless ``--keep``) on W GPUs, to be checked against a measured step (bench/peers.py). It follows the schedules of
-easy_context/attention/zigzag_ring.py: the forward posts the next K/V block before computing the current one
+easy_context/attention/ring.py: the forward posts the next K/V block before computing the current one
 (W-1 transfers); the backward does the same and also passes the block's float32 dK/dV on after computing it, so
 during step s > 0 the K/V and the previous step's dK/dV are in flight together, and the last dK/dV hop (back to the
 block's owner) has no compute left to hide behind. Ulysses' all-to-alls (q, k, v to head shards and the output

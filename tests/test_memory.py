@@ -293,21 +293,21 @@ def _zigzag_worker(rank, world):
             model.activation_checkpointing_enable()
         p = prepare_seq_parallel_inputs("zigzag_ring_attn", ids, None, tgt, rank, world, "cpu")
         calls = []
-        from easy_context.attention import zigzag_ring
-        original = zigzag_ring.ring_forward
+        from easy_context.attention import ring  # the engine whose ring_forward the zigzag ring's Function calls
+        original = ring.ring_forward
 
         def counting_ring_forward(*args, **kwargs):
             calls.append(1)
             return original(*args, **kwargs)
 
-        zigzag_ring.ring_forward = counting_ring_forward
+        ring.ring_forward = counting_ring_forward
         try:
             hidden = model.model(p["local_input_ids"], position_ids=p["local_position_ids"]).last_hidden_state
             out = sharded_cross_entropy(hidden, model.lm_head.weight, p["local_target_ids"], chunk_size=40)
             forward_calls = len(calls)
             out.loss.backward()
         finally:
-            zigzag_ring.ring_forward = original
+            ring.ring_forward = original
         counts[features] = (forward_calls, len(calls) - forward_calls)
         _close(out.global_loss, reference[0], f"zigzag {features} loss", SP_RTOL)
         for n, param in model.named_parameters():

@@ -181,7 +181,7 @@ def test_planner_skips_blocks_without_overlap_and_counts_work_exactly():
 
 def test_only_the_rows_other_ranks_read_travel():
     """block_spans: the key rows of a block that leave its owner are exactly those some other rank's calls read."""
-    from easy_context.attention.zigzag_ring import block_spans
+    from easy_context.attention.ring import block_spans
 
     w, n = 2, 8
     # doc A = chunk 0 (rank 0); doc B = chunks 1-3: rank 0's block (chunks 0, 3) is read by nobody (A stays home,
@@ -436,7 +436,7 @@ def test_backward_splits_the_own_block_around_the_ring():
     """split_own: the own block's calls in two parts that together compute exactly its pairs, the first about a
     quarter of the work (it hides the first K/V arrival; the rest hides the last dK/dV hop)."""
     from easy_context.attention.documents import Segment
-    from easy_context.attention.zigzag_ring import _work, split_own
+    from easy_context.attention.ring import _work, split_own
 
     one = (Segment(slice(0, 8), slice(0, 8), True),)
     first, rest = split_own(one)

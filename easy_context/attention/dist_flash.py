@@ -15,17 +15,18 @@ W (``2t == W``) each pair is split in halves of query rows between its two ranks
 same work, ``W/2`` full blocks (the causal diagonal counts half), in ``1 + floor((W-1)/2) + [W even]``
 kernel calls, at most ``ceil((W+1)/2) + 1``. The next step's exchange is posted before the current block is computed.
 Backward follows the same schedule, sending dK/dV (or dQ) back to the owner.
-Non-causal attention has no imbalance and uses the plain ring (zigzag_ring.ring_forward/backward).
+Non-causal attention has no imbalance and uses the plain ring (ring.ring_forward/backward).
 """
 from __future__ import annotations
 
 import torch
 
+from .backends import acc_dtype
 from .comm import RingComm
 from .kernels import Kernel, autocast_inputs, default_scale, get_kernel
 from .kernels import head_major as _t  # (b, s, h, d) <-> (b, h, s, d) views
 from .merge import merge_into, new_accumulators
-from .zigzag_ring import check_ring_inputs, ring_backward, ring_forward
+from .ring import check_ring_inputs, ring_backward, ring_forward
 
 
 def _steps(world: int):
@@ -96,7 +97,7 @@ def dist_flash_forward(comm: RingComm, q, k, v, scale: float, kernel: Kernel, st
 
 def dist_flash_backward(comm: RingComm, dout, q, k, v, out, lse, scale: float, kernel: Kernel, stats: dict | None):
     r, w, n = comm.rank, comm.world, q.shape[1]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
     g = kernel.backward(_t(dout), _t(q), _t(k), _t(v), _t(out), lse, True, scale)
     for acc_t, g_t in zip((dq, dk, dv), g):

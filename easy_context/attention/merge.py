@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import compiled
+from .backends import acc_dtype
 
 ENV_COMPILE = "EASY_CONTEXT_COMPILE_MERGE"
 
@@ -49,7 +50,7 @@ def new_accumulators(q: torch.Tensor):
     ``out`` is laid out in memory as ``(batch, seq, heads, head_dim)`` (returned as a transposed view), so
     the final result converts to the flash-attn layout without a copy.
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     b, h, s, d = q.shape
     out = torch.zeros(b, s, h, d, dtype=acc, device=q.device).transpose(1, 2)
     lse = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)

@@ -13,7 +13,8 @@ from . import layouts
 from .comm import group_rank_size
 from .dist_flash import dist_flash_attn_func
 from .comm import usp_degrees
-from .ulysses import ulysses_attn_func, ulysses_kv_replication
+from .head_parallel import ulysses_kv_replication
+from .ulysses import ulysses_attn_func
 from .usp import usp_attn_func
 from .zigzag_ring import zigzag_ring_attn_func
 

@@ -1,108 +1,17 @@
 """DeepSpeed-Ulysses attention: all-to-all from sequence shards to head shards and back.
 
-:func:`head_parallel_attn` is the mechanism, shared with USP: Ulysses over one group around a zigzag ring over
-another (a ring of one rank for plain Ulysses, which is the local kernel itself).
-
 Layout: contiguous shards (rank r holds chunk r of W). Inside the function each rank gathers the whole
-sequence for ``heads / W`` of the heads (one all-to-all for each of q, k, v), runs ordinary local
-attention, and scatters the result back to sequence shards (one all-to-all). Exact by construction.
-
-GQA: kv heads are split like the query heads when ``kv_heads % W == 0``; with fewer kv heads than the
-degree (``W % kv_heads == 0``) each kv head is replicated ``W / kv_heads`` times first, so every rank gets
-the kv head its query heads use (the replication's backward sums the gradients back).
+sequence for ``heads / W`` of the heads, runs ordinary local attention, and scatters the result back to sequence
+shards: :func:`head_parallel.head_parallel_attn` over the group around a ring of one rank (the mechanism, shared
+with USP; its docstring has the GQA kv-head replication). Exact by construction.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
-import torch
-
-from .comm import (SELF_GROUP, RingComm, group_rank_size, head_to_seq, head_to_seq_autograd, seq_to_head,
-                   seq_to_head_autograd)
-from .documents import Documents, normalize as normalize_docs
-from .kernels import Kernel, autocast_inputs, check_qkv, default_scale, get_kernel
-from .zigzag_ring import check_even, check_ring_inputs, ring_attn, ring_backward, ring_forward
-
-# Set while a kept attention graph is being built (easy_context.memory's attention-preserving checkpointing):
-# head_parallel_attn then saves its sequence-sharded inputs, which the recompute provides again, and re-runs the
-# all-to-alls in backward, instead of keeping the head-sharded q/k/v/out for the whole step (4 more seq x hidden
-# units per layer).
-_LEAN: contextvars.ContextVar = contextvars.ContextVar("easy_context_lean_all_to_all", default=False)
-
-
-@contextlib.contextmanager
-def lean_all_to_all():
-    """Within this context Ulysses/USP keep only sequence-sharded tensors for backward (see ``_LEAN``)."""
-    token = _LEAN.set(True)
-    try:
-        yield
-    finally:
-        _LEAN.reset(token)
-
-
-def ulysses_kv_replication(heads: int, kv_heads: int, degree: int) -> int:
-    """How many times each kv head must be repeated before the head all-to-all (1 = none).
-
-    Raises:
-        ValueError: heads not divisible by the degree, or kv heads neither a multiple nor a divisor of it.
-    """
-    if heads % degree:
-        raise ValueError(f"ulysses: {heads} query heads are not divisible by the Ulysses degree {degree}; use a "
-                         f"degree that divides the head count (usp_attn with a larger ring_degree, or zigzag_ring_attn)")
-    if kv_heads % degree == 0:
-        return 1
-    if degree % kv_heads == 0:
-        return degree // kv_heads
-    raise ValueError(f"ulysses: {kv_heads} kv heads cannot be split over degree {degree} (need kv_heads % degree "
-                     f"== 0 or degree % kv_heads == 0); choose another degree or ring_degree")
-
-
-class _LeanUlyssesAttn(torch.autograd.Function):
-    """:func:`head_parallel_attn` that saves only its sequence-sharded q/k/v and output (+ the head-sharded lse) and
-    re-runs the all-to-alls in backward (inside :func:`lean_all_to_all`)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, kernel, group, ring_group, docs):
-        comm = RingComm(ring_group)
-        heads = [seq_to_head(x, group) for x in (q, k, v)]  # (b, s, h/W, d)
-        out_h, lse = ring_forward(comm, *heads, causal, scale, kernel, docs)
-        out = head_to_seq(out_h.transpose(1, 2).to(q.dtype), group)  # (b, s/W, h, d)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, kernel, group, comm, docs)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, kernel, group, comm, docs = ctx.args
-        qh, kh, vh, out_h, dout_h = (seq_to_head(x, group) for x in (q, k, v, out, dout.contiguous()))
-        grads = ring_backward(comm, dout_h, qh, kh, vh, out_h, lse, causal, scale, kernel, docs)
-        return (*(head_to_seq(g, group) for g in grads), None, None, None, None, None, None)
-
-
-def head_parallel_attn(q, k, v, causal: bool, scale: float, kernel: Kernel, group, ring_group=SELF_GROUP,
-                       docs: Documents | None = None):
-    """Ulysses over ``group`` around the zigzag ring over ``ring_group``; no cross-rank checks (callers do them).
-
-    ``(b, s/U, h, d)`` per rank -> all-to-all -> ``(b, s, h/U, d)``: this rank's heads over the sequence of its ring
-    position -> the zigzag ring over ``ring_group`` (a group of one: the kernel; one call per document with
-    ``docs``, the boundaries over the global sequence) -> all-to-all back.
-    """
-    w = group_rank_size(group)[1]
-    rep = ulysses_kv_replication(q.shape[2], k.shape[2], w)
-    if rep > 1:
-        # (b, s/W, hkv, d) -> (b, s/W, W, d): kv head j serves query heads [j*h/hkv, (j+1)*h/hkv)
-        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-    check_even(q.shape[1] * w, causal or docs is not None, ring_group, "usp_attn")  # the ring position's zigzag shard
-    if w > 1 and _LEAN.get():
-        return _LeanUlyssesAttn.apply(q, k, v, causal, scale, kernel, group, ring_group, docs)
-    if w > 1:
-        # (b, s/W, h, d) -> (b, s, h/W, d)
-        q, k, v = (seq_to_head_autograd(x, group) for x in (q, k, v))
-    out = ring_attn(q, k, v, causal, scale, kernel, ring_group, docs)
-    # (b, s, h/W, d) -> (b, s/W, h, d)
-    return head_to_seq_autograd(out, group) if w > 1 else out
+from .comm import group_rank_size
+from .documents import normalize as normalize_docs
+from .head_parallel import head_parallel_attn
+from .kernels import autocast_inputs, check_qkv, default_scale, get_kernel
+from .ring import check_ring_inputs
 
 
 @autocast_inputs
@@ -117,8 +26,8 @@ def ulysses_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None 
     Returns:
         ``(batch, local_seqlen, nheads, head_dim)``.
     Raises:
-        ValueError: heads not divisible by the group size (see :func:`ulysses_kv_replication`), or ranks that
-        disagree on shapes.
+        ValueError: heads not divisible by the group size (see :func:`head_parallel.ulysses_kv_replication`), or
+        ranks that disagree on shapes.
     """
     docs = normalize_docs(cu_seqlens, q.shape[0], q.shape[1] * group_rank_size(group)[1], "ulysses_attn")
     if check:

@@ -4,18 +4,18 @@ across them.
 Group rank ``g * U + u`` (``U`` = Ulysses degree, ``R`` = ring degree) is Ulysses rank ``u`` of ring
 position ``g``. The sequence is cut into ``2R`` zigzag chunks; ring position ``g`` owns chunks ``g`` and
 ``2R-1-g`` (concatenated), and Ulysses rank ``u`` holds the ``u``-th of ``U`` contiguous pieces of that
-concatenation (see sharding.py). The Ulysses all-to-all rebuilds ring position g's zigzag shard with
+concatenation (see layouts.py). The Ulysses all-to-all rebuilds ring position g's zigzag shard with
 ``heads / U`` heads, the zigzag ring runs over the R positions, and the inverse all-to-all returns the
-output to sequence shards. Causal work is balanced: every ring step costs the same, and the Ulysses
-ranks of one position split the heads evenly.
+output to sequence shards (head_parallel.py: the mechanism, shared with Ulysses). Causal work is balanced: every
+ring step costs the same, and the Ulysses ranks of one position split the heads evenly.
 """
 from __future__ import annotations
 
 from .comm import get_usp_groups, group_rank_size
 from .documents import normalize as normalize_docs
+from .head_parallel import head_parallel_attn
 from .kernels import autocast_inputs, default_scale, get_kernel
-from .ulysses import head_parallel_attn
-from .zigzag_ring import check_ring_inputs
+from .ring import check_ring_inputs
 
 
 @autocast_inputs

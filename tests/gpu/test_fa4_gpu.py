@@ -1,5 +1,5 @@
 """FlashAttention-4 (backend ``fa4``) on one GPU: the kernel against float64, every algorithm in a simulated multi-rank
-world (bench/sim.py: ranks as threads, p2p as copies, so the result equals a W-process run), dense and packed, and
+world (tests/_sim.py: ranks as threads, p2p as copies, so the result equals a W-process run), dense and packed, and
 the patched Llama at W=1 against the stock model.
 
 Tolerance as in test_attention_nccl.py: each error (out, dq, dk, dv; relative norm against float64) at most 2x the
@@ -8,21 +8,17 @@ merges W partial results in float32 and rounds once, so its error is of the orde
 token attending across a document boundary is off by ~1e-1 or more.
 """
 import itertools
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from _gpu import ROOT, assert_cases_within_yardstick, need_gpus
+from _gpu import assert_cases_within_yardstick, need_gpus  # _gpu puts tests/ on sys.path: _sim, reference
+from _sim import simulate
 from reference import attention_ref, rel_err
 
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-from sim import simulate  # noqa: E402
-
-from easy_context.attention.documents import normalize  # noqa: E402
-from easy_context.attention.kernels import fa4_importable, get_kernel  # noqa: E402
+from easy_context.attention.documents import normalize
+from easy_context.attention.kernels import fa4_importable, get_kernel
 
 pytestmark = need_gpus(1) + [pytest.mark.skipif(not torch.cuda.is_available() or not fa4_importable(),
                                                 reason="flash-attn-4 is not installed (pip install "
@@ -119,7 +115,7 @@ def test_fa4_varlen_matches_float64_per_document(record_property):
 
 def test_every_algorithm_with_fa4_in_a_simulated_world_matches_float64(record_property):
     """zigzag, dist_flash, ulysses, usp x W=2/4 x causal/non-causal x MHA/GQA x dense/packed, the fa4 kernel inside
-    the library's own per-rank schedules (bench/sim.py), against float64 (per document when packed)."""
+    the library's own per-rank schedules (tests/_sim.py), against float64 (per document when packed)."""
     results, refs = [], {}
     kern = get_kernel("fa4", torch.device("cuda"), torch.bfloat16, DIM)
     for (algo, world, ring), kv, causal, mix in itertools.product(ALGOS, (2, 8), (True, False), MIXES):

@@ -1,0 +1,151 @@
+"""Test doubles that run the library's exact per-rank schedules in one process (tests; bench scripts import them
+through bench/sim.py).
+
+* :class:`ThreadComm`: W ranks as W threads with in-memory mailboxes; every byte a rank would send over
+  p2p is handed over as a copy, so the result equals a real W-process run (used for numerics on one GPU).
+* :class:`NullComm`: one rank alone; every receive returns local tensors of the right shape at no cost,
+  so timing it measures exactly the rank's kernel calls and merges, communication excluded.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+
+from easy_context.attention import dist_flash, ring
+from easy_context.attention.comm import RingComm
+from easy_context.attention.registry import layout, shard_sequence
+
+
+class _Got:
+    def __init__(self, box):
+        self._box = box
+
+    def wait(self):
+        return self._box.get(timeout=120) if self._box is not None else []
+
+
+class ThreadComm(RingComm):
+    def __init__(self, rank, world, boxes):
+        self.group, self.rank, self.world, self._boxes = None, rank, world, boxes
+
+    def exchange(self, send, dst, recv_like, src):
+        if dst is not None:
+            self._boxes[(self.rank, dst)].put([t.clone() for t in send])
+        return _Got(self._boxes[(src, self.rank)] if src is not None else None)
+
+
+class _Ready:
+    def __init__(self, tensors):
+        self._t = tensors
+
+    def wait(self):
+        return self._t
+
+
+class NullComm(RingComm):
+    def __init__(self, rank, world):
+        self.group, self.rank, self.world = None, rank, world
+
+    def exchange(self, send, dst, recv_like, src):
+        # recv_like are stride-0 expansions (shape only); kernels such as cuDNN want a unit last stride, so the
+        # stand-ins are real (uninitialised) buffers, as a received message would be
+        return _Ready([torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in recv_like] if src is not None
+                      else [])
+
+
+def _in_threads(world, fn):
+    boxes = {(s, d): queue.Queue() for s in range(world) for d in range(world)}
+    results, errors = [None] * world, []
+
+    def run(r):
+        try:
+            results[r] = fn(ThreadComm(r, world, boxes))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _unshard(algo, parts, world):
+    n, chunks = layout(algo, world)
+    ordered = [None] * n
+    for r, part in enumerate(parts):
+        for i, piece in zip(chunks[r], part.chunk(len(chunks[r]), dim=1)):
+            ordered[i] = piece
+    return torch.cat(ordered, dim=1)
+
+
+def simulate(algo: str, q, k, v, dout, world: int, kernel, scale: float, causal: bool = True, docs=None,
+             ring_degree: int | None = None):
+    """Run ``algo`` on ``world`` simulated ranks; return full ``(out, dq, dk, dv)`` in the original order (flash
+    layout). ``docs``: packed documents (documents.normalize's form; not dist_flash_attn). ``ulysses_attn`` and
+    ``usp_attn`` (``ring_degree`` R, default 1 for ulysses) run each Ulysses rank's head group through the zigzag
+    ring of R simulated ranks: the all-to-alls only move heads and sequence pieces, exactly."""
+    if algo in ("ulysses_attn", "usp_attn"):
+        return _head_parallel(q, k, v, dout, world, ring_degree or 1, kernel, scale, causal, docs)
+    if docs is not None and algo == "dist_flash_attn":
+        raise ValueError("dist_flash_attn does not support packed documents")
+    if not causal or docs is not None:  # non-causal and packed attention use the zigzag ring in every algorithm
+        algo_sched = "zigzag_ring_attn"
+    else:
+        algo_sched = algo
+    if algo_sched == "zigzag_ring_attn":
+        def fwd(c, q, k, v, causal, s, kern):
+            return ring.ring_forward(c, q, k, v, causal, s, kern, docs)
+
+        def bwd(c, do, q, k, v, o, l, causal, s, kern):
+            return ring.ring_backward(c, do, q, k, v, o, l, causal, s, kern, docs)
+    else:
+        def fwd(c, q, k, v, causal, s, kern):
+            return dist_flash.dist_flash_forward(c, q, k, v, s, kern, None)
+
+        def bwd(c, do, q, k, v, o, l, causal, s, kern):
+            return dist_flash.dist_flash_backward(c, do, q, k, v, o, l, s, kern, None)
+    layout_algo = algo_sched if docs is not None else algo
+    shards = [[shard_sequence(layout_algo, x, r, world) for x in (q, k, v, dout)] for r in range(world)]
+
+    def fwd_rank(comm):
+        ql, kl, vl, _ = shards[comm.rank]
+        out, lse = fwd(comm, ql, kl, vl, causal, scale, kernel)
+        return out.transpose(1, 2).to(q.dtype), lse
+
+    outs = _in_threads(world, fwd_rank)
+
+    def bwd_rank(comm):
+        ql, kl, vl, dl = shards[comm.rank]
+        out, lse = outs[comm.rank]
+        return bwd(comm, dl, ql, kl, vl, out, lse, causal, scale, kernel)
+
+    grads = _in_threads(world, bwd_rank)
+    full = [_unshard(layout_algo, [o for o, _ in outs], world)]
+    full += [_unshard(layout_algo, [g[i] for g in grads], world) for i in range(3)]
+    return full
+
+
+def _head_parallel(q, k, v, dout, world, ring, kernel, scale, causal, docs):
+    """Ulysses degree ``U = world / ring``: head group u (with the kv replication Ulysses applies) over the whole
+    sequence through the zigzag ring of ``ring`` simulated ranks; the groups' results side by side."""
+    from easy_context.attention.head_parallel import ulysses_kv_replication
+
+    u_deg = world // ring
+    rep = ulysses_kv_replication(q.shape[2], k.shape[2], u_deg)
+    ke, ve = (x.repeat_interleave(rep, dim=2) for x in (k, v))  # (b, s, hkv * rep, d)
+    hq, hk = q.shape[2] // u_deg, ke.shape[2] // u_deg
+    parts = [simulate("zigzag_ring_attn", q[:, :, u * hq:(u + 1) * hq], ke[:, :, u * hk:(u + 1) * hk],
+                      ve[:, :, u * hk:(u + 1) * hk], dout[:, :, u * hq:(u + 1) * hq], ring, kernel, scale, causal,
+                      docs) for u in range(u_deg)]
+    out, dq, dk, dv = (torch.cat([p[i] for p in parts], dim=2) for i in range(4))
+
+    def unrep(g):  # gradient of repeat_interleave: (b, s, hkv * rep, d) -> (b, s, hkv, d)
+        return g.view(*g.shape[:2], g.shape[2] // rep, rep, g.shape[3]).sum(3)
+
+    return [out, dq, unrep(dk), unrep(dv)]
