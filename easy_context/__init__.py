@@ -19,11 +19,19 @@ _LAZY = {
     "gather_seq_parallel_outputs": "api",
     "SPAttentionConfig": "integrations.hf",
     "unpatch_model_type": "integrations.hf",
-    "enable_offloaded_checkpointing": "memory",
-    "enable_attention_preserving_checkpointing": "memory",
-    "enable_tiled_mlp": "memory",
-    "enable_low_memory_rmsnorm": "memory",
-    "apply_unsloth_offloaded_gradient_checkpoint_monkey_patch": "memory",
+    "enable_offloaded_checkpointing": "integrations.memory",
+    "enable_attention_preserving_checkpointing": "integrations.memory",
+    "enable_tiled_mlp": "integrations.memory",
+    "enable_low_memory_rmsnorm": "integrations.patch",
+    "apply_unsloth_offloaded_gradient_checkpoint_monkey_patch": "integrations.memory",
+}
+# Also resolved lazily, for the old easy_context.memory.<name> paths (easy_context/memory/__init__.py), not in __all__.
+_ALIASES = {
+    "make_preserving_attention": "integrations.memory",
+    "preserving_name": "integrations.memory",
+    "enable_fused_kernels": "integrations.patch",
+    "enable_fused_swiglu": "integrations.patch",
+    "enable_fused_rope": "integrations.patch",
 }
 
 __all__ = [
@@ -34,8 +42,9 @@ __all__ = [
 
 
 def __getattr__(name):
-    if name in _LAZY:
+    module = _LAZY.get(name) or _ALIASES.get(name)
+    if module is not None:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(importlib.import_module(f".{module}", __name__), name)
     raise AttributeError(f"module 'easy_context' has no attribute {name!r}")

@@ -141,7 +141,7 @@ def _equivalence_worker(rank, world):
                 continue
             assert model.config._attn_implementation == name and base.config._attn_implementation == "sdpa"
             # spy on the registered mask function: it must be called, and build nothing
-            mask_fn = AttentionMaskInterface._global_mapping[name]
+            mask_fn = AttentionMaskInterface()[name]  # the public Mapping API (local overrides, then the global table)
             AttentionMaskInterface.register(name, lambda *a, _f=mask_fn, **k: mask_calls.append(_f(*a, **k)))
             try:
                 _check_sp(model, algo, ids, tgt, ref, rank, world, f"{model_type}/{algo}/w{world}")
