@@ -8,6 +8,7 @@ from __future__ import annotations
 from .attention import (ALGORITHMS, SEQ_ALGOS, dist_flash_attn_func, gather_sequence, get_attn_func, local_attn_func,
                         sequence_granularity, shard_sequence, ulysses_attn_func, usp_attn_func, zigzag_ring_attn_func)
 from .loss import CausalLMWithShardedLoss, ShardedLoss, linear_cross_entropy_sum, sharded_cross_entropy
+from .sp_config import SPAttentionConfig
 
 __version__ = "0.2.0"
 
@@ -17,7 +18,6 @@ _LAZY = {
     "prepare_seq_parallel_inputs": "api",
     "prepare_dataloader": "api",
     "gather_seq_parallel_outputs": "api",
-    "SPAttentionConfig": "integrations.hf",
     "unpatch_model_type": "integrations.hf",
     "enable_offloaded_checkpointing": "integrations.memory",
     "enable_attention_preserving_checkpointing": "integrations.memory",
@@ -37,7 +37,8 @@ _ALIASES = {
 __all__ = [
     "ALGORITHMS", "SEQ_ALGOS", "get_attn_func", "local_attn_func", "zigzag_ring_attn_func", "dist_flash_attn_func",
     "ulysses_attn_func", "usp_attn_func", "shard_sequence", "gather_sequence", "sequence_granularity",
-    "CausalLMWithShardedLoss", "sharded_cross_entropy", "linear_cross_entropy_sum", "ShardedLoss", *_LAZY,
+    "CausalLMWithShardedLoss", "sharded_cross_entropy", "linear_cross_entropy_sum", "ShardedLoss", "SPAttentionConfig",
+    *_LAZY,
 ]
 
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from _dist import run_distributed
-from easy_context.integrations import hf
+from easy_context.integrations import hf, shards
 from easy_context.api import apply_seq_parallel_monkey_patch, gather_seq_parallel_outputs, prepare_seq_parallel_inputs
 from easy_context.loss import sharded_cross_entropy
 from easy_context.attention.registry import SEQ_ALGOS, get_attn_func, shard_sequence
@@ -327,7 +327,7 @@ def _wrong_attention_rows(rank, world, ids, tgt):
         except Exception as e:  # noqa: BLE001 - the parent test names any failure
             out[name] = f"{type(e).__name__}: {e}"
     # the global hook exists only while shards wait for their model
-    out["hook removed after the last row"] = "ok" if hf._GUARD.handle is None else "still registered"
+    out["hook removed after the last row"] = "ok" if shards._GUARD.handle is None else "still registered"
     return out
 
 

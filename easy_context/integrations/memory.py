@@ -178,5 +178,5 @@ def enable_tiled_mlp(model, *, tile_size: int | None = None, num_tiles: int | No
 
 
 __all__ = ["decoder_layers", "enable_offloaded_checkpointing",
-           "apply_unsloth_offloaded_gradient_checkpoint_monkey_patch", "enable_attention_preserving_checkpointing", "make_preserving_attention", "preserving_name",
-           "enable_tiled_mlp"]
+           "apply_unsloth_offloaded_gradient_checkpoint_monkey_patch", "enable_attention_preserving_checkpointing",
+           "make_preserving_attention", "preserving_name", "enable_tiled_mlp"]

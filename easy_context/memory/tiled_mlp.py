@@ -9,7 +9,6 @@ Another feature that changes what an MLP computes per token (the fused SwiGLU) c
 from __future__ import annotations
 
 import math
-from types import MethodType
 
 import torch
 
