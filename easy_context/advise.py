@@ -23,8 +23,13 @@ memory only as far as needed (the first N layers). A planning aid, not a guarant
 from __future__ import annotations
 
 import argparse
-import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+
+from .attention.registry import get_algorithm
+from .integrations.models import PRESETS as MODEL_PRESETS, SHAPE_PRESETS
+
+# Ulysses runs its all-to-all inside one node: at most this many GPUs per Ulysses group.
+ULYSSES_MAX_DEGREE = 8
 
 GIB = 2**30
 
@@ -54,14 +59,6 @@ BUDGET = {True: 0.95, False: 0.85}
 # >= 0.95 once each rank holds >= 16K tokens; below ~4K per rank launch overheads dominate.
 RING_EFFICIENT_TOKENS = 16384
 
-PRESETS = {
-    "llama-2-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
-    "llama-3-8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256),
-    "mistral-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=32000),
-    "qwen2.5-7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064),
-}
-
-
 @dataclass(frozen=True)
 class ModelShape:
     hidden: int
@@ -71,6 +68,20 @@ class ModelShape:
     intermediate: int
     vocab: int
 
+    @classmethod
+    def from_config(cls, c) -> "ModelShape":
+        """The shape of a transformers config (its text part)."""
+        c = c.get_text_config()
+        return cls(c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+                   getattr(c, "num_key_value_heads", None) or c.num_attention_heads, c.intermediate_size, c.vocab_size)
+
+    @classmethod
+    def from_preset(cls, kw: dict) -> "ModelShape":
+        """The shape of an entry of the preset table (``easy_context.integrations.models.PRESETS``)."""
+        return cls(kw["hidden_size"], kw["num_hidden_layers"], kw["num_attention_heads"],
+                   kw.get("num_key_value_heads") or kw["num_attention_heads"], kw["intermediate_size"],
+                   kw["vocab_size"])
+
     @property
     def params(self) -> int:
         h, kv = self.hidden, self.hidden * self.kv_heads // self.heads
@@ -79,20 +90,22 @@ class ModelShape:
 
 
 def load_shape(name_or_path: str) -> ModelShape:
-    """The shape of a model: a name of :data:`PRESETS`, one of train.py's built-in ``--model-config`` names
-    (``tiny-llama``, ``small-llama``: :data:`easy_context.training.models.BUILTIN_CONFIGS`), a config JSON file, a
-    model folder or a hub id (what ``train.py --model-config`` takes).
+    """The shape of a model: a name of the preset table (:data:`easy_context.integrations.models.PRESETS`: the
+    full-size :data:`PRESETS` and train.py's built-in ``--model-config`` names ``tiny-llama``, ``small-llama``), a
+    config JSON file, a model folder or a hub id (what ``train.py --model-config`` takes).
 
     Raises:
         FileNotFoundError: a local-looking path that does not exist. ValueError: a JSON file without model_type.
     """
-    if name_or_path in PRESETS:
-        return ModelShape(**PRESETS[name_or_path])
-    from .training.models import load_config
+    if name_or_path in MODEL_PRESETS:
+        return ModelShape.from_preset(MODEL_PRESETS[name_or_path])
+    from .integrations.models import load_config
 
-    c = load_config(name_or_path).get_text_config()
-    return ModelShape(c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
-                      getattr(c, "num_key_value_heads", None) or c.num_attention_heads, c.intermediate_size, c.vocab_size)
+    return ModelShape.from_config(load_config(name_or_path))
+
+
+# The full-size presets as shapes: {name: ModelShape fields} (bench/ builds ModelShape(**PRESETS[name])).
+PRESETS = {name: asdict(ModelShape.from_preset(MODEL_PRESETS[name])) for name in SHAPE_PRESETS}
 
 
 @dataclass(frozen=True)
@@ -153,7 +166,8 @@ class Plan:
             return "(does not fit)"
         out = ["--gradient-checkpointing", "--fused-kernels" if f.fused_kernels else "--low-memory-rmsnorm"]
         out += ["--tiled-mlp"] if f.tiled_mlp else []
-        for flag, n in (("--attn-preserving-checkpointing", f.keep_layers), ("--offload-checkpointing", f.offload_layers)):
+        for flag, n in (("--attn-preserving-checkpointing", f.keep_layers),
+                        ("--offload-checkpointing", f.offload_layers)):
             if n:
                 out.append(flag if n == self.layers else f"{flag} {n}")
         return " ".join(out)
@@ -180,6 +194,23 @@ def choose_features(m: ModelShape, tokens_per_gpu: int, gpus: int, gpu_mem_gib: 
     return (None, *predict_gib(m, tokens_per_gpu, gpus, Features(offload_layers=max_offload)))
 
 
+def _splits_heads(algo: str, m: ModelShape, degree: int, **options) -> bool:
+    """Whether the registry's head rule of ``algo`` accepts ``m``'s heads over ``degree`` ranks."""
+    check = get_algorithm(algo).check_heads
+    try:
+        check is None or check(m.heads, m.kv_heads, degree, **options)
+    except ValueError:
+        return False
+    return True
+
+
+def ulysses_degree(m: ModelShape, gpus: int) -> int:
+    """The largest Ulysses degree (one node: at most :data:`ULYSSES_MAX_DEGREE`) that divides ``gpus`` and whose
+    head split the registry accepts (``ulysses_attn``'s head rule; 1: none)."""
+    return max(d for d in range(1, min(gpus, ULYSSES_MAX_DEGREE) + 1)
+               if gpus % d == 0 and (d == 1 or _splits_heads("ulysses_attn", m, d)))
+
+
 def advise(m: ModelShape, seq_length: int, gpus: int, gpu_mem_gib: float, host_mem_gib: float, *,
            optimizer_host_bytes: float = ZERO_OFFLOAD_HOST_BYTES) -> Plan:
     """Plan for ``seq_length`` tokens on ``gpus`` GPUs of ``gpu_mem_gib`` each; ``host_mem_gib`` per GPU.
@@ -188,7 +219,7 @@ def advise(m: ModelShape, seq_length: int, gpus: int, gpu_mem_gib: float, host_m
     master weights, moments and gradients; 0 for an optimizer on the GPU or plain SGD).
     """
     notes = []
-    uly = max(d for d in range(1, min(math.gcd(gpus, m.heads), 8) + 1) if gpus % d == 0 and m.heads % d == 0)
+    uly = ulysses_degree(m, gpus)
     if gpus == 1:
         algo, ring = "zigzag_ring_attn", None
         notes.append("one GPU: a ring of one is plain cuDNN attention through easy_context's kernels, which is "
@@ -218,7 +249,7 @@ def advise(m: ModelShape, seq_length: int, gpus: int, gpu_mem_gib: float, host_m
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m easy_context.advise``."""
-    from .training.models import BUILTIN_CONFIGS
+    from .integrations.models import BUILTIN_CONFIGS
     from .utils import HelpFormatter
 
     p = argparse.ArgumentParser(

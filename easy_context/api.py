@@ -8,8 +8,15 @@ Typical use (launch: ``accelerate launch train.py``)::
     prepared = prepare_seq_parallel_inputs("zigzag_ring_attn", ids, pos, tgt, rank, world, device)
     logits = model(prepared["local_input_ids"], position_ids=prepared["local_position_ids"]).logits
 
-DP x SP: pass ``sp_size`` (the same value) to every call; the world splits into ``world / sp_size``
-data-parallel replicas of ``sp_size`` consecutive ranks that share one sequence.
+DP x SP: the world splits into ``world / sp_size`` data-parallel replicas of ``sp_size`` consecutive ranks that
+share one sequence. Every function takes the settings as one :class:`~easy_context.SPAttentionConfig` (built and
+checked once; pass the same object to every call)::
+
+    sp = SPAttentionConfig("usp_attn", sp_size=4, ring_degree=2)
+    apply_seq_parallel_monkey_patch(sp, model)
+    prepared = prepare_seq_parallel_inputs(sp, ids, pos, tgt, rank, world, device)
+
+or, as in the seed, as an algorithm name plus keywords (``sp_size=``, ``ring_degree=``), parsed into the same object.
 """
 from __future__ import annotations
 
@@ -17,8 +24,8 @@ import torch
 
 from .attention.dist_flash import DOCUMENTS_UNSUPPORTED
 from .attention.documents import check_positions
-from .attention.registry import (SEQ_ALGOS, algorithm_options, check_seq_algo, gather_sequence, get_algorithm,
-                                 sequence_granularity, shard_sequence)
+from .attention.registry import SEQ_ALGOS, gather_sequence, get_algorithm, sequence_granularity, shard_sequence
+from .sp_config import SPAttentionConfig, sp_config
 from .utils import check_sp_size, rank_world
 
 
@@ -28,12 +35,13 @@ def _sp_rank_size(rank: int, world_size: int, sp_size: int | None) -> tuple[int,
     return rank % sp, sp
 
 
-def apply_seq_parallel_monkey_patch(seq_algo: str, model, *, sp_size: int | None = None,
+def apply_seq_parallel_monkey_patch(seq_algo: str | SPAttentionConfig, model, *, sp_size: int | None = None,
                                     ring_degree: int | None = None, backend: str | None = None):
     """Make a transformers causal LM attend with the exact sequence-parallel algorithm ``seq_algo``.
 
     Args:
-        seq_algo: one of ``SEQ_ALGOS``. ``"data_parallel"`` changes nothing.
+        seq_algo: an :class:`SPAttentionConfig`, or one of ``SEQ_ALGOS`` with the settings as keywords (not both).
+            ``"data_parallel"`` changes nothing.
         model: a model-type string (``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"``), called before the model
             exists: every model of that type created afterwards (``from_pretrained`` with any
             ``attn_implementation``, ``from_config``, the constructor) uses the SP attention. Or a loaded
@@ -56,26 +64,28 @@ def apply_seq_parallel_monkey_patch(seq_algo: str, model, *, sp_size: int | None
     from .integrations import hf
     from .loss import watch_data_parallel_wrappers
 
-    check_seq_algo(seq_algo)
+    config = sp_config(seq_algo, sp_size=sp_size, ring_degree=ring_degree, backend=backend)
     watch_data_parallel_wrappers()  # so that a loss computed around a DDP wrapper's forward is refused
-    if seq_algo == "data_parallel":
+    if not config.sequence_parallel:
         if isinstance(model, str):
             hf.pretrained_base(model)  # still reject unsupported model types
         return None
-    config = hf.SPAttentionConfig(seq_algo, sp_size=sp_size, ring_degree=ring_degree, backend=backend)
     if isinstance(model, str):
         return hf.patch_model_type(model, config)
     hf.patch_model(model, config)
     return config.name
 
 
-def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
-                                target_ids: torch.Tensor | None, rank: int, world_size: int, device, *,
+def prepare_seq_parallel_inputs(seq_algo: str | SPAttentionConfig, input_ids: torch.Tensor,
+                                position_ids: torch.Tensor | None, target_ids: torch.Tensor | None, rank: int,
+                                world_size: int, device, *,
                                 sp_size: int | None = None, ring_degree: int | None = None, pad_token_id: int = 0,
                                 ignore_index: int = -100, balance_documents: bool = False) -> dict:
     """This rank's shard of a batch of full sequences, padded so that any length works.
 
     Args:
+        seq_algo: the :class:`SPAttentionConfig` the model was patched with, or the algorithm name with ``sp_size`` /
+            ``ring_degree`` as keywords (the same values as for the patch).
         input_ids: ``(batch, seq)`` the full sequences (same on every rank of the SP group).
         position_ids: ``(batch or 1, seq)`` positions, or None for ``0..seq-1``. Packed rows: positions restart at 0
             at each document start (transformers' convention); with the patched model each token then attends only
@@ -114,8 +124,9 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
         ``accelerator.prepare(dataloader)``, gives each rank its own rows) all raise before any attention
         collective instead of training on a sequence no rank has. Every rank of the world must call it.
     """
-    check_seq_algo(seq_algo)
-    _check_rank(seq_algo, rank, world_size)
+    config = sp_config(seq_algo, sp_size=sp_size, ring_degree=ring_degree)
+    seq_algo, sp_size, opts = config.seq_algo, config.sp_size, config.options
+    _check_rank(config.sequence_parallel, rank, world_size)
     sp_rank, sp_world = _sp_rank_size(rank, world_size, sp_size)
     for name, x in (("input_ids", input_ids), ("position_ids", position_ids), ("target_ids", target_ids)):
         if x is not None and (not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.dtype.is_complex
@@ -132,7 +143,7 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
         raise ValueError(f"position_ids {tuple(position_ids.shape)} must be (batch or 1, {seq})")
     if target_ids is not None and target_ids.shape != input_ids.shape:
         raise ValueError(f"target_ids {tuple(target_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
-    sequence_parallel = seq_algo != "data_parallel" and sp_world > 1
+    sequence_parallel = config.sequence_parallel and sp_world > 1
     if sequence_parallel:
         if _distributed():  # before any check that could raise on some ranks only (the others would hang)
             _check_same_batch(seq_algo, rank, sp_size, device, input_ids, position_ids, target_ids)
@@ -140,7 +151,6 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
         if not get_algorithm(seq_algo).documents and bool((position_ids[:, 1:] == 0).any()):
             raise ValueError(DOCUMENTS_UNSUPPORTED)
 
-    opts = algorithm_options(seq_algo, ring_degree=ring_degree)
     pad, balance = 0, None
     if sequence_parallel:
         granularity = sequence_granularity(seq_algo, sp_world, **opts)
@@ -170,10 +180,11 @@ def prepare_seq_parallel_inputs(seq_algo: str, input_ids: torch.Tensor, position
         "work_balance": balance,
     }
     if sequence_parallel and _distributed():
-        from .integrations import hf
+        from .integrations import shards
 
         # the model that gets these shards must assemble this layout (not its own attention on each shard)
-        hf.expect_sequence_parallel_model(seq_algo, sp_world, opts, out["local_input_ids"], out["local_position_ids"])
+        shards.expect_sequence_parallel_model(seq_algo, sp_world, opts, out["local_input_ids"],
+                                              out["local_position_ids"])
     return out
 
 
@@ -183,7 +194,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _check_rank(seq_algo: str, rank, world_size) -> None:
+def _check_rank(sequence_parallel: bool, rank, world_size) -> None:
     """``rank`` in ``[0, world_size)``; for a sequence-parallel algorithm under torch.distributed, the process's own
     rank and world (a shard of another rank, or of a world of another size, would be silently wrong)."""
     for name, value in (("rank", rank), ("world_size", world_size)):
@@ -192,7 +203,7 @@ def _check_rank(seq_algo: str, rank, world_size) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, world_size={world_size}): pass this process's global rank and "
                          "the number of processes (accelerator.process_index / accelerator.num_processes)")
-    if seq_algo != "data_parallel" and _distributed():
+    if sequence_parallel and _distributed():
         from .utils import rank_world
 
         actual = rank_world()
@@ -258,9 +269,9 @@ def _balance_documents(seq_algo, world, opts, pad, input_ids, position_ids, targ
     return take(input_ids), take(position_ids), take(target_ids), worst
 
 
-def gather_seq_parallel_outputs(seq_algo: str, local_outputs: torch.Tensor, *, seq_len: int | None = None,
-                                sp_size: int | None = None, ring_degree: int | None = None,
-                                dim: int = 1) -> torch.Tensor:
+def gather_seq_parallel_outputs(seq_algo: str | SPAttentionConfig, local_outputs: torch.Tensor, *,
+                                seq_len: int | None = None, sp_size: int | None = None,
+                                ring_degree: int | None = None, dim: int = 1) -> torch.Tensor:
     """Reassemble per-token outputs (argmax predictions, per-token losses, logits) of the SP group in order.
 
     Collective over the SP group (every rank of the world must call it when ``sp_size`` is set). Not
@@ -269,22 +280,23 @@ def gather_seq_parallel_outputs(seq_algo: str, local_outputs: torch.Tensor, *, s
     Args:
         local_outputs: this rank's outputs, sharded along ``dim`` as by :func:`prepare_seq_parallel_inputs`.
         seq_len: the original (unpadded) length: the padding added by ``prepare_seq_parallel_inputs`` is cut off.
-        sp_size, ring_degree: the values used for sharding.
+        seq_algo, sp_size, ring_degree: the config (or name and keywords) used for sharding.
     Returns:
         The full sequence along ``dim`` on every rank of the SP group.
     """
     from .attention.comm import get_sp_group
 
-    opts = algorithm_options(seq_algo, ring_degree=ring_degree)
-    group = None if seq_algo == "data_parallel" else get_sp_group(sp_size)
-    full = gather_sequence(seq_algo, local_outputs, group=group, dim=dim, **opts)
+    config = sp_config(seq_algo, sp_size=sp_size, ring_degree=ring_degree)
+    group = get_sp_group(config.sp_size) if config.sequence_parallel else None
+    full = gather_sequence(config.seq_algo, local_outputs, group=group, dim=dim, **config.options)
     return full if seq_len is None else full.narrow(dim, 0, seq_len)
 
 
-def prepare_dataloader(seq_algo: str, dataloader, accelerator, *, sp_size: int | None = None):
+def prepare_dataloader(seq_algo: str | SPAttentionConfig, dataloader, accelerator, *, sp_size: int | None = None):
     """Wrap a DataLoader so that ranks of one SP group see the same batches and DP replicas different ones.
 
     Args:
+        seq_algo: the :class:`SPAttentionConfig` of the run, or the algorithm name with ``sp_size`` as a keyword.
         dataloader: a plain ``torch.utils.data.DataLoader`` yielding full sequences.
         accelerator: the ``accelerate.Accelerator`` (device, placement and batching settings are taken from it).
         sp_size: ranks per SP group (None = the whole world: a single replica, every rank sees every batch).
@@ -296,11 +308,10 @@ def prepare_dataloader(seq_algo: str, dataloader, accelerator, *, sp_size: int |
         ranks shuffle identically. The returned loader is not registered with the accelerator's checkpointing
         (``save_state`` does not record its position).
     """
-    check_seq_algo(seq_algo)
+    config = sp_config(seq_algo, sp_size=sp_size)
     from accelerate.data_loader import prepare_data_loader
 
-    if seq_algo == "data_parallel":
-        sp_size = 1  # every rank its own replica
+    sp_size = config.sp_size if config.sequence_parallel else 1  # data_parallel: every rank its own replica
 
     # the process group's own rank/world: accelerate's state says process 0 of 1 on every rank of a DeepSpeed launch
     # on CPU, which would give every replica the same rows
@@ -340,5 +351,5 @@ def _share_shuffle_seed(dataloader, device) -> None:
     sampler.generator = torch.Generator().manual_seed(int(seed.item()))
 
 
-__all__ = ["SEQ_ALGOS", "apply_seq_parallel_monkey_patch", "prepare_seq_parallel_inputs", "prepare_dataloader",
-           "gather_seq_parallel_outputs"]
+__all__ = ["SEQ_ALGOS", "SPAttentionConfig", "apply_seq_parallel_monkey_patch", "prepare_seq_parallel_inputs",
+           "prepare_dataloader", "gather_seq_parallel_outputs"]

@@ -74,6 +74,43 @@ def test_prepare_inputs_sp_size_uses_rank_within_group():
     assert torch.equal(got["local_input_ids"], shard_sequence("usp_attn", ids, 3, 4, ring_degree=2))
 
 
+def test_one_sp_config_or_the_seed_strings():
+    """Every API function takes one SPAttentionConfig; the seed's name + keywords build the same object."""
+    from easy_context import SPAttentionConfig
+    from easy_context.sp_config import sp_config
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 37))
+    tgt = torch.randint(0, 100, (2, 37))
+    for algo, kw in (("zigzag_ring_attn", {}), ("usp_attn", {"ring_degree": 2}), ("ulysses_attn", {"sp_size": 2}),
+                     ("data_parallel", {})):
+        config = SPAttentionConfig(algo, **kw)
+        assert sp_config(algo, **kw) == config and sp_config(config) is config
+        for rank in range(4):
+            by_name = prepare_seq_parallel_inputs(algo, ids, None, tgt, rank, 4, "cpu", **kw)
+            by_config = prepare_seq_parallel_inputs(config, ids, None, tgt, rank, 4, "cpu")
+            for key in ("local_input_ids", "local_position_ids", "local_target_ids"):
+                assert torch.equal(by_name[key], by_config[key]), (algo, rank, key)
+    model = _llama()
+    config = SPAttentionConfig("usp_attn", ring_degree=2, backend="math")
+    assert apply_seq_parallel_monkey_patch(config, model) == config.name == model.config._attn_implementation
+    assert apply_seq_parallel_monkey_patch(SPAttentionConfig("data_parallel"), _llama()) is None
+    with pytest.raises(ValueError, match="given both in the SPAttentionConfig and as keywords"):
+        prepare_seq_parallel_inputs(config, ids, None, None, 0, 4, "cpu", ring_degree=2)
+    with pytest.raises(ValueError, match="given both"):
+        apply_seq_parallel_monkey_patch(config, model, sp_size=2)
+    with pytest.raises(TypeError, match="algorithm name or an SPAttentionConfig"):
+        prepare_seq_parallel_inputs(3, ids, None, None, 0, 4, "cpu")
+    with pytest.raises(ValueError, match="unknown seq_algo"):
+        SPAttentionConfig("ring")
+    with pytest.raises(ValueError, match="ring_degree is a usp_attn option"):
+        SPAttentionConfig("zigzag_ring_attn", ring_degree=2)
+    with pytest.raises(ValueError, match="sp_size=0 must be a positive int"):
+        SPAttentionConfig("zigzag_ring_attn", sp_size=0)
+    with pytest.raises(ValueError, match="nothing to register"):
+        hf.register_attention(SPAttentionConfig("data_parallel"))
+
+
 def test_prepare_inputs_errors():
     ids = torch.zeros(1, 16, dtype=torch.long)
     with pytest.raises(ValueError, match="sp_size=3 must be a positive divisor of world_size=4"):

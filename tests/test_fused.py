@@ -1,7 +1,7 @@
-"""easy_context/memory/ops + patch.py: the SwiGLU and rotary Functions against float64 autograd of the plain formulas (the
-RMSNorm Function is tested in test_memory.py), and enable_fused_kernels on tiny HF decoders against the plain model
-(loss and every parameter gradient), alone and with tiled MLP / attention preservation. On CPU the bodies run
-eagerly; the compiled CUDA kernels are checked by bench/fused_check.py.
+"""easy_context/memory/ops + integrations/patch.py: the SwiGLU and rotary Functions against float64 autograd of the
+plain formulas (the RMSNorm Function is tested in test_memory.py), and enable_fused_kernels on tiny HF decoders
+against the plain model (loss and every parameter gradient), alone and with tiled MLP / attention preservation. On
+CPU the bodies run eagerly; the compiled CUDA kernels are checked by bench/fused_check.py.
 """
 import copy
 import importlib
@@ -12,11 +12,12 @@ import torch.nn.functional as F
 
 import easy_context.memory.ops.swiglu as swiglu
 from easy_context import utils
-from easy_context.memory import patch
+from easy_context.integrations import patch
 from easy_context.memory.ops import rope_eager
 from _models import SMALL, _assert_same, _batch, _close, _configs, _model, _run, _saved_bytes
-from easy_context.memory import enable_fused_kernels, silu_mul
-from easy_context.memory import enable_attention_preserving_checkpointing, enable_tiled_mlp
+from easy_context.integrations.memory import enable_attention_preserving_checkpointing, enable_tiled_mlp
+from easy_context.integrations.patch import enable_fused_kernels
+from easy_context.memory import silu_mul
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # float64 runs of the same math in another order (analytic backward vs autograd): ~1e-15 relative; 1e-12 is far

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from _dist import run_distributed
-from easy_context.integrations import hf
+from easy_context.integrations import hf, shards
 from easy_context.api import apply_seq_parallel_monkey_patch, gather_seq_parallel_outputs, prepare_seq_parallel_inputs
 from easy_context.loss import sharded_cross_entropy
 from easy_context.attention.registry import SEQ_ALGOS, get_attn_func, shard_sequence
@@ -141,7 +141,7 @@ def _equivalence_worker(rank, world):
                 continue
             assert model.config._attn_implementation == name and base.config._attn_implementation == "sdpa"
             # spy on the registered mask function: it must be called, and build nothing
-            mask_fn = AttentionMaskInterface._global_mapping[name]
+            mask_fn = AttentionMaskInterface()[name]  # the public Mapping API (local overrides, then the global table)
             AttentionMaskInterface.register(name, lambda *a, _f=mask_fn, **k: mask_calls.append(_f(*a, **k)))
             try:
                 _check_sp(model, algo, ids, tgt, ref, rank, world, f"{model_type}/{algo}/w{world}")
@@ -327,7 +327,7 @@ def _wrong_attention_rows(rank, world, ids, tgt):
         except Exception as e:  # noqa: BLE001 - the parent test names any failure
             out[name] = f"{type(e).__name__}: {e}"
     # the global hook exists only while shards wait for their model
-    out["hook removed after the last row"] = "ok" if hf._GUARD.handle is None else "still registered"
+    out["hook removed after the last row"] = "ok" if shards._GUARD.handle is None else "still registered"
     return out
 
 

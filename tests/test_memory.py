@@ -1,6 +1,7 @@
-"""easy_context/memory/ (checkpointing, attn_preserving, tiled_mlp): offloaded checkpointing, attention-preserving checkpointing and tiled MLP on tiny fp32 HF
-decoders, each against the plain model with gradient checkpointing off (loss and every parameter gradient), plus a
-measurable effect per feature; one 2-rank run composes all three with zigzag_ring_attn.
+"""easy_context/memory/ (checkpointing, attn_preserving, tiled_mlp), applied by easy_context/integrations/memory.py:
+offloaded checkpointing, attention-preserving checkpointing and tiled MLP on tiny fp32 HF decoders, each against the
+plain model with gradient checkpointing off (loss and every parameter gradient), plus a measurable effect per feature;
+one 2-rank run composes all three with zigzag_ring_attn.
 """
 import copy
 
@@ -11,10 +12,11 @@ import torch.nn.functional as F
 
 from _dist import run_distributed
 from _models import RTOL, SEQ, SMALL, SP_RTOL, _assert_same, _batch, _close, _configs, _model, _run, _saved_bytes  # noqa: F401
-from easy_context.memory import enable_fused_kernels
-from easy_context.memory import (Checkpointer, PinnedHostPool, apply_unsloth_offloaded_gradient_checkpoint_monkey_patch,
-                                 enable_attention_preserving_checkpointing, enable_low_memory_rmsnorm,
-                                 enable_offloaded_checkpointing, enable_tiled_mlp)
+from easy_context.integrations.memory import (apply_unsloth_offloaded_gradient_checkpoint_monkey_patch,
+                                             enable_attention_preserving_checkpointing, enable_offloaded_checkpointing,
+                                             enable_tiled_mlp)
+from easy_context.integrations.patch import enable_fused_kernels, enable_low_memory_rmsnorm
+from easy_context.memory import Checkpointer, PinnedHostPool
 
 
 def _layers(model):
@@ -403,3 +405,19 @@ def test_attention_preserving_keeps_no_qkv_storage(monkeypatch):
     loss.backward()
     result = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
     _assert_same(result, reference, "preserving without q/k/v storage")
+
+
+def test_old_memory_paths_are_the_moved_functions():
+    """The model-level functions moved to easy_context.integrations; the seed-era paths still name them."""
+    import easy_context
+    from easy_context import memory
+    from easy_context.integrations import memory as hf_memory, patch
+
+    for name in ("enable_offloaded_checkpointing", "apply_unsloth_offloaded_gradient_checkpoint_monkey_patch",
+                 "enable_attention_preserving_checkpointing", "make_preserving_attention", "preserving_name",
+                 "enable_tiled_mlp"):
+        assert getattr(memory, name) is getattr(hf_memory, name) is getattr(easy_context, name)
+    for name in ("enable_low_memory_rmsnorm", "enable_fused_kernels", "enable_fused_swiglu", "enable_fused_rope"):
+        assert getattr(memory, name) is getattr(patch, name) is getattr(easy_context, name)
+    with pytest.raises(AttributeError):
+        memory.no_such_feature  # noqa: B018

@@ -4,6 +4,9 @@ algorithm, tied together by the registry (registry.py), from which everything el
 Imports go one way: registry -> algorithms (zigzag_ring, dist_flash, ulysses, usp; leaves: none imports another) ->
 head_parallel (Ulysses/USP) -> ring (the shared ring engine) -> documents, kernels, merge, comm -> backends;
 layouts -> comm. Nothing here imports transformers.
+
+Switches for callers: ``lean_all_to_all()`` (a context manager; Ulysses/USP keep only sequence-sharded tensors for
+backward), the one way to change an algorithm's behaviour from outside besides its keyword options.
 """
 from .kernels import BACKENDS, KERNELS, Kernel, get_kernel, local_attn_func, resolve_backend
 from .registry import (ALGORITHMS, SEQ_ALGOS, SP_ALGOS, Algorithm, algorithm_options, check_seq_algo, gather_sequence,

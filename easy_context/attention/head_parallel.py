@@ -32,7 +32,9 @@ _LEAN: contextvars.ContextVar = contextvars.ContextVar("easy_context_lean_all_to
 
 @contextlib.contextmanager
 def lean_all_to_all():
-    """Within this context Ulysses/USP keep only sequence-sharded tensors for backward (see ``_LEAN``)."""
+    """Within this context (this thread) Ulysses/USP save only their sequence-sharded q/k/v/out for backward and
+    re-run the all-to-alls there, instead of keeping head-sharded copies: the public switch for callers that keep an
+    attention graph for a whole step (easy_context.memory's attention-preserving checkpointing). Same results."""
     token = _LEAN.set(True)
     try:
         yield

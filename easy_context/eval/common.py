@@ -94,7 +94,7 @@ def load_model(path: str, seq_algo: str, device, *, dtype: str = "auto", rope_th
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..api import apply_seq_parallel_monkey_patch
-    from ..training.models import load_config
+    from ..integrations.models import load_config
 
     if dtype == "auto":
         dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"

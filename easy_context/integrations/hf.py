@@ -17,15 +17,17 @@ an implementation registered here. Nothing in the decoder is copied or replaced:
   asks for) switch itself to that name at the end of its ``post_init``.
 * both also give a causal LM the exact loss of ``labels=`` over the whole sequence (:func:`make_causal_lm_loss`):
   transformers' own shift-and-mean on a shard would drop each shard's last target and average per rank.
-* :func:`expect_sequence_parallel_model`: shards made by ``prepare_seq_parallel_inputs`` must reach a model whose
-  attention assembles their layout; a model left on its own attention (patched too late, or not at all) raises at
-  its first call with them instead of attending within each shard.
+* shards.py's ``expect_sequence_parallel_model``: shards made by ``prepare_seq_parallel_inputs`` must reach a model
+  whose attention assembles their layout; a model left on its own attention (patched too late, or not at all)
+  raises at its first call with them instead of attending within each shard.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from typing import Callable
+
+from ..sp_config import SPAttentionConfig, safe_attn_name  # noqa: F401 - the config lives with the API; re-exported
+from .documents import global_documents
 
 # Model types of the string (seed) form; any decoder routed through AttentionInterface works as an object.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -43,62 +45,6 @@ _IGNORED_KWARGS = frozenset({"position_ids", "use_cache", "output_attentions", "
 _UNSUPPORTED_HINTS = {"softcap": "attention logit soft-capping (Gemma2's config.attn_logit_softcapping)",
                       "s_aux": "attention sinks (gpt-oss)", "sinks": "attention sinks",
                       "head_mask": "a head mask", "alibi": "ALiBi biases"}
-
-# transformers runs extra checks (and kernel loading) on implementation names containing these substrings.
-_RESERVED_SUBSTRINGS = {"flash": "fa", "sdpa": "sdp", "flex": "flx"}
-
-
-def safe_attn_name(name: str) -> str:
-    """``name`` with the substrings transformers treats specially (flash, sdpa, flex) spelled otherwise, so a name
-    registered with AttentionInterface is taken as a plain custom implementation."""
-    for bad, good in _RESERVED_SUBSTRINGS.items():
-        name = name.replace(bad, good)
-    return name
-
-
-@dataclass(frozen=True)
-class SPAttentionConfig:
-    """What the registered attention needs; one registered name per distinct configuration.
-
-    Args:
-        seq_algo: a sequence-parallel algorithm of the registry (``easy_context.attention.SP_ALGOS``).
-        sp_size: ranks per sequence-parallel group (consecutive ranks); None = the whole world.
-        ring_degree: ``usp_attn`` only: ranks in the ring dimension.
-        backend: local kernel backend passed to the algorithm (None = the core's default / env choice).
-    """
-
-    seq_algo: str
-    sp_size: int | None = None
-    ring_degree: int | None = None
-    backend: str | None = None
-
-    def __post_init__(self):
-        from ..attention.registry import SP_ALGOS, algorithm_options, get_attn_func
-
-        if get_attn_func(self.seq_algo) is None:
-            raise ValueError(f"{self.seq_algo} uses the model's own attention; there is nothing to register "
-                             f"(sequence-parallel algorithms: {', '.join(SP_ALGOS)})")
-        if self.sp_size is not None and (not isinstance(self.sp_size, int) or self.sp_size < 1):
-            raise ValueError(f"sp_size must be a positive int or None, got {self.sp_size!r}")
-        algorithm_options(self.seq_algo, ring_degree=self.ring_degree)
-
-    @property
-    def name(self) -> str:
-        """The ``attn_implementation`` name, e.g. ``easy_context_usp_attn_sp4_ring2``."""
-        parts = [f"easy_context_{self.seq_algo}"]
-        if self.sp_size is not None:
-            parts.append(f"sp{self.sp_size}")
-        if self.ring_degree is not None:
-            parts.append(f"ring{self.ring_degree}")
-        if self.backend is not None:
-            parts.append(str(self.backend))
-        return safe_attn_name("_".join(parts))
-
-    @property
-    def options(self) -> dict:
-        """Keyword options the algorithm's attention and sharding both take."""
-        return {} if self.ring_degree is None else {"ring_degree": self.ring_degree}
-
 
 def no_mask(*args, attention_mask=None, **kwargs):
     """The registered mask function: never builds a mask (causality is the kernel's job).
@@ -123,6 +69,7 @@ def make_attention(config: SPAttentionConfig) -> Callable:
     from ..attention.comm import get_sp_group
     from ..attention.registry import get_attn_func
 
+    config.require_sequence_parallel()
     attn_func = get_attn_func(config.seq_algo)
     options = config.options
     # The documents of the current forward, found at layer 0 and reused by the later layers (and their recompute)
@@ -137,10 +84,10 @@ def make_attention(config: SPAttentionConfig) -> Callable:
             raise ValueError(f"{config.name}: a prepared (4-D) attention mask cannot be honoured under sequence "
                              "parallelism; the kernels apply the causal mask over the global sequence themselves")
         if any(kwargs.get(k) is not None for k in _VARLEN_KWARGS):
-            raise ValueError(f"{config.name}: flash-attn varlen arguments (cu_seq_lens, max_length) are not taken under "
-                             "sequence parallelism: pass packed rows as position_ids that restart at 0 at each document "
-                             "(DataCollatorWithFlattening without return_flash_attn_kwargs, or prepare_data.py "
-                             "--packing documents); prepare_seq_parallel_inputs shards them")
+            raise ValueError(f"{config.name}: flash-attn varlen arguments (cu_seq_lens, max_length) are not taken "
+                             "under sequence parallelism: pass packed rows as position_ids that restart at 0 at each "
+                             "document (DataCollatorWithFlattening without return_flash_attn_kwargs, or "
+                             "prepare_data.py --packing documents); prepare_seq_parallel_inputs shards them")
         unsupported = sorted(k for k, v in kwargs.items() if k not in _IGNORED_KWARGS and k not in _VARLEN_KWARGS
                              and v is not None and v is not False)
         if unsupported:
@@ -187,53 +134,6 @@ def make_attention(config: SPAttentionConfig) -> Callable:
     return sequence_parallel_attention
 
 
-def global_documents(position_ids, local_len: int, config: SPAttentionConfig, group):
-    """The document boundaries of the global rows (None: one document per row), from every rank's local
-    ``position_ids``: packed rows restart their positions at 0 at each document start (transformers' convention).
-
-    One small shape check and one all-gather of the positions over ``group``; every rank gets the same answer, so
-    an error is raised on every rank together.
-
-    Raises:
-        ValueError: the model got local positions ``0..local_len-1`` on every rank (it was called without the global
-            positions: transformers then numbers each shard from 0 and RoPE and the documents would be wrong), or
-            positions that neither continue nor restart at 0; packed rows under an algorithm without document support.
-    """
-    import torch
-    import torch.distributed as dist
-
-    from ..attention.comm import check_same_across_group
-    from ..attention.documents import boundaries_from_positions
-    from ..attention.layouts import assemble
-    from ..attention.registry import get_algorithm, layout
-
-    if position_ids is None:
-        return None
-    world = dist.get_world_size(group)
-    if world > 1:
-        check_same_across_group(dict(position_rows=position_ids.shape[0], local_len=position_ids.shape[-1]), group,
-                                position_ids.device, config.name)
-        n, chunks = layout(config.seq_algo, world, **config.options)
-        device = position_ids.device if dist.get_backend(group) == "nccl" else "cpu"
-        local = position_ids.to(device)
-        arange = torch.arange(local_len, device=device)
-        # every rank at 0..local_len-1: the model numbered its shard itself (checked before reading documents,
-        # whose positions would then be wrong)
-        flags = torch.tensor([float(bool((local == arange).all()))], device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
-        if flags.item():
-            raise ValueError(f"{config.name}: every rank got positions 0..{local_len - 1}: the model was called without "
-                             "the global positions of its shard. Pass position_ids=prepared['local_position_ids'] "
-                             "from prepare_seq_parallel_inputs (if the row really is documents of exactly "
-                             f"{local_len} tokens aligned with the shards, use zigzag_ring_attn)")
-        position_ids = assemble(local, n, chunks, group, dim=-1)
-    docs = boundaries_from_positions(position_ids.reshape(-1, position_ids.shape[-1]))
-    if docs is not None and not get_algorithm(config.seq_algo).documents:
-        from ..attention.dist_flash import DOCUMENTS_UNSUPPORTED
-        raise ValueError(f"{config.name}: {DOCUMENTS_UNSUPPORTED}")
-    return docs
-
-
 def register_attention(config: SPAttentionConfig) -> str:
     """Register the attention and the no-op mask for ``config`` with transformers; return the name.
 
@@ -242,6 +142,7 @@ def register_attention(config: SPAttentionConfig) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    config.require_sequence_parallel()
     AttentionInterface.register(config.name, make_attention(config))
     AttentionMaskInterface.register(config.name, no_mask)
     _REGISTERED[config.name] = config
@@ -417,96 +318,12 @@ def patched_attn_implementation(model_type: str) -> str | None:
     return getattr(pretrained_base(model_type).__dict__.get("post_init"), "easy_context_attn_implementation", None)
 
 
-class _ShardGuard:
-    """Shards of :func:`prepare_seq_parallel_inputs` waiting for the model they are fed to (see
-    :func:`expect_sequence_parallel_model`). One per process: the two calls share no object."""
-
-    def __init__(self):
-        self.pending = []    # (weakref to local_input_ids, weakref to local_position_ids, expected layout)
-        self.handle = None   # the global forward hook, present only while shards are pending
-
-    def expect(self, tensors, layout) -> None:
-        import weakref
-
-        from torch.nn.modules.module import register_module_forward_hook
-
-        self.pending = [p for p in self.pending if p[0]() is not None] + [(*map(weakref.ref, tensors), layout)]
-        if self.handle is None:
-            self.handle = register_module_forward_hook(self._check, with_kwargs=True)
-
-    def _check(self, module, args, kwargs, output) -> None:
-        # every module call while shards are pending: a few per step (the embedding, then the rotary embedding or the
-        # model: the innermost module with a transformers config that got them finishes first)
-        config = getattr(module, "config", None)
-        attn = getattr(config, "_attn_implementation", None) if config is not None else None
-        hit = None
-        if attn is not None:
-            given = [a for a in (*args, *kwargs.values()) if a is not None]
-            hit = next((p for p in self.pending if any(a is p[0]() or a is p[1]() for a in given)), None)
-        self.pending = [p for p in self.pending if p is not hit and p[0]() is not None]
-        if not self.pending and self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-        if hit is not None:
-            problem = _layout_problem(attn, hit[2], config)
-            if problem:
-                raise ValueError(f"a {getattr(config, 'model_type', '')} model got the shards of "
-                                 f"prepare_seq_parallel_inputs({problem}")
-
-
-_GUARD = _ShardGuard()
-
-
 def expect_sequence_parallel_model(seq_algo: str, sp_world: int, options: dict, local_input_ids,
                                    local_position_ids) -> None:
-    """Check, when these shards reach a model, that its attention assembles their layout.
+    """See :func:`easy_context.integrations.shards.expect_sequence_parallel_model` (kept here for old callers)."""
+    from . import shards
 
-    A model left on its own attention (the string form of the patch called after the model was built, no patch, or
-    one with another algorithm / ``sp_size`` / ``ring_degree``) would attend within each rank's shard only: logits
-    and gradients wrong, the loss barely. Mechanism: while shards are pending, a global forward hook (torch's
-    ``register_module_forward_hook``, removed again once they arrived) looks at each finished module call; the first
-    module with a transformers ``config`` that got one of these very tensors (``local_input_ids`` or
-    ``local_position_ids``, by position or keyword) is the model's rotary embedding (Llama, Mistral, Qwen2/3: before
-    any decoder layer ran) or the model itself. There it compares the ``attn_implementation`` with the layout and
-    raises ValueError naming the fix. Only weak references to the shards are kept; shards that never reach a model
-    cost nothing once freed.
-    """
-    _GUARD.expect((local_input_ids, local_position_ids), (seq_algo, sp_world, _resolved_options(seq_algo, sp_world,
-                                                                                                 options)))
-
-
-def _resolved_options(seq_algo: str, sp_world: int, options: dict) -> dict:
-    if seq_algo == "usp_attn":
-        from ..attention.comm import usp_degrees
-
-        return {"ring_degree": usp_degrees(sp_world, options.get("ring_degree"))[0]}
-    return dict(options)
-
-
-def _layout_problem(attn_implementation: str, layout, config) -> str | None:
-    """Why a model on ``attn_implementation`` cannot take shards of ``layout`` (None: it can); the message's tail."""
-    from ..utils import rank_world
-
-    seq_algo, sp_world, options = layout
-    what = f"{seq_algo!r} over {sp_world} ranks{''.join(f', {k}={v}' for k, v in options.items())})"
-    ours = registered_config(attn_implementation)
-    if ours is None:
-        model_type = getattr(config, "model_type", None)
-        late = (f" {model_type} was patched with the string form, which switches only models built after it; this one "
-                "was built before." if model_type in SUPPORTED_MODEL_TYPES
-                and patched_attn_implementation(model_type) else "")
-        sp = "" if sp_world == rank_world()[1] else f", sp_size={sp_world}"
-        return (f"{what}, but its attention is {attn_implementation!r}, which would attend within each rank's shard "
-                f"only (wrong logits and gradients).{late} Patch this model: apply_seq_parallel_monkey_patch("
-                f"{seq_algo!r}, model{sp}{''.join(f', {k}={v}' for k, v in options.items())}), or patch with the "
-                "string form before building it")
-    model_sp = ours.sp_size or rank_world()[1]
-    mine = (ours.seq_algo, model_sp, _resolved_options(ours.seq_algo, model_sp, ours.options))
-    if mine != (seq_algo, sp_world, options):
-        return (f"{what}, but its attention {attn_implementation!r} assembles {mine[0]!r} over {mine[1]} ranks"
-                f"{''.join(f', {k}={v}' for k, v in mine[2].items())}: pass the same seq_algo, sp_size and "
-                "ring_degree to apply_seq_parallel_monkey_patch and prepare_seq_parallel_inputs")
-    return None
+    shards.expect_sequence_parallel_model(seq_algo, sp_world, options, local_input_ids, local_position_ids)
 
 
 def is_sequence_parallel(model) -> bool:

@@ -1,20 +1,19 @@
-"""Attention-preserving checkpointing (LightSeq's idea): the backward recompute of a checkpointed decoder layer
-skips the attention forward. The attention registered with transformers' ``AttentionInterface`` keeps its result
+"""Attention-preserving checkpointing (LightSeq's idea), the mechanism: the backward recompute of a checkpointed
+decoder layer skips the attention forward. The wrapped attention (:func:`preserving_attention`) keeps its result
 from the first forward (its own small autograd graph on detached q/k/v, without q/k/v themselves) and serves it
-during the recompute; the checkpoint's ``context_fn`` (a recompute context of the :class:`Checkpointer`) gives the
-first forward and the recompute of each layer a shared :class:`_AttentionFrame`.
+during the recompute; the checkpoint's ``context_fn`` (a recompute context of the :class:`Checkpointer`,
+:func:`attention_frame_contexts`) gives the first forward and the recompute of each layer a shared
+:class:`_AttentionFrame`. Nothing here imports transformers: registering the wrapper with its ``AttentionInterface``
+is ``easy_context.integrations.memory.enable_attention_preserving_checkpointing``.
 """
 from __future__ import annotations
 
 import contextvars
-import sys
-from typing import Iterable
+from typing import Callable
 
 import torch
 
 from ..attention import lean_all_to_all
-from ..integrations.hf import safe_attn_name
-from .checkpointing import Checkpointer, decoder_layers, install_checkpointer, select_layers
 
 
 class _AttentionFrame:
@@ -46,7 +45,7 @@ class _FrameContext:
 _ACTIVE_FRAME: contextvars.ContextVar = contextvars.ContextVar("easy_context_attention_frame", default=None)
 
 
-def _attention_frame_contexts():
+def attention_frame_contexts():
     """``context_fn`` of torch.utils.checkpoint: one frame shared by the forward and its recompute."""
     frame = _AttentionFrame()
     return _FrameContext(frame, replay=False), _FrameContext(frame, replay=True)
@@ -147,30 +146,18 @@ class _PreservedAttention(torch.autograd.Function):
         return (None, None, *result)
 
 
-def _inner_attention(inner_name: str, module):
-    """The attention function that ``inner_name`` means for ``module``'s model."""
-    if inner_name == "eager":
-        # "eager" is not in the registry: each modeling file has its own eager_attention_forward
-        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if fn is None:
-            raise TypeError(f"{type(module).__name__}: no eager_attention_forward in its modeling module; use "
-                            "attn_implementation='sdpa' with attention-preserving checkpointing")
-        return fn
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS[inner_name]
-
-
-def make_preserving_attention(inner_name: str):
-    """The attention function registered by :func:`enable_attention_preserving_checkpointing` for ``inner_name``.
+def preserving_attention(resolve_inner: Callable, label: str) -> Callable:
+    """An attention function (transformers' interface: ``fn(module, query, key, value, attention_mask, **kwargs)
+    -> (out, weights)``) around the one ``resolve_inner(module)`` returns, preserving its result for the recompute.
 
     Outside a checkpointed layer (checkpointing off, eval, no_grad, layers skipped by ``every_n_layers``) it calls
-    the inner attention unchanged. In the first forward of a checkpointed layer it runs the inner attention once
-    and keeps its graph; during that layer's recompute it returns the kept output instead of recomputing.
+    the inner attention unchanged. In the first forward of a checkpointed layer (a recompute context of
+    :func:`attention_frame_contexts` active) it runs the inner attention once and keeps its graph; during that
+    layer's recompute it returns the kept output instead of recomputing. ``label`` names it in tracebacks.
     """
 
     def preserving_attention(module, query, key, value, attention_mask, **kwargs):
-        inner = _inner_attention(inner_name, module)
+        inner = resolve_inner(module)
         state = _ACTIVE_FRAME.get()
         if state is None:
             return inner(module, query, key, value, attention_mask, **kwargs)
@@ -199,59 +186,8 @@ def make_preserving_attention(inner_name: str):
 
         return _PreservedAttention.apply(entry, call, query, key, value), None
 
-    preserving_attention.__qualname__ = f"preserving_attention[{inner_name}]"
+    preserving_attention.__qualname__ = f"preserving_attention[{label}]"
     return preserving_attention
 
 
-def preserving_name(inner_name: str) -> str:
-    """The ``attn_implementation`` name of the preserving wrapper around ``inner_name``."""
-    return safe_attn_name(f"{inner_name}_attn_preserving")
-
-
-def enable_attention_preserving_checkpointing(model, layers: int | Iterable[int] | None = None) -> Checkpointer:
-    """Gradient checkpointing whose backward recompute skips the attention forward (LightSeq's idea).
-
-    Registers with transformers' ``AttentionInterface`` a wrapper around the model's current
-    ``attn_implementation`` (``"sdpa"``, ``"eager"`` or an easy_context sequence-parallel one; the mask function
-    is the inner one's) and switches the model to it; installs a :class:`Checkpointer` whose ``context_fn`` lets
-    the wrapper tell the first forward from the recompute. Turns gradient checkpointing on if it is off; keeps
-    offloading if it is on.
-
-    Memory: per preserving layer, on top of the layer input, what the attention's own backward saves except q, k
-    and v (the recompute provides those again): for fused kernels and the easy_context algorithms out and lse,
-    about ``seq x hidden`` (one more layer input's worth; Ulysses/USP re-run their all-to-alls in backward rather
-    than keep head-sharded copies); for ``eager`` the ``seq x seq`` probabilities (short sequences only). Compute: one attention forward per preserving layer per step fewer. When memory allows only
-    some, preserve some (``layers``): each one saves its attention forward.
-
-    Call it after :func:`easy_context.apply_seq_parallel_monkey_patch` (which switches the implementation itself)
-    and before training. Limits: non-reentrant checkpointing only; one backward per forward (a second backward
-    through a retained graph raises); ``output_attentions`` weights come back as None under checkpointing.
-
-    Args:
-        model: a transformers ``PreTrainedModel`` routing attention through ``AttentionInterface``.
-        layers: None: every decoder layer; an int n: the first n decoder layers; or decoder-layer indices.
-    Returns:
-        The :class:`Checkpointer` installed on the model's layers.
-    Raises:
-        ValueError: the model does not support gradient checkpointing, or ``layers`` is out of range.
-        TypeError: the model's attention does not go through ``AttentionInterface``.
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    inner_name = model.config._attn_implementation
-    if not inner_name.endswith("_attn_preserving"):
-        name = preserving_name(inner_name)
-        AttentionInterface.register(name, make_preserving_attention(inner_name))
-        if inner_name in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-            # same masks as the inner implementation (none for easy_context's, where none is registered)
-            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner_name])
-        model.set_attn_implementation(name)
-        if model.config._attn_implementation != name:
-            raise TypeError(f"{type(model).__name__} does not route its attention through transformers' "
-                            "AttentionInterface; attention-preserving checkpointing cannot be applied to it")
-    selection = select_layers(layers, len(decoder_layers(model)), "attention preserving")
-    return install_checkpointer(model, context=("preserve_attention", selection, _attention_frame_contexts))
-
-
-__all__ = ["enable_attention_preserving_checkpointing", "make_preserving_attention", "preserving_name", "stats"]
+__all__ = ["preserving_attention", "attention_frame_contexts", "stats"]

@@ -1,11 +1,12 @@
 """Gradient checkpointing of decoder layers with features per layer: the checkpoint function installed on a model
-(:class:`Checkpointer`), host-offloaded layer inputs (:func:`enable_offloaded_checkpointing`), and the hook other
-features use to run code around each layer's forward and its recompute (``recompute contexts``; attention
-preservation is one, memory/attn_preserving.py).
+(:class:`Checkpointer`), host-offloaded layer inputs, and the hook other features use to run code around each
+layer's forward and its recompute (``recompute contexts``; attention preservation is one, memory/attn_preserving.py).
+Nothing here imports transformers: the model-level functions (which find a transformers model's decoder layers) are
+``easy_context.integrations.memory``'s ``enable_offloaded_checkpointing`` and friends.
 
-How transformers reaches us. In transformers 5 every decoder layer subclasses ``GradientCheckpointingLayer``,
-whose ``forward`` calls ``self._gradient_checkpointing_func(partial(forward, self, **kwargs), hidden_states)``
-when checkpointing is on. :func:`install_checkpointer` turns checkpointing on with the public
+How transformers reaches us (its documented layer protocol; nothing of it is imported). In transformers 5 every
+decoder layer subclasses ``GradientCheckpointingLayer``, whose ``forward`` calls
+``self._gradient_checkpointing_func(partial(forward, self, **kwargs), hidden_states)`` when checkpointing is on. :func:`install_checkpointer` turns checkpointing on with the public
 ``activation_checkpointing_enable`` (if it is not on yet) and then sets that attribute, on every module that has
 ``gradient_checkpointing`` (as transformers' own ``_set_gradient_checkpointing`` does), to one
 :class:`Checkpointer`: ``torch.utils.checkpoint`` (non-reentrant) plus
@@ -20,7 +21,7 @@ when checkpointing is on. :func:`install_checkpointer` turns checkpointing on wi
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -128,12 +129,6 @@ def _describe(selection) -> str:
     return repr(selection) if isinstance(selection, bool) else f"layers {sorted(selection)}"
 
 
-def decoder_layers(model) -> list:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
 def select_layers(layers, n_layers: int, what: str):
     """``layers`` of the public functions -> True (all) or a frozenset of decoder-layer indices."""
     if layers is None:
@@ -155,12 +150,18 @@ def _checkpointed_modules(model):
     return [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
 
-def install_checkpointer(model, *, offload=None, context: tuple[str, bool | frozenset, Callable] | None = None
-                         ) -> Checkpointer:
+def install_checkpointer(model, layers: list, *, offload=None,
+                         context: tuple[str, bool | frozenset, Callable] | None = None) -> Checkpointer:
     """Turn checkpointing on (if off) and install one :class:`Checkpointer` on ``model``'s layers.
 
-    ``offload`` (a selection, or None: keep the installed one's) and ``context`` (``(name, selection, context_fn)``
-    of one feature's recompute context, added to the installed ones'): the features add up across calls."""
+    ``layers``: the model's decoder layers in order (their indices are what selections name; the caller finds them,
+    e.g. ``easy_context.integrations.memory.decoder_layers``). ``offload`` (a selection, or None: keep the installed
+    one's) and ``context`` (``(name, selection, context_fn)`` of one feature's recompute context, added to the
+    installed ones'): the features add up across calls.
+
+    The checkpoint function goes where transformers' ``GradientCheckpointingLayer`` documents it: the
+    ``_gradient_checkpointing_func`` of every module with a ``gradient_checkpointing`` flag (what its own
+    ``_set_gradient_checkpointing`` does); transformers has no public setter for a custom checkpoint function."""
     modules = _checkpointed_modules(model)
     if not modules or not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing (no module has a "
@@ -182,50 +183,11 @@ def install_checkpointer(model, *, offload=None, context: tuple[str, bool | froz
         else:  # transformers < 5.x with only the older name
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     checkpointer = Checkpointer(offload=offload, contexts=contexts, host_buffers=current.host_buffers)
-    index = {id(m): i for i, m in enumerate(decoder_layers(model))}
+    index = {id(m): i for i, m in enumerate(layers)}
     for module in modules:
         i = index.get(id(module))
         module._gradient_checkpointing_func = checkpointer if i is None else _LayerCheckpoint(checkpointer, i)
     return checkpointer
 
 
-def enable_offloaded_checkpointing(model, layers: int | Iterable[int] | None = None) -> Checkpointer:
-    """Gradient checkpointing whose saved layer inputs live in (pinned) host memory.
-
-    Each checkpointed decoder layer keeps only its input hidden state ``(batch, seq, hidden)``, moved to host
-    memory in forward (non-blocking from CUDA) and copied back when backward recomputes the layer; device memory
-    for saved activations drops from ``layers x batch x seq x hidden`` to about one layer's worth. On a CPU device
-    nothing moves. Turns gradient checkpointing on if it is off; keeps
-    :func:`enable_attention_preserving_checkpointing` if it is on.
-
-    Partial offload: when host memory is smaller than all checkpoints (512K tokens of a 7B model: 32 x 4 GiB),
-    offload only some layers and keep the rest on the GPU (``python -m easy_context.advise`` says how many).
-
-    Args:
-        model: a transformers ``PreTrainedModel`` whose decoder layers support gradient checkpointing.
-        layers: None: every decoder layer; an int n: the first n decoder layers; or decoder-layer indices.
-    Returns:
-        The :class:`Checkpointer` installed on the model's layers (``offloaded_bytes`` counts the traffic).
-    Raises:
-        ValueError: the model does not support gradient checkpointing, or ``layers`` is out of range.
-    """
-    return install_checkpointer(model, offload=select_layers(layers, len(decoder_layers(model)), "offload"))
-
-
-def apply_unsloth_offloaded_gradient_checkpoint_monkey_patch() -> None:
-    """Seed-compatible global form of :func:`enable_offloaded_checkpointing`.
-
-    Makes every model that turns gradient checkpointing on afterwards (``activation_checkpointing_enable`` /
-    ``gradient_checkpointing_enable``, e.g. from ``Trainer``) checkpoint with host-offloaded layer inputs: the
-    checkpoint function transformers binds at that moment (``transformers.modeling_utils.checkpoint``) is replaced
-    by an offloading :class:`Checkpointer`. Models that enabled checkpointing before keep their function.
-    Prefer the per-model :func:`enable_offloaded_checkpointing`.
-    """
-    import transformers.modeling_utils as modeling_utils
-
-    if not isinstance(modeling_utils.checkpoint, Checkpointer):
-        modeling_utils.checkpoint = Checkpointer(offload=True)
-
-
-__all__ = ["Checkpointer", "install_checkpointer", "enable_offloaded_checkpointing", "select_layers", "decoder_layers",
-           "apply_unsloth_offloaded_gradient_checkpoint_monkey_patch"]
+__all__ = ["Checkpointer", "install_checkpointer", "select_layers"]

@@ -1,10 +1,14 @@
 """Tiled MLP (DeepSpeed ALST's TiledMLP): each decoder layer's MLP runs over sequence tiles forward and backward, so
-``(seq, intermediate)`` activations never exist in full. :func:`enable_tiled_mlp` replaces the ``forward`` of each
-``layer.mlp`` instance (the class and the state-dict names are untouched)."""
+``(seq, intermediate)`` activations never exist in full. :func:`tile_mlps` replaces the ``forward`` of each MLP
+instance with a :class:`TiledMLPForward` (the class and the state-dict names are untouched); the model-level
+``enable_tiled_mlp`` (which finds a transformers model's MLPs) is in ``easy_context.integrations.memory``.
+
+Another feature that changes what an MLP computes per token (the fused SwiGLU) changes the forward the tiles call:
+:func:`mlp_forward` / :func:`set_mlp_forward` are that contract, whichever of the two is applied first.
+"""
 from __future__ import annotations
 
 import math
-from types import MethodType
 
 import torch
 
@@ -83,60 +87,65 @@ class _TiledMLP(torch.autograd.Function):
         return (None, None, None, dx, *[next(it) if p.requires_grad else None for p in ctx.params])
 
 
-def _tiled_forward(self, x, *args, **kwargs):
-    tile_size = self._easy_context_tile_size or math.ceil(x.shape[-2] / self._easy_context_num_tiles)
-    forward_fn = self._easy_context_mlp_forward
-    if args or kwargs or x.shape[-2] <= tile_size:
-        return forward_fn(x, *args, **kwargs)
-    params = tuple(self.parameters())
-    if is_zero3(params):  # partitioned parameters must not be Function inputs (see _TiledMLP)
-        return _TiledMLP.apply(forward_fn, tile_size, params, x)
-    return _TiledMLP.apply(forward_fn, tile_size, None, x, *params)
+class TiledMLPForward:
+    """The ``forward`` of a tiled MLP instance: ``inner`` (the MLP's own forward) over tiles of ``tile_size`` tokens
+    (or ``num_tiles`` tiles per sequence). Calls with extra arguments, or sequences of one tile, call ``inner``."""
+
+    def __init__(self, mlp: torch.nn.Module, inner, tile_size: int | None, num_tiles: int | None):
+        self.mlp, self.inner, self.tile_size, self.num_tiles = mlp, inner, tile_size, num_tiles
+
+    def __call__(self, x, *args, **kwargs):
+        tile_size = self.tile_size or math.ceil(x.shape[-2] / self.num_tiles)
+        forward_fn = self.inner
+        if args or kwargs or x.shape[-2] <= tile_size:
+            return forward_fn(x, *args, **kwargs)
+        params = tuple(self.mlp.parameters())
+        if is_zero3(params):  # partitioned parameters must not be Function inputs (see _TiledMLP)
+            return _TiledMLP.apply(forward_fn, tile_size, params, x)
+        return _TiledMLP.apply(forward_fn, tile_size, None, x, *params)
 
 
-def enable_tiled_mlp(model, *, tile_size: int | None = None, num_tiles: int | None = None) -> int:
-    """Compute every decoder layer's MLP in sequence tiles, forward and backward (DeepSpeed ALST's TiledMLP).
+def mlp_forward(mlp: torch.nn.Module):
+    """What computes ``mlp``'s per-token function: the forward its tiles call if tiled, else its ``forward``."""
+    return mlp.forward.inner if isinstance(mlp.forward, TiledMLPForward) else mlp.forward
+
+
+def set_mlp_forward(mlp: torch.nn.Module, fn) -> None:
+    """Make ``fn`` compute ``mlp``'s per-token function: inside the tiles if tiled, else as its ``forward``."""
+    if isinstance(mlp.forward, TiledMLPForward):
+        mlp.forward.inner = fn
+    else:
+        mlp.forward = fn
+
+
+def tile_mlps(mlps, *, tile_size: int | None = None, num_tiles: int | None = None) -> int:
+    """Compute each MLP of ``mlps`` in sequence tiles, forward and backward (DeepSpeed ALST's TiledMLP).
 
     The ``(batch, tile, intermediate)`` activations of one tile exist at a time instead of
     ``(batch, seq, intermediate)``; backward recomputes each tile's MLP (one extra MLP forward per step). MLPs are
-    per-token, so the result is exact and independent of sequence sharding; it composes with gradient
-    checkpointing (the recompute re-runs the tiled forward) and with the other features here.
-
-    Each ``layer.mlp`` (Llama, Mistral, Qwen2/3 and any decoder whose layers have an ``mlp`` taking
-    ``(batch, seq, hidden)``) keeps its class and parameter names: only the instance's ``forward`` is replaced,
-    and the original forward is called per tile. Under DeepSpeed ZeRO-3 the module's hooks gather the parameters
-    once around the tiled forward, and ZeRO's pre-backward hook gathers them before the per-tile recompute.
+    per-token, so the result is exact. Each module keeps its class and parameter names: only the instance's
+    ``forward`` is replaced by a :class:`TiledMLPForward` calling the original forward per tile (tiling again
+    changes only the tile size). Under DeepSpeed ZeRO-3 the module's hooks gather the parameters once around the
+    tiled forward, and ZeRO's pre-backward hook gathers them before the per-tile recompute.
 
     Args:
-        tile_size: tokens per tile. num_tiles: tiles per sequence (tile size = ceil(seq / num_tiles)).
-            Neither: ``TILE_HIDDENS x hidden_size`` tokens (16K for a 4096-wide model: a tile's intermediate
-            activations are a few MLP weight matrices in size; on the H200 that ran a 256K step 1.12x faster
-            than tiles of ``hidden_size`` tokens, DeepSpeed ALST's choice).
+        mlps: modules taking ``(batch, seq, hidden)``.
+        tile_size: tokens per tile. num_tiles: tiles per sequence (tile size = ceil(seq / num_tiles)); exactly one.
     Returns:
         The number of MLPs tiled.
     Raises:
-        ValueError: both or a non-positive tile option given, or no decoder layer with an ``mlp`` found.
+        ValueError: both, neither or a non-positive tile option given.
     """
-    if tile_size is not None and num_tiles is not None:
-        raise ValueError("pass tile_size or num_tiles, not both")
+    if (tile_size is None) == (num_tiles is None):
+        raise ValueError("pass tile_size or num_tiles (one of them)")
     for what, value in (("tile_size", tile_size), ("num_tiles", num_tiles)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{what} must be a positive int, got {value!r}")
-    if tile_size is None and num_tiles is None:
-        tile_size = TILE_HIDDENS * model.config.get_text_config().hidden_size
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    mlps = [layer.mlp for layer in model.modules()
-            if isinstance(layer, GradientCheckpointingLayer) and isinstance(getattr(layer, "mlp", None), torch.nn.Module)]
-    if not mlps:
-        raise ValueError(f"{type(model).__name__}: no decoder layer with an `mlp` module found; tiled MLP supports "
-                         "Llama/Mistral/Qwen-style decoders")
+    n = 0
     for mlp in mlps:
-        if "_easy_context_mlp_forward" not in mlp.__dict__:
-            mlp._easy_context_mlp_forward = mlp.forward
-        mlp._easy_context_tile_size, mlp._easy_context_num_tiles = tile_size, num_tiles
-        mlp.forward = MethodType(_tiled_forward, mlp)
-    return len(mlps)
+        mlp.forward = TiledMLPForward(mlp, mlp_forward(mlp), tile_size, num_tiles)
+        n += 1
+    return n
 
 
-__all__ = ["enable_tiled_mlp", "TILE_HIDDENS"]
+__all__ = ["TILE_HIDDENS", "TiledMLPForward", "tile_mlps", "mlp_forward", "set_mlp_forward"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 
 from ..attention.registry import SEQ_ALGOS, algorithm_options, get_attn_func
 from ..data import TRAIN_PACKING, check_dataset_source
+from ..sp_config import SPAttentionConfig
 from ..utils import HelpFormatter, add_flag, check_source, check_sp_size
 
 
@@ -125,6 +126,13 @@ class TrainConfig:
                 check_sp_size(self.sp_size, world_size)
             except ValueError:
                 raise ValueError(f"--sp-size {self.sp_size} must divide the number of processes {world_size}") from None
+
+    @property
+    def sp(self) -> SPAttentionConfig:
+        """The sequence-parallel settings (--seq-algo, --sp-size, --ring-degree, --attn-backend) as the one object
+        the API functions take."""
+        return SPAttentionConfig(self.seq_algo, sp_size=self.sp_size, ring_degree=self.ring_degree,
+                                 backend=self.attn_backend)
 
     @property
     def sp_degree(self) -> int | None:

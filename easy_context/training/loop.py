@@ -78,7 +78,7 @@ def micro_batches(cfg: TrainConfig, dataset, accelerator, start: int, vocab_size
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                             collate_fn=FixedLengthCollator(cfg.seq_length, vocab_size))
-        loader = prepare_dataloader(cfg.seq_algo, loader, accelerator, sp_size=cfg.sp_size)
+        loader = prepare_dataloader(cfg.sp, loader, accelerator)
         if len(loader) == 0:
             raise ValueError(f"the dataset has {len(dataset)} rows: fewer than one batch per data-parallel replica")
         if start >= len(loader):
@@ -258,8 +258,8 @@ def _train(cfg: TrainConfig) -> dict:
     resume = find_resume_checkpoint(cfg, settings) if cfg.resume_from_checkpoint else None
     set_seed(cfg.seed)
     model = load_causal_lm(cfg.model, config, dtype, init_random=cfg.init_random)
-    apply_seq_parallel_monkey_patch(cfg.seq_algo, model, sp_size=cfg.sp_size, ring_degree=cfg.ring_degree,
-                                    backend=cfg.attn_backend)
+    sp = cfg.sp  # the settings, parsed once for the patch and every micro-batch
+    apply_seq_parallel_monkey_patch(sp, model)
     apply_memory_features(cfg, model)
     wrapper = CausalLMWithShardedLoss(model, chunk_size=cfg.loss_chunk_size)
     wrapper, optimizer, scheduler = prepare_optimization(cfg, accelerator, wrapper)
@@ -293,8 +293,7 @@ def _train(cfg: TrainConfig) -> dict:
         # the target of each document's last token is -100: nothing learns to predict the next document's start
         targets = shift_targets(batch.get("labels", ids), position_ids=positions)
         # packed rows under a ring: documents reordered so every rank gets the same attention work (same loss)
-        prepared = prepare_seq_parallel_inputs(cfg.seq_algo, ids, positions, targets, rank, world, accelerator.device,
-                                               sp_size=cfg.sp_size, ring_degree=cfg.ring_degree,
+        prepared = prepare_seq_parallel_inputs(sp, ids, positions, targets, rank, world, accelerator.device,
                                                balance_documents=positions is not None)
         warning = None if warned_balance else balance_warning(prepared["work_balance"], cfg.seq_algo, sp)
         if warning:

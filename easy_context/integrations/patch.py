@@ -1,7 +1,7 @@
-"""Switching a model's modules to the fused ops (memory/ops): the low-memory RMSNorm, the fused SwiGLU and the
-fused rotary embedding. Every candidate module (or rotary function) is first checked numerically against the op's
-eager body and left alone if it computes something else (Gemma's ``1 + weight`` norm, a GeLU MLP, a partial
-rotary embedding). Norms and MLPs are switched per instance (``forward`` replaced, class and state-dict names
+"""Switching a transformers model's modules to the fused ops (easy_context.memory.ops): the low-memory RMSNorm, the
+fused SwiGLU and the fused rotary embedding. Every candidate module (or rotary function) is first checked numerically
+against the op's eager body and left alone if it computes something else (Gemma's ``1 + weight`` norm, a GeLU MLP, a
+partial rotary embedding). Norms and MLPs are switched per instance (``forward`` replaced, class and state-dict names
 kept); the rotary function is replaced in the model family's modeling module (transformers calls it as a module
 global), which is process-wide for that family.
 """
@@ -12,9 +12,10 @@ from types import MethodType
 
 import torch
 
-from .ops.rmsnorm import low_memory_rms_norm, rms_norm_rows
-from .ops.rope import rope, rope_eager
-from .ops.swiglu import silu_mul, silu_mul_eager
+from ..memory.ops.rmsnorm import low_memory_rms_norm, rms_norm_rows
+from ..memory.ops.rope import rope, rope_eager
+from ..memory.ops.swiglu import silu_mul, silu_mul_eager
+from ..memory.tiled_mlp import mlp_forward, set_mlp_forward
 
 
 def _low_memory_rmsnorm_forward(self, hidden_states):
@@ -81,8 +82,15 @@ def enable_low_memory_rmsnorm(model) -> int:
     return n
 
 
-def _fused_mlp_forward(self, x):
-    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+class FusedSwiGLUForward:
+    """The per-token function of a SwiGLU MLP instance with the fused ``silu(gate) * up``."""
+
+    def __init__(self, mlp: torch.nn.Module):
+        self.mlp = mlp
+
+    def __call__(self, x):
+        m = self.mlp
+        return m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))
 
 
 def _is_swiglu_mlp(mlp) -> bool:
@@ -105,25 +113,21 @@ def _is_swiglu_mlp(mlp) -> bool:
 
 def enable_fused_swiglu(model) -> int:
     """Every SwiGLU MLP computes ``silu(gate) * up`` with :func:`silu_mul`; composes with
-    :func:`easy_context.memory.enable_tiled_mlp` in either order (the tiles call the fused forward)."""
+    :func:`easy_context.integrations.memory.enable_tiled_mlp` in either order (the tiles call the fused forward,
+    through ``easy_context.memory.tiled_mlp.set_mlp_forward``)."""
     n = 0
     for module in model.modules():
-        if "_easy_context_fused_mlp" in module.__dict__:
+        if isinstance(mlp_forward(module), FusedSwiGLUForward):
             n += 1
         elif _is_swiglu_mlp(module):
-            module._easy_context_fused_mlp = True
-            fused = MethodType(_fused_mlp_forward, module)
-            if "_easy_context_mlp_forward" in module.__dict__:  # tiled: the tiles call the inner forward
-                module._easy_context_mlp_forward = fused
-            else:
-                module.forward = fused
+            set_mlp_forward(module, FusedSwiGLUForward(module))  # tiled: the tiles call it (memory/tiled_mlp.py)
             n += 1
     return n
 
 
 def _make_fused_rope(original):
-    """A drop-in ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` over :func:`easy_context.memory.ops.rope`; anything else
-    (extra arguments, trainable cos/sin, partial rotary) goes to ``original``."""
+    """A drop-in ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` over :func:`easy_context.memory.ops.rope`;
+    anything else (extra arguments, trainable cos/sin, partial rotary) goes to ``original``."""
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, unsqueeze_dim=1, **kwargs):
         if (args or kwargs or cos.requires_grad or sin.requires_grad or q.shape[-1] != cos.shape[-1]
@@ -190,4 +194,5 @@ def enable_fused_kernels(model) -> dict:
     return counts
 
 
-__all__ = ["enable_fused_kernels", "enable_low_memory_rmsnorm", "enable_fused_swiglu", "enable_fused_rope"]
+__all__ = ["enable_fused_kernels", "enable_low_memory_rmsnorm", "enable_fused_swiglu", "enable_fused_rope",
+           "FusedSwiGLUForward"]
