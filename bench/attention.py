@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from sim import NullComm  # noqa: E402
 
 from easy_context.attention import dist_flash  # noqa: E402
-from easy_context.attention.ring import ring_backward, ring_forward  # noqa: E402
 from easy_context.attention.kernels import KERNELS, get_kernel, split_causal  # noqa: E402
 from easy_context.attention.registry import shard_sequence  # noqa: E402
+from easy_context.attention.ring import ring_backward, ring_forward  # noqa: E402
 
 # "cudnn" is the plain single call (the baseline); "cudnn_split" the three-call causal forward of
 # kernels.split_causal (opt-in via EASY_CONTEXT_SPLIT_CAUSAL); the rings use get_kernel("cudnn").
@@ -121,7 +121,8 @@ def main():
     a = p.parse_args()
     dev = torch.device("cuda")
     d, rows = 128, []
-    shapes = [(s, a.heads, a.heads) for s in a.seqs] + ([] if a.no_gqa else [(a.seqs[len(a.seqs) // 2], a.heads, a.gqa_kv)])
+    gqa = [] if a.no_gqa else [(a.seqs[len(a.seqs) // 2], a.heads, a.gqa_kv)]
+    shapes = [(s, a.heads, a.heads) for s in a.seqs] + gqa
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     for s, h, hkv in shapes:
         reps = 3 if s <= 65536 else 1
@@ -130,8 +131,9 @@ def main():
         flops_f = 2 * s * s * h * d  # causal: half of 4*s*s*h*d
         docs, work_f = None, flops_f
         if a.packed:
-            from easy_context.attention.documents import normalize
             from packed_attn import doc_mix, ordered, pairs  # bench/packed_attn.py
+
+            from easy_context.attention.documents import normalize
 
             lo, hi = map(int, a.packed.split(":"))
             bounds = doc_mix(s, lo, hi, seed=2)

@@ -6,7 +6,8 @@ step compiles after its first (packed rows of new document lengths every step).
 
 The parent runs three children in fresh processes with one new cache folder: ``configs`` cold (empty cache),
 ``configs`` again (the cache on disk), ``configs`` with the cache off; then ``steps``. Each prints JSON lines; the
-parent prints a table. ``compiled`` counts the kernels that entered FA4's in-process caches (compiled, or loaded from the disk cache; bench only: private attributes).
+parent prints a table. ``compiled`` counts the kernels that entered FA4's in-process caches (compiled, or loaded
+from the disk cache; bench only: private attributes).
 """
 import json
 import os

@@ -3,7 +3,8 @@ transformers code, in the same run.
 
     PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python bench/fused_check.py --seq 131072
 
-Accuracy (at --check-seq tokens): relative error ||x - ref|| / ||ref|| of each output (rope: q and k) and the input gradients
+Accuracy (at --check-seq tokens): relative error ||x - ref|| / ||ref|| of each output (rope: q and k) and the input
+gradients
 of (a) the plain transformers code in bf16 and (b) the fused op (torch.compile'd on CUDA), both against the plain
 code in float64 on the same bf16 inputs. Time (at --seq tokens, Llama-2-7B widths): forward and forward+backward,
 median of --reps runs; speed-up = plain / fused. One JSON line per op.

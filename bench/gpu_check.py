@@ -81,18 +81,21 @@ def kernel_table(dev, res):
                     dks.append(g[1])
                     dvs.append(g[2])
                 ring = [rel(acc_o.transpose(1, 2), ref_nc[0]), rel(dq.transpose(1, 2), ref_nc[1]),
-                        rel(torch.cat(dks, 2).transpose(1, 2), ref_nc[2]), rel(torch.cat(dvs, 2).transpose(1, 2), ref_nc[3])]
+                        rel(torch.cat(dks, 2).transpose(1, 2), ref_nc[2]),
+                        rel(torch.cat(dvs, 2).transpose(1, 2), ref_nc[3])]
                 rows.append(dict(backend=backend, causal=causal, out=errs[0], dq=errs[1], dk=errs[2], dv=errs[3],
                                  ring_max=max(ring)))
             except Exception as e:  # noqa: BLE001 - report, keep going
                 rows.append(dict(backend=backend, causal=causal, error=repr(e)[:200]))
     print(f"\n## Kernel backends vs float64 (bf16, b={b} s={s} h={h} kv={hkv} d={d}; relative error)")
-    print("| backend | causal | out | dq | dk | dv | ring: 2 blocks, final out/lse (max) |\n|---|---|---|---|---|---|---|")
+    print("| backend | causal | out | dq | dk | dv | ring: 2 blocks, final out/lse (max) |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['backend']} | {r['causal']} | unavailable: {r['error']} | | | | |")
         else:
-            print(f"| {r['backend']} | {r['causal']} | {r['out']:.2e} | {r['dq']:.2e} | {r['dk']:.2e} | {r['dv']:.2e} | {r['ring_max']:.2e} |")
+            print(f"| {r['backend']} | {r['causal']} | {r['out']:.2e} | {r['dq']:.2e} | {r['dk']:.2e} | "
+                  f"{r['dv']:.2e} | {r['ring_max']:.2e} |")
     res["kernels"] = rows
 
 
@@ -107,11 +110,13 @@ def ring_table(dev, res):
         for algo in ("zigzag_ring_attn", "dist_flash_attn"):
             for w in (1, 2, 4, 8):
                 got = simulate(algo, q, k, v, dout, w, kern, scale)
-                rows.append(dict(backend=backend, algo=algo, W=w, **{n: rel(g, r) for n, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}))
+                errs = {n: rel(g, r) for n, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
+                rows.append(dict(backend=backend, algo=algo, W=w, **errs))
     print(f"\n## bf16 ring vs float64, causal, s={s} h={h} d={d} (relative error; W ranks simulated in one process)")
     print("| backend | algo | W | out | dq | dk | dv |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['backend']} | {r['algo']} | {r['W']} | {r['out']:.2e} | {r['dq']:.2e} | {r['dk']:.2e} | {r['dv']:.2e} |")
+        print(f"| {r['backend']} | {r['algo']} | {r['W']} | {r['out']:.2e} | {r['dq']:.2e} | {r['dk']:.2e} | "
+              f"{r['dv']:.2e} |")
     res["ring"] = rows
 
 

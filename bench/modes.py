@@ -35,8 +35,11 @@ def apply_features(model, f: Features) -> dict:
     The order matters: the checkpointing variants (keep, off) wrap the layers last. Returns the fused-kernel counts
     (empty without ``fuse``). ``fuse`` swaps the rotary function of the model's modeling module: process-wide.
     """
-    from easy_context.integrations.memory import (enable_attention_preserving_checkpointing,
-                                                  enable_offloaded_checkpointing, enable_tiled_mlp)
+    from easy_context.integrations.memory import (
+        enable_attention_preserving_checkpointing,
+        enable_offloaded_checkpointing,
+        enable_tiled_mlp,
+    )
     from easy_context.integrations.patch import enable_fused_kernels, enable_low_memory_rmsnorm
 
     fused = {}

@@ -26,8 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from easy_context.eval.common import load_model  # noqa: E402
 from easy_context.eval.haystack import load_haystack  # noqa: E402
-from easy_context.eval.needle import (NEEDLE_TASKS, NeedleConfig, SentenceBoundaries, answer_predictions,  # noqa: E402
-                                      build_prompt)
+from easy_context.eval.needle import NEEDLE_TASKS, NeedleConfig, SentenceBoundaries, answer_predictions, build_prompt  # noqa: E402
 
 
 def main():

@@ -154,7 +154,7 @@ def worker(rank, world, args, port):
                     print(json.dumps(row), flush=True)
                     with open(out_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
-                del q, k, v, do
+                q = k = v = do = None  # free the tensors (the closures above read these names)
                 torch.cuda.empty_cache()
         del full
         torch.cuda.empty_cache()

@@ -144,7 +144,7 @@ def main():
                 with open(out_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 torch.cuda.empty_cache()
-        del q, k, v, do
+        q = k = v = do = None  # free the tensors (the closures above read these names)
         torch.cuda.empty_cache()
 
 

@@ -29,9 +29,8 @@ import time
 
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from modes import apply_features, parse_mode  # bench/modes.py
+from transformers import LlamaConfig, LlamaForCausalLM
 
 PEAK = 989e12
 
@@ -42,7 +41,8 @@ DEV = "cuda"
 def build(layers, tiny=False):
     dims = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4) if tiny else \
         dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
-    cfg = LlamaConfig(num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=1 << 21, rope_theta=1e6, **dims)
+    cfg = LlamaConfig(num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=1 << 21, rope_theta=1e6,
+                      **dims)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(DEV):
@@ -53,7 +53,6 @@ def build(layers, tiny=False):
 
 def configure(model, mode):
     from easy_context import apply_seq_parallel_monkey_patch
-
     from easy_context.attention.kernels import describe_kernel
 
     mode, _, backend = mode.partition("@")
@@ -158,13 +157,15 @@ def measure(model, mode, seq, n_params, layers, progress=None, reps=None):
             _, causal_pairs, docs = packed_positions(seq)
             extra = dict(packed=f"{PACKED[0]}-{PACKED[1]}", docs=docs)
         flops = 6 * n_params * seq + 3.5 * layers * 4 * causal_pairs * 4096
-        return dict(mode=mode, S=seq, **extra, layers=layers, s_per_step=round(dt, 2), steps_s=[round(x, 2) for x in times],
+        return dict(mode=mode, S=seq, **extra, layers=layers, s_per_step=round(dt, 2),
+                    steps_s=[round(x, 2) for x in times],
                     tok_per_s=round(seq / dt),
                     TFLOPs=round(flops / dt / 1e12, 1), MFU=round(flops / dt / PEAK, 3), loss=round(loss, 3),
                     peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 1))
     except torch.OutOfMemoryError:
         model.zero_grad(set_to_none=True)
-        return dict(mode=mode, S=seq, layers=layers, oom=True, peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 1))
+        return dict(mode=mode, S=seq, layers=layers, oom=True,
+                    peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 1))
     except Exception as e:  # noqa: BLE001 - record and go on with the next run
         model.zero_grad(set_to_none=True)
         return dict(mode=mode, S=seq, layers=layers, error=repr(e)[:300])
@@ -172,7 +173,8 @@ def measure(model, mode, seq, n_params, layers, progress=None, reps=None):
 
 def profile(model, mode, seq, top=25):
     """One warm step, then one profiled step: the GPU kernels that take the time."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     step(model, mode, seq)
     model.zero_grad(set_to_none=True)
@@ -205,7 +207,8 @@ def main():
         torch.cuda.max_memory_allocated = torch.cuda.memory_allocated = lambda: 0
         torch.cuda.reset_peak_memory_stats = torch.cuda.empty_cache = lambda: None
     with tempfile.TemporaryDirectory() as tmp:  # a world of one rank: the registered attention needs a group
-        dist.init_process_group("gloo" if a.cpu_smoke else "nccl", init_method=f"file://{tmp}/rdzv", rank=0, world_size=1)
+        dist.init_process_group("gloo" if a.cpu_smoke else "nccl", init_method=f"file://{tmp}/rdzv", rank=0,
+                                world_size=1)
         rows = []
         for item in a.plan.split():
             mode, lens = item.split(":")
@@ -217,7 +220,8 @@ def main():
                 del model
                 gc.collect()
                 continue
-            progress = Progress(model, os.environ.get("OUT") and os.path.join(os.environ["OUT"], "train_step_progress.jsonl"))
+            out_dir = os.environ.get("OUT")
+            progress = Progress(model, out_dir and os.path.join(out_dir, "train_step_progress.jsonl"))
             for seq in map(int, lens.split(",")):
                 r = measure(model, mode, seq, n_params, a.layers, progress, a.reps)
                 print(json.dumps(r), flush=True)

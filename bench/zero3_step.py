@@ -89,7 +89,8 @@ def main():
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     engine, _, _ = training.prepare_optimization(cfg, accelerator, wrapper)
     accelerator.print(training.describe_precision(accelerator, engine))
-    accelerator.print(f"setup {time.time() - tic:.1f} s; {n_params / 1e9:.2f} B parameters; flags: {' '.join(train_flags)}")
+    accelerator.print(f"setup {time.time() - tic:.1f} s; {n_params / 1e9:.2f} B parameters; "
+                      f"flags: {' '.join(train_flags)}")
 
     cuda = torch.cuda.is_available()
 

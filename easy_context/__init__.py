@@ -5,8 +5,19 @@ prints, no environment changes. transformers-facing helpers load on first use.
 """
 from __future__ import annotations
 
-from .attention import (ALGORITHMS, SEQ_ALGOS, dist_flash_attn_func, gather_sequence, get_attn_func, local_attn_func,
-                        sequence_granularity, shard_sequence, ulysses_attn_func, usp_attn_func, zigzag_ring_attn_func)
+from .attention import (
+    ALGORITHMS,
+    SEQ_ALGOS,
+    dist_flash_attn_func,
+    gather_sequence,
+    get_attn_func,
+    local_attn_func,
+    sequence_granularity,
+    shard_sequence,
+    ulysses_attn_func,
+    usp_attn_func,
+    zigzag_ring_attn_func,
+)
 from .loss import CausalLMWithShardedLoss, ShardedLoss, linear_cross_entropy_sum, sharded_cross_entropy
 from .sp_config import SPAttentionConfig
 

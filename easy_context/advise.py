@@ -26,7 +26,8 @@ import argparse
 from dataclasses import asdict, dataclass, field
 
 from .attention.registry import get_algorithm
-from .integrations.models import PRESETS as MODEL_PRESETS, SHAPE_PRESETS
+from .integrations.models import PRESETS as MODEL_PRESETS
+from .integrations.models import SHAPE_PRESETS
 
 # Ulysses runs its all-to-all inside one node: at most this many GPUs per Ulysses group.
 ULYSSES_MAX_DEGREE = 8

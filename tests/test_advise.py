@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from easy_context.advise import Features, ModelShape, PRESETS, advise, predict_gib
+from easy_context.advise import PRESETS, Features, ModelShape, advise, predict_gib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 from modes import check, parse_mode  # noqa: E402 - bench/modes.py

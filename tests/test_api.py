@@ -8,13 +8,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from _dist import run_distributed
-from easy_context.integrations import hf
-from easy_context.api import (apply_seq_parallel_monkey_patch, gather_seq_parallel_outputs, prepare_dataloader,
-                              prepare_seq_parallel_inputs)
-from easy_context.loss import sharded_cross_entropy
+
+from easy_context.api import (
+    apply_seq_parallel_monkey_patch,
+    gather_seq_parallel_outputs,
+    prepare_dataloader,
+    prepare_seq_parallel_inputs,
+)
 from easy_context.attention.registry import SEQ_ALGOS, sequence_granularity, shard_sequence
+from easy_context.integrations import hf
+from easy_context.loss import sharded_cross_entropy
 
 # fp32 everywhere; SP re-associates softmax and loss sums (~1e-7 relative per op, ~1e-6 measured after two
 # layers and backward). 1e-4 relative to the tensor's largest magnitude leaves margin; real bugs are >1e-2.

@@ -18,8 +18,8 @@ import warnings
 
 import pytest
 import torch
-
 from _dist import run_distributed
+
 from easy_context import training
 from easy_context.training.checkpoints import STATE_FILE, checkpoint_problem, latest_checkpoint
 
@@ -137,8 +137,9 @@ def test_prepare_data_bad_input_is_one_error_naming_file_and_row(name, content, 
 
 # ----------------------------------------------------------------------------- 3: no position_ids under SP
 def _positions_worker(rank, world):
-    from easy_context import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from easy_context import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -167,7 +168,8 @@ def test_3_forward_without_global_positions_raises_on_every_rank():
 def test_4_a_used_output_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
     out = str(tmp_path / "run")
     _train(*TINY, "--output-dir", out)
-    with pytest.raises(ValueError, match="holds an earlier run .*--resume-from-checkpoint latest.*--overwrite-output-dir"):
+    earlier = "holds an earlier run .*--resume-from-checkpoint latest.*--overwrite-output-dir"
+    with pytest.raises(ValueError, match=earlier):
         _train(*TINY, "--output-dir", out)
     assert len(_log(out)) == 1  # nothing appended by the refused run
     _train(*TINY, "--output-dir", out, "--overwrite-output-dir", "--max-train-steps", "2")

@@ -13,7 +13,6 @@ BENCH = os.path.join(ROOT, "bench")
 sys.path.insert(0, BENCH)
 import comm_model  # noqa: E402 - bench/comm_model.py
 import peers  # noqa: E402 - bench/peers.py
-
 import torch  # noqa: E402
 
 

@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 import torch
-
 from test_train import RTOL, _argv, _train
+
 from easy_context import training
 from easy_context.training import checkpoints
 

@@ -13,12 +13,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _dist import run_distributed
+
+from easy_context.attention.registry import SEQ_ALGOS
 from easy_context.eval.haystack import load_haystack
 from easy_context.eval.needle import NEEDLE_FORMAT, PREFIX, QUESTION_FORMAT, build_prompt, split_answer
 from easy_context.eval.tiny import make_tokenizer, save_tiny_model
-from easy_context.attention.registry import SEQ_ALGOS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,15 +9,15 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import SMALL, _assert_same, _batch, _close, _configs, _model, _run, _saved_bytes
 
 import easy_context.memory.ops.swiglu as swiglu
 from easy_context import utils
 from easy_context.integrations import patch
-from easy_context.memory.ops import rope_eager
-from _models import SMALL, _assert_same, _batch, _close, _configs, _model, _run, _saved_bytes
 from easy_context.integrations.memory import enable_attention_preserving_checkpointing, enable_tiled_mlp
 from easy_context.integrations.patch import enable_fused_kernels
 from easy_context.memory import silu_mul
+from easy_context.memory.ops import rope_eager
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # float64 runs of the same math in another order (analytic backward vs autograd): ~1e-15 relative; 1e-12 is far

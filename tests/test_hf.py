@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from _dist import run_distributed
-from easy_context.integrations import hf, shards
+
 from easy_context.api import apply_seq_parallel_monkey_patch, gather_seq_parallel_outputs, prepare_seq_parallel_inputs
-from easy_context.loss import sharded_cross_entropy
 from easy_context.attention.registry import SEQ_ALGOS, get_attn_func, shard_sequence
+from easy_context.integrations import hf, shards
+from easy_context.loss import sharded_cross_entropy
 
 # fp32 everywhere. The SP path re-associates the softmax sums (ring merges, lse rescaling) and the loss sums
 # (per-rank partial sums, chunked CE, all-reduced gradients): each changes float32 rounding at the ~1e-7

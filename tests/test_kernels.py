@@ -2,11 +2,12 @@
 backward of each key block with the *merged* out/lse sums to the full backward."""
 import pytest
 import torch
+from reference import attention_ref, rel_err
 
-from easy_context.attention.backends import math_backward as _math_backward, math_forward as _math_forward
+from easy_context.attention.backends import math_backward as _math_backward
+from easy_context.attention.backends import math_forward as _math_forward
 from easy_context.attention.kernels import Kernel, get_kernel, local_attn_func, resolve_backend, split_causal
 from easy_context.attention.merge import merge_into, new_accumulators
-from reference import attention_ref, rel_err
 
 # fp32 kernels vs float64 reference: rounding of O(seq) fp32 sums gives ~1e-7 relative error; 1e-5 leaves
 # two orders of margin while still catching any masking/scaling bug (those give errors >1e-2).
@@ -122,7 +123,8 @@ def test_a_backend_is_chosen_by_dtype_and_refuses_dtypes_it_does_not_take():
     dtype is an error naming the fix; 'auto' routes float32 to 'efficient' and float64 to 'math' on CUDA."""
     cuda = torch.device("cuda")  # only the device type is read on these paths: no GPU needed
     for backend in ("cudnn", "flash", "flash_attn"):
-        with pytest.raises(ValueError, match="takes float16, bfloat16 inputs, got torch.float32.*--mixed-precision bf16"):
+        refusal = "takes float16, bfloat16 inputs, got torch.float32.*--mixed-precision bf16"
+        with pytest.raises(ValueError, match=refusal):
             resolve_backend(backend, cuda, torch.float32)
     assert resolve_backend("efficient", cuda, torch.float32) == "efficient"
     assert resolve_backend(None, cuda, torch.float32) == "efficient"

@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from _dist import run_distributed
+
 from easy_context.attention.comm import get_sp_group
-from easy_context.loss import linear_cross_entropy_sum, sharded_cross_entropy
 from easy_context.attention.registry import shard_sequence
+from easy_context.loss import linear_cross_entropy_sum, sharded_cross_entropy
 
 # fp32: the chunked loss and its in-forward gradients differ from autograd through full logits only by the
 # summation order (chunks, fp32 accumulators), ~1e-7 relative; 1e-5 leaves margin, a wrong token is >1e-2.

@@ -9,12 +9,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from _dist import run_distributed
 from _models import RTOL, SEQ, SMALL, SP_RTOL, _assert_same, _batch, _close, _configs, _model, _run, _saved_bytes  # noqa: F401
-from easy_context.integrations.memory import (apply_unsloth_offloaded_gradient_checkpoint_monkey_patch,
-                                             enable_attention_preserving_checkpointing, enable_offloaded_checkpointing,
-                                             enable_tiled_mlp)
+
+from easy_context.integrations.memory import (
+    apply_unsloth_offloaded_gradient_checkpoint_monkey_patch,
+    enable_attention_preserving_checkpointing,
+    enable_offloaded_checkpointing,
+    enable_tiled_mlp,
+)
 from easy_context.integrations.patch import enable_fused_kernels, enable_low_memory_rmsnorm
 from easy_context.memory import Checkpointer, PinnedHostPool
 
@@ -329,9 +332,9 @@ def test_all_features_with_zigzag_ring_attn():
 def _all_to_all_worker(rank, world, algo):
     """Every feature with Ulysses / USP: exact, and the kept attention graph holds one output per layer (the
     lean all-to-all path saves the sequence-sharded q/k/v, which the recompute provides, not head-sharded copies)."""
-    from easy_context.memory import attn_preserving as memory
     from easy_context.api import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
     from easy_context.loss import sharded_cross_entropy
+    from easy_context.memory import attn_preserving as memory
 
     kept = {}
     light = memory._light_hooks
@@ -411,7 +414,8 @@ def test_old_memory_paths_are_the_moved_functions():
     """The model-level functions moved to easy_context.integrations; the seed-era paths still name them."""
     import easy_context
     from easy_context import memory
-    from easy_context.integrations import memory as hf_memory, patch
+    from easy_context.integrations import memory as hf_memory
+    from easy_context.integrations import patch
 
     for name in ("enable_offloaded_checkpointing", "apply_unsloth_offloaded_gradient_checkpoint_monkey_patch",
                  "enable_attention_preserving_checkpointing", "make_preserving_attention", "preserving_name",

@@ -9,11 +9,11 @@ import zlib
 
 import pytest
 import torch
-
 from _dist import run_distributed
+from reference import attention_ref, rel_err
+
 from easy_context.attention.documents import boundaries_from_positions, plan_block, work, zigzag_runs
 from easy_context.attention.registry import ALGORITHMS, sequence_granularity, shard_sequence
-from reference import attention_ref, rel_err
 
 # float32 algorithm vs float64 reference: as in test_sequence_parallel (merges re-associate sums at ~1e-7; a
 # missing, doubled or cross-document block shows up as > 1e-2).
@@ -127,7 +127,8 @@ def test_document_masked_attention_matches_per_document_reference(world):
 def _varlen_worker(rank, world):
     """As _worker, with the math kernel's varlen entry point on: each diagonal block is one call over its documents
     (the path FA2 varlen takes on GPUs), checked against the same per-document float64 reference."""
-    from easy_context.attention import backends as B, kernels as K
+    from easy_context.attention import backends as B
+    from easy_context.attention import kernels as K
 
     calls = []
 
@@ -269,6 +270,7 @@ def _packed_batch(seq=48):
 def _per_document_reference(model, ids, pos, tgt):
     """Every document through the unpatched model on its own: logits, token-mean loss, parameter gradients."""
     import copy
+
     import torch.nn.functional as F
 
     ref = copy.deepcopy(model)
@@ -291,11 +293,14 @@ def _model_worker(rank, world):
     import copy
 
     import torch.distributed as dist
-
-    from easy_context.api import apply_seq_parallel_monkey_patch, gather_seq_parallel_outputs, \
-        prepare_seq_parallel_inputs
-    from easy_context.loss import sharded_cross_entropy
     from test_hf import _configs, _model
+
+    from easy_context.api import (
+        apply_seq_parallel_monkey_patch,
+        gather_seq_parallel_outputs,
+        prepare_seq_parallel_inputs,
+    )
+    from easy_context.loss import sharded_cross_entropy
 
     def close(actual, expected, what):
         err = (actual - expected).abs().max().item()

@@ -5,10 +5,10 @@ with in-memory mailboxes in place of p2p; the result must equal float64 full att
 """
 import pytest
 import torch
-
 from _sim import simulate
-from easy_context.attention.kernels import get_kernel
 from reference import attention_ref, rel_err
+
+from easy_context.attention.kernels import get_kernel
 
 TOL = 1e-5  # float32 vs float64, as in test_sequence_parallel.py
 

@@ -10,12 +10,12 @@ import zlib
 
 import pytest
 import torch
-
 from _dist import run_distributed
+from reference import attention_ref, rel_err
+
 from easy_context import gather_sequence, sequence_granularity, shard_sequence, ulysses_attn_func, zigzag_ring_attn_func
 from easy_context.attention.dist_flash import max_blocks_per_rank
 from easy_context.attention.registry import ALGORITHMS, SEQ_ALGOS, algorithm_options, layout
-from reference import attention_ref, rel_err
 
 # float32 algorithm vs float64 reference. Ring merges re-associate the softmax sums, which changes
 # float32 rounding only at the ~1e-7 level; 1e-5 (the bound) keeps two orders of margin and
@@ -156,7 +156,8 @@ def test_single_process_world_of_one():
 def test_layouts_partition_the_sequence():
     for world in (1, 2, 3, 4, 8):
         for algo in SEQ_ALGOS:
-            ring_opts = [{}] if algo != "usp_attn" else [{}, *({"ring_degree": r} for r in (1, 2, 4, 8) if world % r == 0)]
+            degrees = ({"ring_degree": r} for r in (1, 2, 4, 8) if world % r == 0)
+            ring_opts = [{}] if algo != "usp_attn" else [{}, *degrees]
             for opts in ring_opts:
                 n, chunks = layout(algo, world, **opts)
                 flat = sorted(c for cs in chunks for c in cs)

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 import torch
-
 from _dist import run_distributed
+
 from easy_context import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -329,7 +329,8 @@ def test_two_node_config_as_two_local_nodes(deepspeed_one, tmp_path):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                os.path.join(ROOT, "accelerate_configs", "two_node.yaml"), "--num_processes", "2", "--machine_rank",
                str(machine), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-               os.path.join(ROOT, "train.py"), *_argv(tmp_path / f"node{machine}", "zigzag_ring_attn", "--no-save-model")]
+               os.path.join(ROOT, "train.py"),
+               *_argv(tmp_path / f"node{machine}", "zigzag_ring_attn", "--no-save-model")]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     try:

@@ -10,7 +10,6 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from _profile import profiled  # bench/_profile.py
 
 from .attn_methods import attn_case

@@ -8,8 +8,18 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .common import (ATTN_METHODS, EC_ALGOS, TORCH_CP, Env, deepspeed_group, ec_options, import_peer, need_cuda,
-                     sdpa_backend)
+from .common import (
+    ATTN_METHODS,
+    EC_ALGOS,
+    TORCH_CP,
+    Env,
+    deepspeed_group,
+    ec_options,
+    import_peer,
+    need_cuda,
+    sdpa_backend,
+)
+
 
 class Case(NamedTuple):
     """One method's attention ready to run: fwd() -> out; fwdbwd() -> {out, dq, dk, dv}, each (B, S_local, heads, D);
@@ -142,6 +152,7 @@ def ds_ulysses_case(env: Env, a, full: dict, scale: float):
     group = deepspeed_group(env)
     ulysses_sp = import_peer("deepspeed.runtime.sequence_parallel.ulysses_sp")
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     import easy_context as ec
 
     b, s, h, d = full["q"].shape

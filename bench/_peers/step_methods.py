@@ -9,12 +9,20 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from modes import apply_features, parse_mode  # bench/modes.py
 
-from .common import (EC_ALGOS, STEP_METHODS, TORCH_CP, Env, Skip, deepspeed_group, ec_options, import_peer, need_cuda,
-                     sdpa_backend)
-
+from .common import (
+    EC_ALGOS,
+    STEP_METHODS,
+    TORCH_CP,
+    Env,
+    Skip,
+    deepspeed_group,
+    ec_options,
+    import_peer,
+    need_cuda,
+    sdpa_backend,
+)
 
 # ---------------------------------------------------------------- step: the common loss (--loss common)
 
@@ -186,8 +194,9 @@ class AlstStep:
                 layer.mlp.forward = forward.__get__(layer.mlp)
         self.offload = contextlib.nullcontext
         if "offload" in self.features:
-            from deepspeed.runtime.activation_checkpointing.offload_activations import \
-                get_checkpoint_hidden_states_offloading_ctx_manager as offloading
+            from deepspeed.runtime.activation_checkpointing.offload_activations import (
+                get_checkpoint_hidden_states_offloading_ctx_manager as offloading,
+            )
 
             cuda = self.env.cuda
             self.offload = lambda: offloading(use_pin_memory=cuda, use_streams=cuda)

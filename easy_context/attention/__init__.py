@@ -8,11 +8,23 @@ layouts -> comm. Nothing here imports transformers.
 Switches for callers: ``lean_all_to_all()`` (a context manager; Ulysses/USP keep only sequence-sharded tensors for
 backward), the one way to change an algorithm's behaviour from outside besides its keyword options.
 """
-from .kernels import BACKENDS, KERNELS, Kernel, get_kernel, local_attn_func, resolve_backend
-from .registry import (ALGORITHMS, SEQ_ALGOS, SP_ALGOS, Algorithm, algorithm_options, check_seq_algo, gather_sequence,
-                       get_algorithm, get_attn_func, layout, sequence_granularity, shard_sequence)
 from .dist_flash import dist_flash_attn_func
 from .head_parallel import lean_all_to_all
+from .kernels import BACKENDS, KERNELS, Kernel, get_kernel, local_attn_func, resolve_backend
+from .registry import (
+                       ALGORITHMS,
+                       SEQ_ALGOS,
+                       SP_ALGOS,
+                       Algorithm,
+                       algorithm_options,
+                       check_seq_algo,
+                       gather_sequence,
+                       get_algorithm,
+                       get_attn_func,
+                       layout,
+                       sequence_granularity,
+                       shard_sequence,
+)
 from .ulysses import ulysses_attn_func
 from .usp import usp_attn_func
 from .zigzag_ring import zigzag_ring_attn_func

@@ -188,7 +188,8 @@ class Pending:
         return self._received
 
 
-def exchange(send: list[torch.Tensor], dst: int | None, recv_like: list[torch.Tensor], src: int | None, group) -> Pending:
+def exchange(send: list[torch.Tensor], dst: int | None, recv_like: list[torch.Tensor], src: int | None,
+             group) -> Pending:
     """Post async sends of ``send`` to group rank ``dst`` and receives shaped like ``recv_like`` from ``src``.
 
     Either side may be ``None`` (nothing to send / receive). Tensors are sent contiguous.
@@ -213,7 +214,8 @@ class RingComm:
         self.group = group
         self.rank, self.world = group_rank_size(group)
 
-    def exchange(self, send: list[torch.Tensor], dst: int | None, recv_like: list[torch.Tensor], src: int | None) -> Pending:
+    def exchange(self, send: list[torch.Tensor], dst: int | None, recv_like: list[torch.Tensor],
+                 src: int | None) -> Pending:
         """Post sends of ``send`` to group rank ``dst`` and receives shaped like ``recv_like`` from ``src``."""
         return exchange(send, dst, recv_like, src, self.group)
 

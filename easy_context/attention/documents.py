@@ -204,7 +204,8 @@ def balanced_order(bounds: Bounds, runs_per_rank: Sequence[Runs], *, tail: int =
     Documents are independent, so any order of them computes the same per-document attention and the same loss;
     only which rank does how much work changes. Keeps the given order when it is within ``good``; otherwise tries
     ``tries`` seeded random orders (fewer for rows of many documents: at most ``budget`` document placements) and
-    keeps the best, then swaps pairs of documents while a swap helps. ``tail``: padding appended after the last document (it extends whichever comes last). On rows of
+    keeps the best, then swaps pairs of documents while a swap helps. ``tail``: padding appended after the last
+    document (it extends whichever comes last). On rows of
     documents log-uniform in 1K-64K tokens (bench/RESULTS.md): zigzag over 2 ranks goes from 1.20 (mean; worst 1.71)
     to 1.01 at 128K and from 1.12 to 1.003 at 512K.
     """

@@ -17,8 +17,15 @@ import contextvars
 
 import torch
 
-from .comm import (SELF_GROUP, RingComm, group_rank_size, head_to_seq, head_to_seq_autograd, seq_to_head,
-                   seq_to_head_autograd)
+from .comm import (
+    SELF_GROUP,
+    RingComm,
+    group_rank_size,
+    head_to_seq,
+    head_to_seq_autograd,
+    seq_to_head,
+    seq_to_head_autograd,
+)
 from .documents import Documents
 from .kernels import Kernel
 from .ring import check_even, ring_attn, ring_backward, ring_forward

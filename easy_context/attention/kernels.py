@@ -22,13 +22,13 @@ Backends and the input dtypes each takes:
 * ``flash_attn`` (the optional flash-attn package): float16 / bfloat16;
 * ``math`` (pure torch, any device and dtype; float32 accumulation at least).
 
-``auto`` picks by device, dtype and head dim: on CUDA fa4 for 16-bit inputs on sm90 / sm100 when flash-attn-4
-imports and takes the head dim, else cudnn (sm90+) or flash (older GPUs); efficient for float32, math for float64;
-math elsewhere. fa4 computes the diagonal block of a packed row in one varlen call. Packed rows (documents): ``flash`` computes the diagonal block's documents
-in one FA2 varlen call; ``auto`` on sm90 too when they average fewer than ``AUTO_VARLEN_BELOW`` tokens, and one cuDNN
-call per document otherwise (see :class:`Varlen`). The environment variable ``EASY_CONTEXT_ATTN_BACKEND`` overrides
-``auto``. A backend named explicitly that does not take the inputs' dtype is an error naming the fix (cuDNN was
-seen to return NaN for float32 instead of refusing it).
+``auto`` picks by device, dtype and head dim: on CUDA fa4 for 16-bit inputs on sm90 / sm100 when flash-attn-4 imports
+and takes the head dim, else cudnn (sm90+) or flash (older GPUs); efficient for float32, math for float64; math
+elsewhere. fa4 computes the diagonal block of a packed row in one varlen call. Packed rows (documents): ``flash``
+computes the diagonal block's documents in one FA2 varlen call; ``auto`` without fa4 on sm90 too when they average
+fewer than ``AUTO_VARLEN_BELOW`` tokens, and one cuDNN call per document otherwise (see :class:`Varlen`). The
+environment variable ``EASY_CONTEXT_ATTN_BACKEND`` overrides ``auto``. A backend named explicitly that does not take
+the inputs' dtype is an error naming the fix (cuDNN was seen to return NaN for float32 instead of refusing it).
 """
 from __future__ import annotations
 

@@ -10,9 +10,8 @@ from typing import Callable, Optional
 import torch
 
 from . import layouts
-from .comm import group_rank_size
+from .comm import group_rank_size, usp_degrees
 from .dist_flash import dist_flash_attn_func
-from .comm import usp_degrees
 from .head_parallel import ulysses_kv_replication
 from .ulysses import ulysses_attn_func
 from .usp import usp_attn_func

@@ -29,7 +29,8 @@ import torch
 
 from .backends import acc_dtype
 from .comm import RingComm, check_same_across_group, dtype_code, group_rank_size
-from .documents import Documents, Segment, key as docs_key, plan_block, zigzag_runs
+from .documents import Documents, Segment, plan_block, zigzag_runs
+from .documents import key as docs_key
 from .kernels import Kernel, check_qkv
 from .kernels import head_major as _t  # (b, s, h, d) <-> (b, h, s, d) views
 from .merge import merge_into, new_accumulators

@@ -11,8 +11,19 @@
 
 The names below are the ones ``easy_context.data`` has always had; import them from here or from their module.
 """
-from .loading import (IGNORE_INDEX, SYNTHETIC, TRAIN_PACKING, FixedLengthCollator, check_dataset_source,
-                      check_position_ids, load_any, load_train_dataset, looks_local, shift_targets, synthetic_dataset)
+from .loading import (
+                      IGNORE_INDEX,
+                      SYNTHETIC,
+                      TRAIN_PACKING,
+                      FixedLengthCollator,
+                      check_dataset_source,
+                      check_position_ids,
+                      load_any,
+                      load_train_dataset,
+                      looks_local,
+                      shift_targets,
+                      synthetic_dataset,
+)
 from .packing import PACKING_MODES, pack_documents, pack_documents_with_positions
 from .prepare import MARKER_FILE, WRITTEN_BY, build_parser, main, output_dir_problem, prepare_corpus
 from .sft import chat_tokens, check_chat_template, sft_source, sft_tokens

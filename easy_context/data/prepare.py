@@ -17,7 +17,6 @@ from .loading import load_any
 from .packing import PACKING_MODES, pack_documents, pack_documents_with_positions
 from .sft import chat_tokens, check_chat_template, sft_source, sft_tokens
 
-
 # ----------------------------------------------------------------------------- prepare_data's output folder
 # prepare_data.py writes only into a new or empty folder or over its own earlier output, which it recognises by this
 # file (what wrote it, from what, and how); it never deletes a folder that holds anything else.

@@ -278,11 +278,11 @@ def answer_predictions(model, input_ids: torch.Tensor, answer_start: int, num_an
     Returns:
         ``(num_answer,)`` int64 on ``device``, the same on every rank.
     """
+    import torch.distributed as dist
+
     from ..api import prepare_seq_parallel_inputs
     from ..utils import rank_world
     from .common import all_reduce_
-
-    import torch.distributed as dist
 
     rank, world = rank_world()
     p = prepare_seq_parallel_inputs(seq_algo, input_ids, None, None, rank, world, device)

@@ -120,7 +120,8 @@ def evaluate_perplexity(model, documents: list[list[int]], lengths: list[int], *
             span = max_length - (bos_id is not None)
             long_enough = [d for d in documents if len(d) >= span]
             if len(long_enough) < len(documents) and rank0:
-                warnings.warn(f"context {max_length}: {len(documents) - len(long_enough)} of {len(documents)} documents "
+                skipped = len(documents) - len(long_enough)
+                warnings.warn(f"context {max_length}: {skipped} of {len(documents)} documents "
                               f"have fewer than {span} tokens and are not scored at this length"
                               + ("; no document is long enough: perplexity NaN" if not long_enough else ""))
             bar.update(len(documents) - len(long_enough))

@@ -6,7 +6,8 @@ Nothing here imports transformers: the model-level functions (which find a trans
 
 How transformers reaches us (its documented layer protocol; nothing of it is imported). In transformers 5 every
 decoder layer subclasses ``GradientCheckpointingLayer``, whose ``forward`` calls
-``self._gradient_checkpointing_func(partial(forward, self, **kwargs), hidden_states)`` when checkpointing is on. :func:`install_checkpointer` turns checkpointing on with the public
+``self._gradient_checkpointing_func(partial(forward, self, **kwargs), hidden_states)`` when checkpointing is on.
+:func:`install_checkpointer` turns checkpointing on with the public
 ``activation_checkpointing_enable`` (if it is not on yet) and then sets that attribute, on every module that has
 ``gradient_checkpointing`` (as transformers' own ``_set_gradient_checkpointing`` does), to one
 :class:`Checkpointer`: ``torch.utils.checkpoint`` (non-reentrant) plus

@@ -14,7 +14,6 @@ import torch
 
 from ..utils import is_zero3
 
-
 # Default MLP tile: this many hidden_size's of tokens (bench/RESULTS.md: 4 x 4096 = 16K-token tiles, 4-layer
 # Llama-2-7B at 256K, 23.9 s vs 26.8 s for 4096-token tiles; the tile's intermediates stay ~1.3 GiB).
 TILE_HIDDENS = 4

@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
       metavar="ALGO", help=f"{' | '.join(SEQ_ALGOS)} (the seed's name: --parallel_mode)")
     a("--model", default=None, help="local folder or hub id of a causal LM (weights loaded unless --init-random)")
     a("--model-config", dest="model_config", default=None,
-          help="with --init-random: a built-in name (tiny-llama, small-llama), a config JSON file or folder, or a hub id")
+          help="with --init-random: a built-in name (tiny-llama, small-llama), a config JSON file or folder, or a "
+               "hub id")
     a("--init-random", dest="init_random", action="store_true",
           help="random weights from --model-config (or --model's config)")
     a("--vocab-size", type=int, default=None, help="override the config's vocab size (--init-random only)")

@@ -129,7 +129,8 @@ def prepare_optimization(cfg, accelerator, wrapper):
     fill_auto(config, {"optimizer.params.betas": list(cfg.adam_betas), "optimizer.params.eps": cfg.adam_eps,
                         "train_micro_batch_size_per_gpu": cfg.batch_size,
                         # DeepSpeed counts every rank as a data-parallel one (it knows nothing of our SP groups)
-                        "train_batch_size": cfg.batch_size * cfg.gradient_accumulate_every * rank_world((0, accelerator.num_processes))[1],
+                        "train_batch_size": cfg.batch_size * cfg.gradient_accumulate_every
+                        * rank_world((0, accelerator.num_processes))[1],
                         "gradient_accumulation_steps": cfg.gradient_accumulate_every,
                         "gradient_clipping": cfg.max_grad_norm})
     if config.get("zero_optimization", {}).get("stage") == 3:

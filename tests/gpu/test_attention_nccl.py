@@ -17,10 +17,10 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-
-from _gpu import assert_cases_within_yardstick, installed, need_gpus
 from _dist import run_distributed
+from _gpu import assert_cases_within_yardstick, installed, need_gpus
 from reference import attention_ref, rel_err
+
 from easy_context import SEQ_ALGOS, gather_sequence, get_attn_func, shard_sequence
 
 pytestmark = need_gpus(2)

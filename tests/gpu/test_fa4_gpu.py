@@ -12,7 +12,6 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _gpu import assert_cases_within_yardstick, need_gpus  # _gpu puts tests/ on sys.path: _sim, reference
 from _sim import simulate
 from reference import attention_ref, rel_err

@@ -3,10 +3,11 @@ graph-cache regression (the root cause of usp_attn(ring_degree=1)'s wrong gradie
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _gpu import need_gpus
 from reference import attention_ref, rel_err
-from easy_context.attention.kernels import KERNELS as _KERNELS, fa4_importable, get_kernel, local_attn_func
+
+from easy_context.attention.kernels import KERNELS as _KERNELS
+from easy_context.attention.kernels import fa4_importable, get_kernel, local_attn_func
 
 pytestmark = need_gpus(1)
 

@@ -21,7 +21,6 @@ import sys
 
 import pytest
 import torch
-
 from _gpu import ROOT, need_gpus
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +78,8 @@ def work(tmp_path_factory):
 def references(work):
     """One-GPU runs, DDP on GPU 0 and ZeRO-3 on GPU 1 at the same time (reused from the acceptance script's
     first part when its work folder holds them)."""
-    outs = {"ddp": os.path.join(work, "referenceddp_1gpu.json"), "zero3": os.path.join(work, "referencezero3_1gpu.json")}
+    outs = {"ddp": os.path.join(work, "referenceddp_1gpu.json"),
+            "zero3": os.path.join(work, "referencezero3_1gpu.json")}
     if not all(os.path.exists(p) for p in outs.values()):
         ddp, _ = _matrix("multi_gpu.yaml", 1, "reference", work, gpus="0", tag="ddp")
         z3, _ = _matrix("single_node.yaml", 1, "reference", work, gpus="1", tag="zero3")
