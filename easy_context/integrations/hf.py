@@ -318,14 +318,6 @@ def patched_attn_implementation(model_type: str) -> str | None:
     return getattr(pretrained_base(model_type).__dict__.get("post_init"), "easy_context_attn_implementation", None)
 
 
-def expect_sequence_parallel_model(seq_algo: str, sp_world: int, options: dict, local_input_ids,
-                                   local_position_ids) -> None:
-    """See :func:`easy_context.integrations.shards.expect_sequence_parallel_model` (kept here for old callers)."""
-    from . import shards
-
-    shards.expect_sequence_parallel_model(seq_algo, sp_world, options, local_input_ids, local_position_ids)
-
-
 def is_sequence_parallel(model) -> bool:
     """Whether ``model`` runs an attention registered by easy_context."""
     return str(getattr(model.config, "_attn_implementation", "")).startswith("easy_context_")
@@ -333,5 +325,4 @@ def is_sequence_parallel(model) -> bool:
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "SPAttentionConfig", "register_attention", "patch_model", "patch_model_type",
            "unpatch_model_type", "patched_attn_implementation", "is_sequence_parallel", "no_mask", "make_attention",
-           "pretrained_base", "safe_attn_name", "global_documents", "registered_config", "make_causal_lm_loss",
-           "expect_sequence_parallel_model"]
+           "pretrained_base", "safe_attn_name", "global_documents", "registered_config", "make_causal_lm_loss"]
