@@ -2,6 +2,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def attention_ref(q, k, v, causal=True, scale=None):
@@ -22,3 +23,21 @@ def rel_err(a, b):
     """Relative error ||a - b|| / ||b|| in float64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def per_document_reference(q, k, v, dout, causal, bounds):
+    """For packed documents ``bounds`` (``[0, ..., S]``) of flash-layout q/k/v: float64 out and q/k/v gradients per
+    document, and the relative errors of one SDPA call per document in the inputs' dtype (the yardstick of what that
+    dtype costs)."""
+    def per_document(fn, tensors):
+        return torch.cat([fn(*(t[:, a:b] for t in tensors)) for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    out64 = per_document(lambda a, b, c: attention_ref(a, b, c, causal=causal), leaves)
+    out64.backward(dout.double())
+    ref = [out64.detach()] + [t.grad for t in leaves]
+    sd = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = per_document(lambda a, b, c: F.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (a, b, c)), is_causal=causal, enable_gqa=True).transpose(1, 2), sd)
+    out.backward(dout)
+    return ref, [rel_err(x, r) for x, r in zip([out.detach()] + [t.grad for t in sd], ref)]

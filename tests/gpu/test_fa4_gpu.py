@@ -11,10 +11,9 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from _gpu import assert_cases_within_yardstick, need_gpus  # _gpu puts tests/ on sys.path: _sim, reference
 from _sim import simulate
-from reference import attention_ref, rel_err
+from reference import per_document_reference, rel_err
 
 from easy_context.attention.documents import normalize
 from easy_context.attention.kernels import fa4_importable, get_kernel
@@ -37,23 +36,6 @@ def _data(kv, dtype, seed=0, seq=SEQ, heads=HEADS, dim=DIM):
     return [torch.randn(1, seq, h, dim, generator=g).to("cuda", dtype) for h in (heads, kv, kv, heads)]
 
 
-def _per_document(fn, tensors, bounds):
-    return torch.cat([fn(*(t[:, a:b] for t in tensors)) for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
-
-
-def _reference(q, k, v, dout, causal, bounds):
-    """float64 out/grads per document, and one SDPA call's errors per document in the inputs' dtype."""
-    leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    out64 = _per_document(lambda a, b, c: attention_ref(a, b, c, causal=causal), leaves, bounds)
-    out64.backward(dout.double())
-    ref = [out64.detach()] + [t.grad for t in leaves]
-    sd = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = _per_document(lambda a, b, c: F.scaled_dot_product_attention(
-        *(t.transpose(1, 2) for t in (a, b, c)), is_causal=causal, enable_gqa=True).transpose(1, 2), sd, bounds)
-    out.backward(dout)
-    return ref, [rel_err(x, r) for x, r in zip([out.detach()] + [t.grad for t in sd], ref)]
-
-
 def _case(name, got, ref, sdpa):
     errs = [rel_err(x, r) for x, r in zip(got, ref)]
     return dict(case=name, errs=errs, sdpa=sdpa, finite=all(bool(torch.isfinite(x).all()) for x in got),
@@ -69,7 +51,7 @@ def test_fa4_kernel_matches_float64(record_property):
     for dtype, kv, causal, dim in itertools.product((torch.bfloat16, torch.float16), (2, 8), (True, False),
                                                     (64, 128, 256)):
         q, k, v, dout = _data(kv, dtype, dim=dim)
-        ref, sdpa = _reference(q, k, v, dout, causal, [0, SEQ])
+        ref, sdpa = per_document_reference(q, k, v, dout, causal, [0, SEQ])
         scale = dim ** -0.5
         o, lse = kern.forward(t(q), t(k), t(v), causal, scale)
         dq, dk, dv = kern.backward(t(dout), t(q), t(k), t(v), o, lse, causal, scale)
@@ -79,7 +61,7 @@ def test_fa4_kernel_matches_float64(record_property):
     from easy_context.attention.merge import merge_into, new_accumulators
 
     q, k, v, dout = _data(2, torch.bfloat16, seed=5)
-    ref, sdpa = _reference(q, k, v, dout, False, [0, SEQ])
+    ref, sdpa = per_document_reference(q, k, v, dout, False, [0, SEQ])
     out, lse = new_accumulators(t(q))
     blocks = [slice(0, 1536), slice(1536, SEQ)]
     for b in blocks:
@@ -102,7 +84,7 @@ def test_fa4_varlen_matches_float64_per_document(record_property):
     bounds = MIXES["packed"]
     for kv, causal in itertools.product((2, 8), (True, False)):
         q, k, v, dout = _data(kv, torch.bfloat16, seed=9)
-        ref, sdpa = _reference(q, k, v, dout, causal, bounds)
+        ref, sdpa = per_document_reference(q, k, v, dout, causal, bounds)
         cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
         longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         flat = [x[0] for x in (q, k, v, dout)]  # (tokens, heads, dim)
@@ -123,7 +105,7 @@ def test_every_algorithm_with_fa4_in_a_simulated_world_matches_float64(record_pr
         bounds = MIXES[mix]
         q, k, v, dout = _data(kv, torch.bfloat16, seed=3)
         if (kv, causal, mix) not in refs:
-            refs[(kv, causal, mix)] = _reference(q, k, v, dout, causal, bounds)
+            refs[(kv, causal, mix)] = per_document_reference(q, k, v, dout, causal, bounds)
         ref, sdpa = refs[(kv, causal, mix)]
         docs = normalize(bounds, 1, SEQ, algo) if mix == "packed" else None
         got = simulate(algo, q, k, v, dout, world, kern, DIM ** -0.5, causal, docs, ring)

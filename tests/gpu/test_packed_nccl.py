@@ -8,10 +8,9 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from _dist import run_distributed
 from _gpu import assert_cases_within_yardstick, installed, need_gpus
-from reference import attention_ref, rel_err
+from reference import per_document_reference, rel_err
 
 from easy_context import gather_sequence, get_attn_func, shard_sequence
 
@@ -36,21 +35,8 @@ def _data(kv, dtype, device):
     return [t.to(device=device, dtype=dtype) for t in (q, k, v, dout)]
 
 
-def _per_document(fn, tensors, bounds):
-    return torch.cat([fn(*(t[:, lo:hi] for t in tensors)) for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
-
-
 def _reference(kv, causal, dtype, device, bounds):
-    q, k, v, dout = _data(kv, dtype, device)
-    leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    out64 = _per_document(lambda a, b, c: attention_ref(a, b, c, causal=causal), leaves, bounds)
-    out64.backward(dout.double())
-    ref = [out64.detach()] + [t.grad for t in leaves]
-    sd = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = _per_document(lambda a, b, c: F.scaled_dot_product_attention(
-        *(t.transpose(1, 2) for t in (a, b, c)), is_causal=causal, enable_gqa=kv != HEADS).transpose(1, 2), sd, bounds)
-    out.backward(dout)
-    return ref, [rel_err(x, r) for x, r in zip([out.detach()] + [t.grad for t in sd], ref)]
+    return per_document_reference(*_data(kv, dtype, device), causal, bounds)
 
 
 def _worker(rank, world):
