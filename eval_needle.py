@@ -19,7 +19,8 @@ import functools
 import os
 
 from easy_context.attention import SEQ_ALGOS
-from easy_context.eval.needle import NEEDLE_TASKS, SETTINGS_FILE
+from easy_context.eval.needle import NEEDLE_TASKS
+from easy_context.eval.needle_grid import SETTINGS_FILE
 from easy_context.utils import HelpFormatter, add_flag
 
 
@@ -57,7 +58,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     from easy_context.eval.common import init_distributed, load_model
-    from easy_context.eval.needle import NeedleConfig, evaluate_needle, rank0_decides, run_settings, settings_problem
+    from easy_context.eval.needle import NeedleConfig
+    from easy_context.eval.needle_grid import evaluate_needle, rank0_decides, run_settings, settings_problem
 
     args = parse_args(argv)
     lengths = tuple(int(n) for n in args.context_lengths.split(",")) if args.context_lengths else ()

@@ -161,6 +161,7 @@ def _eval_worker(rank, world, model_dir, out_dir):
     from transformers import AutoModelForCausalLM
 
     import easy_context.eval.needle as needle
+    import easy_context.eval.needle_grid as grid
     from easy_context.eval.common import load_model
     from easy_context.eval.ppl import load_documents
 
@@ -182,8 +183,8 @@ def _eval_worker(rank, world, model_dir, out_dir):
 
     # 2. eval_needle end to end; a re-run skips finished cells, a larger grid runs only the new ones
     calls = []
-    original = needle.answer_predictions
-    needle.answer_predictions = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = grid.answer_predictions
+    grid.answer_predictions = lambda *a, **k: calls.append(1) or original(*a, **k)
     eval_needle = _script("eval_needle")
     args = ["--model", model_dir, "--parallel_mode", "zigzag_ring_attn", "--min_context_length", "320",
             "--max_context_length", "384", "--context_interval", "64", "--depth_interval", "0.5", "--num_samples",
@@ -195,7 +196,7 @@ def _eval_worker(rank, world, model_dir, out_dir):
     args[args.index("--max_context_length") + 1] = "448"
     grown = eval_needle.main(args)
     n_grown = len(calls) - n_first - n_again
-    needle.answer_predictions = original
+    grid.answer_predictions = original
     # data_parallel: each rank runs its own samples; their records are gathered to rank 0
     args[args.index("--parallel_mode") + 1] = "data_parallel"
     args[args.index("--output_dir") + 1] = out_dir + "_dp"
@@ -366,7 +367,7 @@ def test_eval_needle_rerun_reuses_cells_only_of_the_same_settings(case, change, 
     import shutil
 
     import easy_context.eval.common as common
-    import easy_context.eval.needle as needle
+    import easy_context.eval.needle_grid as needle
 
     model, first = needle_first_run
     out = str(tmp_path / "out")

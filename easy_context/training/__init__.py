@@ -1,6 +1,6 @@
 """The training behind ``train.py``: a typed configuration from the command line (config.py), models built and
 wrapped for the sharded loss (models.py, shared with evaluation), precision and the optimizer under DDP or
-DeepSpeed ZeRO-3 (deepspeed.py), checkpoints (checkpoints.py) and the loop (loop.py)."""
+DeepSpeed ZeRO-3 (deepspeed.py), checkpoints (checkpoints.py), safe resumes (resume.py) and the loop (loop.py)."""
 from .checkpoints import (
                           CHECKPOINT_PREFIX,
                           STATE_FILE,

@@ -45,20 +45,11 @@ import torch.distributed as dist
 from ..attention.registry import check_heads
 from ..data import FixedLengthCollator, load_train_dataset, shift_targets
 from ..utils import exit_with_parent, rank_world
-from .checkpoints import (
-    LOG_FILE,
-    CheckpointWriteError,
-    data_fingerprint,
-    find_resume_checkpoint,
-    finish_resume,
-    prepare_output_dir,
-    run_settings,
-    save_checkpoint,
-    save_model,
-)
+from .checkpoints import LOG_FILE, CheckpointWriteError, save_checkpoint, save_model
 from .config import TrainConfig, from_namespace, parse_config
 from .deepspeed import describe_attention, describe_precision, mixed_precision_of, prepare_optimization
 from .models import CausalLMWithShardedLoss, apply_memory_features, config_for, load_causal_lm
+from .resume import data_fingerprint, find_resume_checkpoint, finish_resume, prepare_output_dir, run_settings
 
 # packed rows: above this busiest-rank / mean attention work after reordering documents, train.py says once which
 # algorithm balances them (issue 15's goal)
