@@ -441,7 +441,8 @@ def test_backward_splits_the_own_block_around_the_ring():
     """split_own: the own block's calls in two parts that together compute exactly its pairs, the first about a
     quarter of the work (it hides the first K/V arrival; the rest hides the last dK/dV hop)."""
     from easy_context.attention.documents import Segment
-    from easy_context.attention.plans import segment_work as _work, split_own
+    from easy_context.attention.plans import segment_work as _work
+    from easy_context.attention.plans import split_own
 
     one = (Segment(slice(0, 8), slice(0, 8), True),)
     first, rest = split_own(one)
