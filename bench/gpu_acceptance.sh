@@ -7,7 +7,8 @@
 #                                     # train.py DDP matrix, one-GPU references (DDP and ZeRO-3)
 #   bash bench/gpu_acceptance.sh 2    # train.py ZeRO-3 matrix, save -> reload, eval_ppl / eval_needle under ZeRO-3
 #   bash bench/gpu_acceptance.sh all  # both in one call (~9 min: close to one call's 10-minute limit)
-#   bash bench/gpu_acceptance.sh one  # what one GPU can run: the kernels (fa4 among them) and every algorithm in a
+#   bash bench/gpu_acceptance.sh one  # what one GPU can run: the kernels (fa4 among them; its windows, soft-capping
+#                                     # and sinks too) and every algorithm in a
 #                                     # simulated multi-rank world, the patched Llama at W=1 with fa4
 #
 # Prints one PASS/FAIL/SKIP line per check (with its measured errors) and a summary line last. Logs go to $OUT
@@ -37,10 +38,10 @@ case $part in
 esac
 mkdir -p "$EASY_CONTEXT_GPU_WORK"
 case $part in
-  one) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py) ;;
-  1) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py tests/gpu/test_train_gpu.py -k "not zero3 and not reload and not eval") ;;
+  one) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_families_gpu.py) ;;
+  1) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py tests/gpu/test_train_gpu.py -k "not zero3 and not reload and not eval") ;;
   2) sel=(tests/gpu/test_train_gpu.py -k "zero3 or reload or eval") ;;
-  kernels) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py) ;;  # part 1 less training
+  kernels) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py) ;;  # part 1 less training
   all) sel=(tests/test_memory.py tests/gpu) ;;
   *) echo "usage: $0 1|2|all|kernels|one"; exit 2 ;;
 esac

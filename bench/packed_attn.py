@@ -64,8 +64,8 @@ def balance(algo, bounds, world):
 
 
 def travel(algo, bounds, world):
-    """The share of each ring position's K/V rows that leave it (ring.block_spans: what other ranks read)."""
-    from easy_context.attention.ring import block_spans
+    """The share of each ring position's K/V rows that leave it (plans.block_spans: what other ranks read)."""
+    from easy_context.attention.plans import block_spans
 
     if algo != "zigzag_ring_attn":
         return None

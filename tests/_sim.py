@@ -15,6 +15,7 @@ import torch
 
 from easy_context.attention import dist_flash, ring
 from easy_context.attention.comm import RingComm
+from easy_context.attention.merge import add_sinks, sink_grad
 from easy_context.attention.registry import layout, shard_sequence
 
 
@@ -85,37 +86,48 @@ def _unshard(algo, parts, world):
 
 
 def simulate(algo: str, q, k, v, dout, world: int, kernel, scale: float, causal: bool = True, docs=None,
-             ring_degree: int | None = None):
+             ring_degree: int | None = None, *, window: int | None = None, softcap: float = 0.0, sinks=None,
+             stats: list | None = None):
     """Run ``algo`` on ``world`` simulated ranks; return full ``(out, dq, dk, dv)`` in the original order (flash
-    layout). ``docs``: packed documents (documents.normalize's form; not dist_flash_attn). ``ulysses_attn`` and
+    layout), and the sinks' gradient (summed over the ranks) last when ``sinks`` are given. ``docs``: packed
+    documents (documents.normalize's form; not dist_flash_attn). ``window`` (not dist_flash_attn), ``softcap``,
+    ``sinks`` ``(heads,)``: as the algorithms take them; the sinks enter after the merge (merge.add_sinks), as the
+    autograd Functions do. ``stats``: a list that receives each rank's ring stats dict. ``ulysses_attn`` and
     ``usp_attn`` (``ring_degree`` R, default 1 for ulysses) run each Ulysses rank's head group through the zigzag
     ring of R simulated ranks: the all-to-alls only move heads and sequence pieces, exactly."""
     if algo in ("ulysses_attn", "usp_attn"):
-        return _head_parallel(q, k, v, dout, world, ring_degree or 1, kernel, scale, causal, docs)
-    if docs is not None and algo == "dist_flash_attn":
-        raise ValueError("dist_flash_attn does not support packed documents")
-    if not causal or docs is not None:  # non-causal and packed attention use the zigzag ring in every algorithm
+        return _head_parallel(q, k, v, dout, world, ring_degree or 1, kernel, scale, causal, docs, window, softcap,
+                              sinks, stats)
+    if (docs is not None or window is not None) and algo == "dist_flash_attn":
+        raise ValueError("dist_flash_attn does not support packed documents or windows")
+    if not causal or docs is not None or window is not None:  # these use the zigzag ring in every algorithm
         algo_sched = "zigzag_ring_attn"
     else:
         algo_sched = algo
     if algo_sched == "zigzag_ring_attn":
         def fwd(c, q, k, v, causal, s, kern):
-            return ring.ring_forward(c, q, k, v, causal, s, kern, docs)
+            st = {} if stats is not None else None
+            res = ring.ring_forward(c, q, k, v, causal, s, kern, docs, window=window, softcap=softcap, stats=st)
+            if st is not None:
+                stats.append(st)
+            return res
 
         def bwd(c, do, q, k, v, o, l, causal, s, kern):
-            return ring.ring_backward(c, do, q, k, v, o, l, causal, s, kern, docs)
+            return ring.ring_backward(c, do, q, k, v, o, l, causal, s, kern, docs, window=window, softcap=softcap)
     else:
         def fwd(c, q, k, v, causal, s, kern):
-            return dist_flash.dist_flash_forward(c, q, k, v, s, kern, None)
+            return dist_flash.dist_flash_forward(c, q, k, v, s, kern, None, softcap)
 
         def bwd(c, do, q, k, v, o, l, causal, s, kern):
-            return dist_flash.dist_flash_backward(c, do, q, k, v, o, l, s, kern, None)
+            return dist_flash.dist_flash_backward(c, do, q, k, v, o, l, s, kern, None, softcap)
     layout_algo = algo_sched if docs is not None else algo
     shards = [[shard_sequence(layout_algo, x, r, world) for x in (q, k, v, dout)] for r in range(world)]
 
     def fwd_rank(comm):
         ql, kl, vl, _ = shards[comm.rank]
         out, lse = fwd(comm, ql, kl, vl, causal, scale, kernel)
+        if sinks is not None:
+            out, lse = add_sinks(out, lse, sinks)
         return out.transpose(1, 2).to(q.dtype), lse
 
     outs = _in_threads(world, fwd_rank)
@@ -123,17 +135,24 @@ def simulate(algo: str, q, k, v, dout, world: int, kernel, scale: float, causal:
     def bwd_rank(comm):
         ql, kl, vl, dl = shards[comm.rank]
         out, lse = outs[comm.rank]
-        return bwd(comm, dl, ql, kl, vl, out, lse, causal, scale, kernel)
+        g = bwd(comm, dl, ql, kl, vl, out, lse, causal, scale, kernel)
+        if sinks is not None:  # this rank's queries' share
+            g = (*g, sink_grad(dl.transpose(1, 2), out.transpose(1, 2), lse, sinks))
+        return g
 
     grads = _in_threads(world, bwd_rank)
     full = [_unshard(layout_algo, [o for o, _ in outs], world)]
     full += [_unshard(layout_algo, [g[i] for g in grads], world) for i in range(3)]
+    if sinks is not None:
+        full.append(sum(g[3] for g in grads))
     return full
 
 
-def _head_parallel(q, k, v, dout, world, ring, kernel, scale, causal, docs):
+def _head_parallel(q, k, v, dout, world, ring, kernel, scale, causal, docs, window=None, softcap=0.0, sinks=None,
+                   stats=None):
     """Ulysses degree ``U = world / ring``: head group u (with the kv replication Ulysses applies) over the whole
-    sequence through the zigzag ring of ``ring`` simulated ranks; the groups' results side by side."""
+    sequence through the zigzag ring of ``ring`` simulated ranks; the groups' results side by side (the sinks of
+    group u are its heads' slice, their gradients side by side too)."""
     from easy_context.attention.head_parallel import ulysses_kv_replication
 
     u_deg = world // ring
@@ -142,10 +161,12 @@ def _head_parallel(q, k, v, dout, world, ring, kernel, scale, causal, docs):
     hq, hk = q.shape[2] // u_deg, ke.shape[2] // u_deg
     parts = [simulate("zigzag_ring_attn", q[:, :, u * hq:(u + 1) * hq], ke[:, :, u * hk:(u + 1) * hk],
                       ve[:, :, u * hk:(u + 1) * hk], dout[:, :, u * hq:(u + 1) * hq], ring, kernel, scale, causal,
-                      docs) for u in range(u_deg)]
+                      docs, window=window, softcap=softcap, stats=stats,
+                      sinks=None if sinks is None else sinks[u * hq:(u + 1) * hq]) for u in range(u_deg)]
     out, dq, dk, dv = (torch.cat([p[i] for p in parts], dim=2) for i in range(4))
 
     def unrep(g):  # gradient of repeat_interleave: (b, s, hkv * rep, d) -> (b, s, hkv, d)
         return g.view(*g.shape[:2], g.shape[2] // rep, rep, g.shape[3]).sum(3)
 
-    return [out, dq, unrep(dk), unrep(dv)]
+    res = [out, dq, unrep(dk), unrep(dv)]
+    return res if sinks is None else res + [torch.cat([p[4] for p in parts])]

@@ -41,3 +41,32 @@ def per_document_reference(q, k, v, dout, causal, bounds):
         *(t.transpose(1, 2) for t in (a, b, c)), is_causal=causal, enable_gqa=True).transpose(1, 2), sd)
     out.backward(dout)
     return ref, [rel_err(x, r) for x, r in zip([out.detach()] + [t.grad for t in sd], ref)]
+
+
+def masked_attention_ref(q, k, v, *, scale=None, window=None, softcap=0.0, sinks=None, bounds=None):
+    """Causal attention from the definition in float64, flash layout (b, s, h, d), GQA by repeat, with what
+    transformers' eager functions add: a sliding window (query i sees keys j with 0 <= i - j < window), logit
+    soft-capping (``softcap * tanh(s / softcap)``), attention sinks (one logit per head concatenated to each query's
+    scores, softmax, then dropped: gpt-oss) and packed documents ``bounds`` (``[0, ..., S]``)."""
+    q, k, v = q.double(), k.double(), v.double()
+    h, hkv, n = q.shape[2], k.shape[2], q.shape[1]
+    k, v = (x.repeat_interleave(h // hkv, dim=2) for x in (k, v))
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i, j = torch.arange(n, device=q.device)[:, None], torch.arange(n, device=q.device)[None]
+    drop = j > i
+    if window is not None:
+        drop |= i - j >= window
+    if bounds is not None:
+        doc = torch.bucketize(torch.arange(n, device=q.device), torch.tensor(bounds[1:-1], device=q.device),
+                              right=True)
+        drop |= doc[:, None] != doc[None]
+    s = s.masked_fill(drop, float("-inf"))
+    if sinks is not None:
+        sink = sinks.double().view(1, h, 1, 1).expand(s.shape[0], h, n, 1)
+        p = torch.cat([s, sink], dim=-1).softmax(-1)[..., :-1]
+    else:
+        p = s.softmax(-1)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)

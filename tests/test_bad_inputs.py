@@ -52,17 +52,30 @@ def _tiny_model(model_type, **extra):
 
 
 # ----------------------------------------------------------------------------- 1: attention arguments we lack
-@pytest.mark.parametrize("model_type, extra, name", [
-    ("gemma2", {}, "softcap"),
-    ("gpt_oss", dict(num_local_experts=2, num_experts_per_tok=1), "s_aux"),
-])
-def test_1_attention_arguments_the_kernels_lack_are_refused_by_name(model_type, extra, name):
+def test_1_attention_arguments_the_kernels_lack_are_refused_by_name():
+    """An argument transformers passes that the SP kernels do not apply is refused by name, never dropped (soft-capping,
+    sinks and sliding windows are applied: tests/test_families.py)."""
+    from easy_context.integrations.hf import make_attention
+    from easy_context.sp_config import SPAttentionConfig
+
+    attn = make_attention(SPAttentionConfig("zigzag_ring_attn"))
+    q = torch.randn(1, 4, 8, 16)
+    with pytest.raises(ValueError, match="do not implement: alibi .ALiBi biases.*data_parallel"):
+        attn(torch.nn.Module(), q, q, q, None, alibi=torch.zeros(4))
+
+
+def test_1b_softcap_with_a_kernel_that_cannot_apply_it_names_the_backend_that_can():
     from easy_context import apply_seq_parallel_monkey_patch
 
-    model = _tiny_model(model_type, **extra)
-    apply_seq_parallel_monkey_patch("zigzag_ring_attn", model)
-    with pytest.raises(ValueError, match=f"do not implement: .*{name}.*data_parallel"):
-        model(torch.randint(0, 64, (1, 8)))
+    model = _tiny_model("gemma2")
+    apply_seq_parallel_monkey_patch("zigzag_ring_attn", model, backend="cudnn")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="'cudnn' cannot apply attention logit soft-capping; use backend='math'"):
+            model(torch.randint(0, 64, (1, 8)), position_ids=torch.arange(8)[None])
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- 2: prepare_data's bad inputs

@@ -214,3 +214,14 @@ def test_detached_runs_outlive_their_starter_and_report_their_end(tmp_path):
     assert done.returncode == 0 and "['a b', 'c']" in done.stdout and "job ended: exit 4" in done.stdout, done
     assert (tmp_path / "job.rc").read_text().strip() == "4"
     assert sh("wait", "other", "1").returncode == 2  # an unknown name is an error, not a wait
+
+
+def test_window_attn_smoke_counts_the_skipped_blocks():
+    """bench/window_attn.py --smoke (CPU, math kernel): it runs, and its zigzag ranks skip the blocks outside the
+    window (4 ranks, a window within one chunk: ranks 0 and 3 skip 2 blocks, ranks 1 and 2 one)."""
+    import window_attn  # noqa: PLC0415 - bench/window_attn.py
+
+    rows = {r["what"]: r for r in window_attn.main(["--smoke"])}
+    assert rows["ring_per_rank_windowed"]["skipped_blocks"] == [2, 1, 1, 2]
+    assert rows["ring_per_rank_full_causal"]["skipped_blocks"] == [0]
+    assert rows["summary"]["windowed_over_full_causal"] > 0

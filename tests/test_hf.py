@@ -180,11 +180,11 @@ def _equivalence_worker(rank, world):
         model(local, position_ids=p["local_position_ids"], attention_mask=torch.zeros(2, 1, seq // world, seq // world))
 
     cfg = copy.deepcopy(_configs()["mistral"])
-    cfg.sliding_window = 16  # shorter than the 48-token sequence
+    cfg.sliding_window = 16  # shorter than the 48-token sequence: applied by the others (test_families.py)
     model = _model(cfg)
-    apply_seq_parallel_monkey_patch("ulysses_attn", model)
-    p = prepare_seq_parallel_inputs("ulysses_attn", ids, None, None, rank, world, "cpu")
-    with pytest.raises(ValueError, match="sliding-window"):
+    apply_seq_parallel_monkey_patch("dist_flash_attn", model)
+    p = prepare_seq_parallel_inputs("dist_flash_attn", ids, None, None, rank, world, "cpu")
+    with pytest.raises(ValueError, match="sliding window shorter than the sequence.*zigzag_ring_attn"):
         model(p["local_input_ids"], position_ids=p["local_position_ids"])
     return checked
 

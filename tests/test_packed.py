@@ -12,7 +12,7 @@ import torch
 from _dist import run_distributed
 from reference import attention_ref, rel_err
 
-from easy_context.attention.documents import boundaries_from_positions, plan_block, work, zigzag_runs
+from easy_context.attention.documents import Segment, boundaries_from_positions, plan_block, work, zigzag_runs
 from easy_context.attention.registry import ALGORITHMS, sequence_granularity, shard_sequence
 
 # float32 algorithm vs float64 reference: as in test_sequence_parallel (merges re-associate sums at ~1e-7; a
@@ -155,11 +155,11 @@ def test_one_document_plan_is_the_classic_zigzag_plan():
         for src in range(w):
             segs = plan_block(zigzag_runs(rank, w, n), zigzag_runs(src, w, n), (0, n * w), True, src == rank)
             if src == rank:
-                assert segs == ((slice(0, n), slice(0, n), True),)
+                assert segs == (Segment(slice(0, n), slice(0, n), True),)
             elif src < rank:
-                assert segs == ((slice(0, n), slice(0, n // 2), False),)
+                assert segs == (Segment(slice(0, n), slice(0, n // 2), False),)
             else:
-                assert segs == ((slice(n // 2, n), slice(0, n), False),)
+                assert segs == (Segment(slice(n // 2, n), slice(0, n), False),)
 
 
 def test_planner_skips_blocks_without_overlap_and_counts_work_exactly():
@@ -169,7 +169,7 @@ def test_planner_skips_blocks_without_overlap_and_counts_work_exactly():
     bounds = (0, 4, 16)  # doc A = chunk 0 (rank 0), doc B = chunks 1-3
     calls = {(r, s): plan_block(zigzag_runs(r, w, n), zigzag_runs(s, w, n), bounds, True, r == s)
              for r in range(w) for s in range(w)}
-    assert calls[(0, 1)] == ((slice(4, 8), slice(0, 8), False),)  # rank 0's chunk 3 sees B's rows of rank 1
+    assert calls[(0, 1)] == (Segment(slice(4, 8), slice(0, 8), False),)  # rank 0's chunk 3 sees B's rows of rank 1
     assert calls[(1, 0)] == ()  # rank 1's rows (chunks 1, 2) are B; rank 0's chunk 0 is A and chunk 3 is later
     pairs = 0
     for segs in calls.values():
@@ -182,7 +182,7 @@ def test_planner_skips_blocks_without_overlap_and_counts_work_exactly():
 
 def test_only_the_rows_other_ranks_read_travel():
     """block_spans: the key rows of a block that leave its owner are exactly those some other rank's calls read."""
-    from easy_context.attention.ring import block_spans
+    from easy_context.attention.plans import block_spans
 
     w, n = 2, 8
     # doc A = chunk 0 (rank 0); doc B = chunks 1-3: rank 0's block (chunks 0, 3) is read by nobody (A stays home,
@@ -441,7 +441,8 @@ def test_backward_splits_the_own_block_around_the_ring():
     """split_own: the own block's calls in two parts that together compute exactly its pairs, the first about a
     quarter of the work (it hides the first K/V arrival; the rest hides the last dK/dV hop)."""
     from easy_context.attention.documents import Segment
-    from easy_context.attention.ring import _work, split_own
+    from easy_context.attention.plans import segment_work as _work
+    from easy_context.attention.plans import split_own
 
     one = (Segment(slice(0, 8), slice(0, 8), True),)
     first, rest = split_own(one)

@@ -35,30 +35,45 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------- math (pure torch, any device)
-def _math_scores(q, k, scale, causal, row0):
+# Score modifications beyond ``causal`` (kernels.py): ``band=(lo, hi)``, query row a of the block sees key row b iff
+# ``lo <= a - b <= hi`` (None: unbounded on that side; how a sliding window reaches one ring block, documents.py), and
+# ``softcap``: scores ``softcap * tanh(s / softcap)`` (Gemma 2's logit soft-capping; 0: none).
+def _math_scores(q, k, scale, causal, row0, band=None, softcap=0.0):
+    """Scores of q rows ``[row0, row0 + r)`` of the block against k: ``(scores, t)``, ``t`` the tanh of the capped
+    scores (None without ``softcap``), which the backward's chain rule needs."""
     # q: (b, h, r, d) rows [row0, row0 + r) of the block; k: (b, h, sk, d) -> scores (b, h, r, sk)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if causal:
+    t = None
+    if softcap:
+        t = torch.tanh(s / softcap)
+        s = t * softcap
+    if causal or band is not None:
         rows = torch.arange(row0, row0 + q.shape[2], device=q.device).unsqueeze(1)
         cols = torch.arange(k.shape[2], device=q.device).unsqueeze(0)
-        s = s.masked_fill(cols > rows, float("-inf"))
-    return s
+        lo, hi = (0, None) if band is None else band
+        drop = torch.zeros(rows.shape[0], cols.shape[1], dtype=torch.bool, device=q.device)
+        if lo is not None:
+            drop |= rows - cols < lo
+        if hi is not None:
+            drop |= rows - cols > hi
+        s = s.masked_fill(drop, float("-inf"))
+    return s, t
 
 
-def math_forward(q, k, v, causal, scale):
+def math_forward(q, k, v, causal, scale, band=None, softcap=0.0):
     acc = acc_dtype(q.dtype)
     n_rep = q.shape[1] // k.shape[1]
     qa, ka, va = q.to(acc), repeat_kv(k.to(acc), n_rep), repeat_kv(v.to(acc), n_rep)
     outs, lses = [], []
     for r0 in range(0, q.shape[2], _MATH_ROW_CHUNK):
-        s = _math_scores(qa[:, :, r0:r0 + _MATH_ROW_CHUNK], ka, scale, causal, r0)
+        s = _math_scores(qa[:, :, r0:r0 + _MATH_ROW_CHUNK], ka, scale, causal, r0, band, softcap)[0]
         lse = torch.logsumexp(s, dim=-1)
         outs.append(torch.matmul(torch.exp(s - lse.unsqueeze(-1)), va))
         lses.append(lse)
     return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2).float() if acc != torch.float64 else torch.cat(lses, 2)
 
 
-def math_backward(dout, q, k, v, out, lse, causal, scale):
+def math_backward(dout, q, k, v, out, lse, causal, scale, band=None, softcap=0.0):
     acc = acc_dtype(q.dtype)
     n_rep = q.shape[1] // k.shape[1]
     qa, ka, va = q.to(acc), repeat_kv(k.to(acc), n_rep), repeat_kv(v.to(acc), n_rep)
@@ -68,12 +83,15 @@ def math_backward(dout, q, k, v, out, lse, causal, scale):
     dv = torch.zeros_like(va)
     for r0 in range(0, q.shape[2], _MATH_ROW_CHUNK):
         r1 = r0 + _MATH_ROW_CHUNK
-        p = torch.exp(_math_scores(qa[:, :, r0:r1], ka, scale, causal, r0) - la[:, :, r0:r1].unsqueeze(-1))
+        s, t = _math_scores(qa[:, :, r0:r1], ka, scale, causal, r0, band, softcap)
+        p = torch.exp(s - la[:, :, r0:r1].unsqueeze(-1))
         do = doa[:, :, r0:r1]
         dv += torch.matmul(p.transpose(-1, -2), do)
         dp = torch.matmul(do, va.transpose(-1, -2))
         delta = (do * oa[:, :, r0:r1]).sum(-1, keepdim=True)
         ds = p * (dp - delta)
+        if t is not None:  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
+            ds = ds * (1 - t * t)
         dq[:, :, r0:r1] = torch.matmul(ds, ka) * scale
         dk += torch.matmul(ds.transpose(-1, -2), qa[:, :, r0:r1]) * scale
     return dq.to(q.dtype), sum_kv(dk, n_rep).to(k.dtype), sum_kv(dv, n_rep).to(v.dtype)
@@ -219,22 +237,22 @@ def _per_document(cu):
     return zip(bounds[:-1], bounds[1:])
 
 
-def math_varlen_forward(q, k, v, cu, max_len, causal, scale):
+def math_varlen_forward(q, k, v, cu, max_len, causal, scale, softcap=0.0):
     """The varlen contract with the math kernel, one document at a time (the CPU reference of the varlen path)."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=acc_dtype(q.dtype), device=q.device)
     for a, b in _per_document(cu):
-        o, l = math_forward(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), causal, scale)
+        o, l = math_forward(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), causal, scale, softcap=softcap)
         out[a:b] = o[0].transpose(0, 1)
         lse[:, a:b] = l[0]
     return out, lse
 
 
-def math_varlen_backward(dout, q, k, v, out, lse, cu, max_len, causal, scale):
+def math_varlen_backward(dout, q, k, v, out, lse, cu, max_len, causal, scale, softcap=0.0):
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
     for a, b in _per_document(cu):
         g = math_backward(*(x[a:b].transpose(0, 1)[None] for x in (dout, q, k, v, out)), lse[None, :, a:b], causal,
-                          scale)
+                          scale, softcap=softcap)
         for d, gx in zip((dq, dk, dv), g):
             d[a:b] = gx[0].transpose(0, 1)
     return dq, dk, dv
@@ -325,30 +343,61 @@ def fa4_interface():
     return interface
 
 
-def fa4_forward(q, k, v, causal, scale):
+def fa4_window(band, seqlen_q: int, seqlen_k: int) -> dict:
+    """FA4's ``window_size_left`` / ``window_size_right`` for a block's ``band`` (kernels.py): keyword arguments of
+    ``_flash_attn_fwd`` / ``_flash_attn_bwd`` (empty without a band).
+
+    FA4 aligns a window bottom-right (flash_attn/cute/mask.py): query row ``a`` sees key row ``b`` iff
+    ``a + sk - sq - left <= b <= a + sk - sq + right`` (``sq``, ``sk`` the block's query and key rows; None: unbounded
+    on that side), i.e. ``sq - sk - right <= a - b <= sq - sk + left``. The band ``lo <= a - b <= hi`` is so
+    ``right = sq - sk - lo`` and ``left = hi - (sq - sk)``. A ring block's band comes from global offsets (a query
+    at global index ``i``, a key at ``j``, window ``w``: ``0 <= i - j <= w - 1``, shifted by the block's first
+    query and key, documents.py), and the planner trims the rows no pair reaches, so the last query row sees the
+    last key row or a later one (``right >= 0``) and the last query row's window reaches a key of the block
+    (``left >= 0``); a negative value would mean "unbounded" to FA4 (both -1) and is refused here.
+    """
+    if band is None:
+        return {}
+    lo, hi = band
+    right = None if lo is None else seqlen_q - seqlen_k - lo
+    left = None if hi is None else hi - (seqlen_q - seqlen_k)
+    if (right is not None and right < 0) or (left is not None and left < 0):
+        raise ValueError(f"fa4: band {band} of a {seqlen_q} x {seqlen_k} block leaves rows without keys (window "
+                         f"left {left}, right {right}); trim the block's rows first (documents.plan_block does)")
+    return {"window_size_left": left, "window_size_right": right}
+
+
+def fa4_forward(q, k, v, causal, scale, band=None, softcap=0.0):
     t = (lambda x: x.transpose(1, 2))  # noqa: E731 - (b, h, s, d) view <-> (b, s, h, d) memory
+    extra = fa4_window(band, q.shape[2], k.shape[2])
+    if softcap:
+        extra["softcap"] = softcap
     with _FA4_LOCK:
         out, lse = fa4_interface()._flash_attn_fwd(t(q), t(k), t(v), softmax_scale=scale, causal=causal,
-                                                   return_lse=True)[:2]
+                                                   return_lse=True, **extra)[:2]
     return t(out), lse
 
 
-def fa4_backward(dout, q, k, v, out, lse, causal, scale):
+def fa4_backward(dout, q, k, v, out, lse, causal, scale, band=None, softcap=0.0):
     t = (lambda x: x.transpose(1, 2))  # noqa: E731
+    extra = fa4_window(band, q.shape[2], k.shape[2])
     with _FA4_LOCK:
-        dq, dk, dv = fa4_interface()._flash_attn_bwd(t(q), t(k), t(v), t(out), t(dout), lse, scale, causal)
+        dq, dk, dv = fa4_interface()._flash_attn_bwd(t(q), t(k), t(v), t(out), t(dout), lse, scale, causal,
+                                                     softcap=float(softcap), **extra)[:3]
     return t(dq), t(dk), t(dv)
 
 
-def fa4_varlen_forward(q, k, v, cu, max_len, causal, scale):
+def fa4_varlen_forward(q, k, v, cu, max_len, causal, scale, softcap=0.0):
+    extra = {"softcap": softcap} if softcap else {}
     with _FA4_LOCK:
         out, lse = fa4_interface()._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
                                                    max_seqlen_k=max_len, softmax_scale=scale, causal=causal,
-                                                   return_lse=True)[:2]
+                                                   return_lse=True, **extra)[:2]
     return out, lse
 
 
-def fa4_varlen_backward(dout, q, k, v, out, lse, cu, max_len, causal, scale):
+def fa4_varlen_backward(dout, q, k, v, out, lse, cu, max_len, causal, scale, softcap=0.0):
     with _FA4_LOCK:
-        return fa4_interface()._flash_attn_bwd(q, k, v, out, dout, lse, scale, causal, cu_seqlens_q=cu,
-                                               cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len)
+        return fa4_interface()._flash_attn_bwd(q, k, v, out, dout, lse, scale, causal, softcap=float(softcap),
+                                               cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                               max_seqlen_k=max_len)[:3]

@@ -16,6 +16,8 @@ same work, ``W/2`` full blocks (the causal diagonal counts half), in ``1 + floor
 kernel calls, at most ``ceil((W+1)/2) + 1``. The next step's exchange is posted before the current block is computed.
 Backward follows the same schedule, sending dK/dV (or dQ) back to the owner.
 Non-causal attention has no imbalance and uses the plain ring (ring.ring_forward/backward).
+Soft-capping goes to every kernel call and sinks enter after the last merge (merge.add_sinks); a sliding window is
+refused: the helper schedule balances dense causal work, which a window leaves mostly empty.
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ import torch
 
 from .backends import acc_dtype
 from .comm import RingComm
-from .kernels import Kernel, autocast_inputs, default_scale, get_kernel
+from .features import WINDOW_ALGORITHMS, check_features
+from .kernels import Kernel, autocast_inputs, default_scale, get_kernel, score_mods
 from .kernels import head_major as _t  # (b, s, h, d) <-> (b, h, s, d) views
-from .merge import merge_into, new_accumulators
+from .merge import add_sinks, merge_into, new_accumulators, sink_grad
 from .ring import check_ring_inputs, ring_backward, ring_forward
 
 
@@ -60,10 +63,12 @@ def _post(comm: RingComm, t: int, mine_kv, mine_q, n: int):
     return comm.exchange(send, (r + t) % w, recv, src)
 
 
-def dist_flash_forward(comm: RingComm, q, k, v, scale: float, kernel: Kernel, stats: dict | None):
+def dist_flash_forward(comm: RingComm, q, k, v, scale: float, kernel: Kernel, stats: dict | None,
+                       softcap: float = 0.0):
     r, w, n = comm.rank, comm.world, q.shape[1]
+    mods = score_mods(softcap=softcap)
     out, lse = new_accumulators(_t(q))
-    o, l = kernel.forward(_t(q), _t(k), _t(v), True, scale)
+    o, l = kernel.forward(_t(q), _t(k), _t(v), True, scale, **mods)
     merge_into(out, lse, o, l)
     blocks, work, results = 1, 0.5, []  # work: in full chunk x chunk blocks (the causal diagonal is half)
     steps = list(_steps(w))
@@ -76,11 +81,11 @@ def dist_flash_forward(comm: RingComm, q, k, v, scale: float, kernel: Kernel, st
         sent_rows, own_rows = _rows(n, w, t, r)
         reply = []
         if own_rows is not None:  # own query rows against the K/V of rank r-t
-            o, l = kernel.forward(_t(q)[:, :, own_rows], _t(got[0]), _t(got[1]), False, scale)
+            o, l = kernel.forward(_t(q)[:, :, own_rows], _t(got[0]), _t(got[1]), False, scale, **mods)
             merge_into(out[:, :, own_rows], lse[:, :, own_rows], o, l)
             blocks, work = blocks + 1, work + (own_rows.stop - own_rows.start) / n
         if _rows(n, w, t, (r - t) % w)[0] is not None:  # help: rows of rank r-t+W against own K/V
-            o, l = kernel.forward(_t(got[0]), _t(k), _t(v), False, scale)
+            o, l = kernel.forward(_t(got[0]), _t(k), _t(v), False, scale, **mods)
             reply = [o.transpose(1, 2), l.transpose(1, 2)]
             blocks, work = blocks + 1, work + got[0].shape[1] / n
         like = [] if sent_rows is None else [q[:, sent_rows], lse_bs[:, sent_rows]]
@@ -95,11 +100,13 @@ def dist_flash_forward(comm: RingComm, q, k, v, scale: float, kernel: Kernel, st
     return out, lse
 
 
-def dist_flash_backward(comm: RingComm, dout, q, k, v, out, lse, scale: float, kernel: Kernel, stats: dict | None):
+def dist_flash_backward(comm: RingComm, dout, q, k, v, out, lse, scale: float, kernel: Kernel, stats: dict | None,
+                        softcap: float = 0.0):
     r, w, n = comm.rank, comm.world, q.shape[1]
+    mods = score_mods(softcap=softcap)
     acc = acc_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
-    g = kernel.backward(_t(dout), _t(q), _t(k), _t(v), _t(out), lse, True, scale)
+    g = kernel.backward(_t(dout), _t(q), _t(k), _t(v), _t(out), lse, True, scale, **mods)
     for acc_t, g_t in zip((dq, dk, dv), g):
         _t(acc_t).add_(g_t)
     blocks, results = 1, []
@@ -115,14 +122,14 @@ def dist_flash_backward(comm: RingComm, dout, q, k, v, out, lse, scale: float, k
         reply_kv, reply_q = [], []
         if own_rows is not None:  # own rows vs K/V of rank r-t: keep dQ, send dK/dV to the K/V owner
             g = kernel.backward(_t(dout)[:, :, own_rows], _t(q)[:, :, own_rows], _t(got[0]), _t(got[1]),
-                                _t(out)[:, :, own_rows], lse[:, :, own_rows], False, scale)
+                                _t(out)[:, :, own_rows], lse[:, :, own_rows], False, scale, **mods)
             _t(dq)[:, :, own_rows] += g[0]
             reply_kv = [g[1].transpose(1, 2), g[2].transpose(1, 2)]
             blocks += 1
         if _rows(n, w, t, (r - t) % w)[0] is not None:  # helped rank r-t+W: keep dK/dV, send dQ back
             rq, rdo, rout, rlse = got
             g = kernel.backward(_t(rdo), _t(rq), _t(k), _t(v), _t(rout), rlse.transpose(1, 2).contiguous(),
-                                False, scale)
+                                False, scale, **mods)
             _t(dk).add_(g[1])
             _t(dv).add_(g[2])
             reply_q = [g[0].transpose(1, 2)]
@@ -146,25 +153,30 @@ def dist_flash_backward(comm: RingComm, dout, q, k, v, out, lse, scale: float, k
 
 class _DistFlashAttn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, kernel, comm, stats):
+    def forward(ctx, q, k, v, sinks, causal, scale, kernel, comm, stats, softcap):
         if causal:
-            out, lse = dist_flash_forward(comm, q, k, v, scale, kernel, stats)
+            out, lse = dist_flash_forward(comm, q, k, v, scale, kernel, stats, softcap)
         else:
-            out, lse = ring_forward(comm, q, k, v, False, scale, kernel)
+            out, lse = ring_forward(comm, q, k, v, False, scale, kernel, softcap=softcap)
+        if sinks is not None:  # once per query, after the last merge
+            out, lse = add_sinks(out, lse, sinks)
         out = out.transpose(1, 2).to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.kernel, ctx.comm, ctx.stats = causal, scale, kernel, comm, stats
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.causal, ctx.scale, ctx.kernel, ctx.comm = causal, scale, kernel, comm
+        ctx.stats, ctx.softcap = stats, softcap
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         dout = dout.contiguous()
         if ctx.causal:
-            grads = dist_flash_backward(ctx.comm, dout, q, k, v, out, lse, ctx.scale, ctx.kernel, ctx.stats)
+            grads = dist_flash_backward(ctx.comm, dout, q, k, v, out, lse, ctx.scale, ctx.kernel, ctx.stats,
+                                        ctx.softcap)
         else:
-            grads = ring_backward(ctx.comm, dout, q, k, v, out, lse, False, ctx.scale, ctx.kernel)
-        return (*grads, None, None, None, None, None)
+            grads = ring_backward(ctx.comm, dout, q, k, v, out, lse, False, ctx.scale, ctx.kernel, softcap=ctx.softcap)
+        dsinks = None if sinks is None else sink_grad(_t(dout), _t(out), lse, sinks)
+        return (*grads, dsinks, None, None, None, None, None, None)
 
 
 def max_blocks_per_rank(world_size: int) -> int:
@@ -176,11 +188,15 @@ def max_blocks_per_rank(world_size: int) -> int:
 DOCUMENTS_UNSUPPORTED = ("dist_flash_attn does not support packed documents (position ids that restart / cu_seqlens): "
                          "its helper schedule balances dense causal work only. Use zigzag_ring_attn, ulysses_attn or "
                          "usp_attn for packed rows")
+WINDOW_UNSUPPORTED = ("dist_flash_attn does not support a sliding window shorter than the sequence: its helper "
+                      "schedule balances dense causal work, which a window leaves mostly empty. Use "
+                      f"{WINDOW_ALGORITHMS} (blocks outside the window cost no kernel call there)")
 
 
 @autocast_inputs
 def dist_flash_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, group=None, *,
-                         backend: str | None = None, stats: dict | None = None, check: bool = True, cu_seqlens=None):
+                         backend: str | None = None, stats: dict | None = None, check: bool = True, cu_seqlens=None,
+                         window: int | None = None, softcap: float | None = None, sinks=None):
     """Exact attention over a contiguously sharded sequence with LightSeq-style load balancing.
 
     Args:
@@ -192,13 +208,20 @@ def dist_flash_attn_func(q, k, v, causal: bool = True, softmax_scale: float | No
             of one full chunk-by-chunk block (``W / 2`` on every rank: perfectly balanced).
         cu_seqlens: packed documents are not supported by this schedule: a clear error (use zigzag_ring_attn,
             ulysses_attn or usp_attn).
+        window: a sliding window shorter than the sequence is refused (an error naming the algorithms that take
+            one); one that covers the whole sequence changes nothing and is accepted.
+        softcap, sinks: as :func:`zigzag_ring_attn_func`.
     Returns:
         ``(batch, local_seqlen, nheads, head_dim)``.
     """
     if cu_seqlens is not None:
         raise ValueError(DOCUMENTS_UNSUPPORTED)
+    window, softcap, features = check_features("dist_flash_attn", q, causal, q.shape[1] * RingComm(group).world,
+                                               window, softcap, sinks)
+    if window is not None:
+        raise ValueError(WINDOW_UNSUPPORTED)
     if check:
         check_ring_inputs(q, k, v, causal, group, "dist_flash_attn", zigzag=False)
-    kernel = get_kernel(backend, q.device, q.dtype, q.shape[-1])
+    kernel = get_kernel(backend, q.device, q.dtype, q.shape[-1], features)
     scale = default_scale(q.shape[-1], softmax_scale)
-    return _DistFlashAttn.apply(q, k, v, causal, scale, kernel, RingComm(group), stats)
+    return _DistFlashAttn.apply(q, k, v, sinks, causal, scale, kernel, RingComm(group), stats, softcap)

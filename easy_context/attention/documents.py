@@ -38,6 +38,7 @@ class Segment(NamedTuple):
     q: slice       # local query rows
     k: slice       # local key rows of the block
     causal: bool   # top-left causal over (q, k) (then q and k are the same rows), else unmasked
+    band: tuple | None = None  # (lo, hi): query row a sees key row b iff lo <= a - b <= hi (a sliding window)
 
 
 def _rows_in(runs: Runs, lo: int, hi: int) -> slice | None:
@@ -54,15 +55,69 @@ def _rows_in(runs: Runs, lo: int, hi: int) -> slice | None:
     return None if first is None else slice(first, last)
 
 
+def _pieces(runs: Runs, lo: int, hi: int):
+    """``(global start, global end, first local row)`` of each run's part inside ``[lo, hi)``."""
+    offset = 0
+    for a, b in runs:
+        s, e = max(a, lo), min(b, hi)
+        if s < e:
+            yield s, e, offset + s - a
+        offset += b - a
+
+
+def _window_segments(q_runs: Runs, k_runs: Runs, bounds: Bounds, window: int) -> list[Segment]:
+    """The calls of a block under causal attention with a sliding window: global query ``i`` sees key ``j`` iff
+    ``0 <= i - j <= window - 1`` (transformers' ``sliding_window``: at most ``window`` keys, itself included) and
+    both lie in one document.
+
+    One call per (document, query run, key run) whose pairs are not all masked: inside one run local rows are
+    consecutive global indices, so the mask of the pair is a band of constant global offset. The rows no pair
+    reaches are trimmed (queries ``[max(qs, ks), min(qe, ke + w - 1))``, keys ``[max(ks, qs - w + 1), min(ke, qe))``),
+    so every query row of a call sees a key of it and every key row is seen. With ``i0``/``j0`` the first global query
+    and key of the trimmed call, local rows ``a = i - i0``, ``b = j - j0`` and ``d = i0 - j0``, the window is
+    ``-d <= a - b <= w - 1 - d``: the call's band, a side dropped when no pair of the call reaches it (all pairs
+    inside: one unmasked call; the same rows with no pair farther apart than the window: top-left causal). Blocks
+    whose keys all lie a window or more before their queries get no call at all.
+    """
+    segments: list[Segment] = []
+    w = window
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        ks_all = list(_pieces(k_runs, lo, hi))
+        for qs, qe, qrow in _pieces(q_runs, lo, hi):
+            for ks, ke, krow in ks_all:
+                i0, i1 = max(qs, ks), min(qe - 1, ke - 1 + w - 1)   # queries with a key (inclusive)
+                j0, j1 = max(ks, qs - w + 1), min(ke - 1, qe - 1)   # keys with a query
+                if i0 > i1 or j0 > j1:
+                    continue
+                q = slice(qrow + i0 - qs, qrow + i1 - qs + 1)
+                k = slice(krow + j0 - ks, krow + j1 - ks + 1)
+                d = i0 - j0
+                lower, upper = i0 - j1 >= 0, i1 - j0 <= w - 1  # every pair causal / within the window
+                if lower and upper:
+                    segments.append(Segment(q, k, False))
+                elif (i0, i1) == (j0, j1) and upper:
+                    segments.append(Segment(q, k, True))
+                else:
+                    segments.append(Segment(q, k, False, (None if lower else -d, None if upper else w - 1 - d)))
+    return segments
+
+
 @functools.lru_cache(maxsize=4096)
-def plan_block(q_runs: Runs, k_runs: Runs, bounds: Bounds, causal: bool, diagonal: bool) -> tuple[Segment, ...]:
+def plan_block(q_runs: Runs, k_runs: Runs, bounds: Bounds, causal: bool, diagonal: bool,
+               window: int | None = None) -> tuple[Segment, ...]:
     """The kernel calls of one block (see the module docstring).
 
     Args:
         q_runs, k_runs: the global index runs of the local query rows and of the block's key rows.
         bounds: the row's document boundaries.
         causal: causal attention in global order. diagonal: the block is the rank's own rows (``k_runs == q_runs``).
+        window: a sliding window (causal only): a query sees at most ``window`` keys, itself included
+            (:func:`_window_segments`); None: none.
     """
+    if window is not None:
+        if not causal:
+            raise ValueError("a sliding window needs causal attention")
+        return tuple(_window_segments(q_runs, k_runs, bounds, window))
     segments: list[Segment] = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         qs = _rows_in(q_runs, lo, hi)

@@ -6,6 +6,10 @@ plain Ulysses, which is the local kernel itself). Each rank gathers the whole se
 ``heads / U`` of the heads (one all-to-all for each of q, k, v), runs the ring (or, alone, ordinary local
 attention), and scatters the result back to sequence shards (one all-to-all). Exact by construction.
 
+Sinks (one logit per query head) follow the query heads: Ulysses rank ``u`` holds heads ``[u h/U, (u+1) h/U)``
+and takes that slice of the (replicated) sink parameter, so its gradient on the other heads is zero there and the
+sum over the ranks is the whole sequence's gradient, as for every other parameter.
+
 GQA: kv heads are split like the query heads when ``kv_heads % U == 0``; with fewer kv heads than the
 degree (``U % kv_heads == 0``) each kv head is replicated ``U / kv_heads`` times first, so every rank gets
 the kv head its query heads use (the replication's backward sums the gradients back).
@@ -28,6 +32,7 @@ from .comm import (
 )
 from .documents import Documents
 from .kernels import Kernel
+from .merge import add_sinks, sink_grad
 from .ring import check_even, ring_attn, ring_backward, ring_forward
 
 # Set while a kept attention graph is being built (easy_context.memory's attention-preserving checkpointing):
@@ -72,43 +77,56 @@ class _LeanUlyssesAttn(torch.autograd.Function):
     re-runs the all-to-alls in backward (inside :func:`lean_all_to_all`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, kernel, group, ring_group, docs):
+    def forward(ctx, q, k, v, sinks, causal, scale, kernel, group, ring_group, docs, mods):
+        window, softcap, stats = mods
         comm = RingComm(ring_group)
         heads = [seq_to_head(x, group) for x in (q, k, v)]  # (b, s, h/W, d)
-        out_h, lse = ring_forward(comm, *heads, causal, scale, kernel, docs)
+        out_h, lse = ring_forward(comm, *heads, causal, scale, kernel, docs, window=window, softcap=softcap,
+                                  stats=stats)
+        if sinks is not None:  # this rank's heads' sinks (see the module docstring)
+            out_h, lse = add_sinks(out_h, lse, sinks)
         out = head_to_seq(out_h.transpose(1, 2).to(q.dtype), group)  # (b, s/W, h, d)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, kernel, group, comm, docs)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.args = (causal, scale, kernel, group, comm, docs, mods)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, kernel, group, comm, docs = ctx.args
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        causal, scale, kernel, group, comm, docs, (window, softcap, stats) = ctx.args
         qh, kh, vh, out_h, dout_h = (seq_to_head(x, group) for x in (q, k, v, out, dout.contiguous()))
-        grads = ring_backward(comm, dout_h, qh, kh, vh, out_h, lse, causal, scale, kernel, docs)
-        return (*(head_to_seq(g, group) for g in grads), None, None, None, None, None, None)
+        grads = ring_backward(comm, dout_h, qh, kh, vh, out_h, lse, causal, scale, kernel, docs, window=window,
+                              softcap=softcap, stats=stats)
+        dsinks = None if sinks is None else sink_grad(dout_h.transpose(1, 2), out_h.transpose(1, 2), lse, sinks)
+        return (*(head_to_seq(g, group) for g in grads), dsinks, None, None, None, None, None, None, None)
 
 
 def head_parallel_attn(q, k, v, causal: bool, scale: float, kernel: Kernel, group, ring_group=SELF_GROUP,
-                       docs: Documents | None = None):
+                       docs: Documents | None = None, *, window: int | None = None, softcap: float = 0.0,
+                       sinks: torch.Tensor | None = None, stats: dict | None = None):
     """Ulysses over ``group`` around the zigzag ring over ``ring_group``; no cross-rank checks (callers do them).
 
     ``(b, s/U, h, d)`` per rank -> all-to-all -> ``(b, s, h/U, d)``: this rank's heads over the sequence of its ring
     position -> the zigzag ring over ``ring_group`` (a group of one: the kernel; one call per document with
-    ``docs``, the boundaries over the global sequence) -> all-to-all back.
+    ``docs``, the boundaries over the global sequence) -> all-to-all back. ``window``, ``softcap``, ``sinks`` (all
+    ``h`` heads; this rank uses its own), ``stats``: as ring.ring_attn.
     """
-    w = group_rank_size(group)[1]
+    u, w = group_rank_size(group)
     rep = ulysses_kv_replication(q.shape[2], k.shape[2], w)
     if rep > 1:
         # (b, s/W, hkv, d) -> (b, s/W, W, d): kv head j serves query heads [j*h/hkv, (j+1)*h/hkv)
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     check_even(q.shape[1] * w, causal or docs is not None, ring_group, "usp_attn")  # the ring position's zigzag shard
+    if sinks is not None and w > 1:
+        per = q.shape[2] // w
+        sinks = sinks[u * per:(u + 1) * per]  # (h,) -> (h/W,): this rank's heads after the all-to-all
     if w > 1 and _LEAN.get():
-        return _LeanUlyssesAttn.apply(q, k, v, causal, scale, kernel, group, ring_group, docs)
+        return _LeanUlyssesAttn.apply(q, k, v, sinks, causal, scale, kernel, group, ring_group, docs,
+                                      (window, softcap, stats))
     if w > 1:
         # (b, s/W, h, d) -> (b, s, h/W, d)
         q, k, v = (seq_to_head_autograd(x, group) for x in (q, k, v))
-    out = ring_attn(q, k, v, causal, scale, kernel, ring_group, docs)
+    out = ring_attn(q, k, v, causal, scale, kernel, ring_group, docs, window=window, softcap=softcap, sinks=sinks,
+                    stats=stats)
     # (b, s, h/W, d) -> (b, s/W, h, d)
     return head_to_seq_autograd(out, group) if w > 1 else out

@@ -12,6 +12,18 @@ fine) and offers
 probability of the block's keys, and ``rowsum(dout * out_final)`` is the global softmax Jacobian term.
 
 ``causal`` means top-left aligned with ``seq_q == seq_k`` (the ring only ever asks for diagonal blocks).
+
+Score modifications, keyword arguments passed only when set (so a kernel without them keeps the five-argument
+form) and only to kernels that list them in ``Kernel.mods``:
+
+* ``band=(lo, hi)`` (``"window"``): query row ``a`` of the block sees key row ``b`` iff ``lo <= a - b <= hi``
+  (None: unbounded on that side), with ``causal`` False. A sliding window over the global sequence becomes one band
+  per block (documents.plan_block derives it from the block's global offsets; backends.fa4_window maps it to FA4's
+  bottom-right window);
+* ``softcap`` (``"softcap"``): scores ``softcap * tanh(scale * q.k / softcap)`` (Gemma 2), 0 for none. The varlen
+  entry point of a kernel with ``"softcap"`` takes it too.
+
+Attention sinks (gpt-oss) need nothing of the kernels: they enter after the merge (merge.add_sinks).
 k/v may have fewer heads than q (GQA: ``heads % kv_heads == 0``); dk/dv come back with kv heads.
 
 Backends and the input dtypes each takes:
@@ -22,13 +34,16 @@ Backends and the input dtypes each takes:
 * ``flash_attn`` (the optional flash-attn package): float16 / bfloat16;
 * ``math`` (pure torch, any device and dtype; float32 accumulation at least).
 
-``auto`` picks by device, dtype and head dim: on CUDA fa4 for 16-bit inputs on sm90 / sm100 when flash-attn-4 imports
-and takes the head dim, else cudnn (sm90+) or flash (older GPUs); efficient for float32, math for float64; math
-elsewhere. fa4 computes the diagonal block of a packed row in one varlen call. Packed rows (documents): ``flash``
-computes the diagonal block's documents in one FA2 varlen call; ``auto`` without fa4 on sm90 too when they average
-fewer than ``AUTO_VARLEN_BELOW`` tokens, and one cuDNN call per document otherwise (see :class:`Varlen`). The
-environment variable ``EASY_CONTEXT_ATTN_BACKEND`` overrides ``auto``. A backend named explicitly that does not take
-the inputs' dtype is an error naming the fix (cuDNN was seen to return NaN for float32 instead of refusing it).
+``auto`` picks by device, dtype, head dim and the score modifications asked for (``features``): with a window or
+soft-capping only math and fa4 qualify (fa4 for 16-bit inputs on sm90 / sm100, math for float32 / float64 and on the
+CPU; 16-bit inputs on a GPU without fa4 raise naming the install). Otherwise: on CUDA fa4 for 16-bit inputs on sm90 /
+sm100 when flash-attn-4 imports and takes the head dim, else cudnn (sm90+) or flash (older GPUs); efficient for float32,
+math for float64; math elsewhere. fa4 computes the diagonal block of a packed row in one varlen call. Packed rows
+(documents): ``flash`` computes the diagonal block's documents in one FA2 varlen call; ``auto`` without fa4 on sm90 too
+when they average fewer than ``AUTO_VARLEN_BELOW`` tokens, and one cuDNN call per document otherwise (see
+:class:`Varlen`). The environment variable ``EASY_CONTEXT_ATTN_BACKEND`` overrides ``auto``. A backend named explicitly
+that does not take the inputs' dtype is an error naming the fix (cuDNN was seen to return NaN for float32 instead of
+refusing it).
 """
 from __future__ import annotations
 
@@ -66,6 +81,22 @@ class Kernel(NamedTuple):
     backward: Callable
     dtypes: tuple = (torch.float64, torch.float32, *_HALF)  # input dtypes the kernel takes
     varlen: Varlen | None = None  # None: one call per document
+    mods: frozenset = frozenset()  # score modifications it implements: "window" (band=), "softcap" (softcap=)
+
+
+# What the score modifications are called in errors.
+FEATURES = {"window": "a sliding window (band of keys per block)", "softcap": "attention logit soft-capping"}
+_ALL_MODS = frozenset(FEATURES)
+
+
+def score_mods(band=None, softcap: float = 0.0) -> dict:
+    """The keyword arguments of a kernel call for ``band`` and ``softcap`` (empty when neither is set)."""
+    mods = {}
+    if band is not None:
+        mods["band"] = band
+    if softcap:
+        mods["softcap"] = softcap
+    return mods
 
 
 FLASH_VARLEN = Varlen(B.flash_varlen_forward, B.flash_varlen_backward, float("inf"))
@@ -88,8 +119,8 @@ FA4_VARLEN = Varlen(B.fa4_varlen_forward, B.fa4_varlen_backward, float("inf"))
 FA4_ARCHS = (9, 10)
 
 KERNELS = {
-    "math": Kernel("math", B.math_forward, B.math_backward),
-    "fa4": Kernel("fa4", B.fa4_forward, B.fa4_backward, _HALF, FA4_VARLEN),
+    "math": Kernel("math", B.math_forward, B.math_backward, mods=_ALL_MODS),
+    "fa4": Kernel("fa4", B.fa4_forward, B.fa4_backward, _HALF, FA4_VARLEN, _ALL_MODS),
     "cudnn": Kernel("cudnn", B.cudnn_forward, B.cudnn_backward, _HALF),
     "flash": Kernel("flash", B.flash_forward, B.flash_backward, _HALF, FLASH_VARLEN),
     "efficient": Kernel("efficient", B.efficient_forward, B.efficient_backward, (torch.float32, *_HALF)),
@@ -125,20 +156,47 @@ def fa4_takes_head_dim(head_dim: int | None, arch: int) -> bool:
     return 8 <= head_dim <= 256 if arch == 9 else (8 <= head_dim <= 128 or head_dim == 256)
 
 
+def _no_mods_here(backend: str, features, device, dtype, head_dim) -> str:
+    what = " and ".join(FEATURES[f] for f in sorted(features))
+    if device.type != "cuda":
+        return f"{backend!r} cannot apply {what}; use backend='math' (or 'auto') on {device.type}"
+    arch = torch.cuda.get_device_capability(device)[0]
+    if arch in FA4_ARCHS and fa4_takes_head_dim(head_dim, arch):
+        fa4 = "backend='fa4' (FlashAttention-4" + ("" if fa4_importable() else f": {B.FA4_INSTALL}") + ")"
+    else:
+        fa4 = "FlashAttention-4 (sm90 / sm100 GPUs, head dims 8-256)"
+    return (f"{backend!r} cannot apply {what}; use {fa4}, or backend='math' (exact in any dtype, but a "
+            "reference speed on GPUs)")
+
+
 def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None,
-                    head_dim: int | None = None) -> str:
+                    head_dim: int | None = None, features=()) -> str:
     """Return the concrete backend name for ``backend`` (None/"auto" -> env override or the default for the device,
-    ``dtype`` and ``head_dim``, see the module docstring).
+    ``dtype``, ``head_dim`` and the score modifications ``features`` (``"window"``, ``"softcap"``), see the module
+    docstring).
 
     Raises:
-        ValueError: an unknown name, a CUDA backend on another device, a backend that does not take ``dtype``, or
-            fa4 on a GPU or head dim it is not built for.
+        ValueError: an unknown name, a CUDA backend on another device, a backend that does not take ``dtype``, fa4 on
+            a GPU or head dim it is not built for, or a backend (named, or the only one auto could pick) that cannot
+            apply ``features`` (the message names the backend that can, and its install).
         ImportError: fa4 named without flash-attn-4 installed (the message names the install).
     """
+    features = frozenset(features)
     backend = _requested(backend)
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS} "
                          f"(argument `backend` or env {ENV_BACKEND})")
+    if backend == "auto" and features:
+        if device.type != "cuda" or dtype in (torch.float64, torch.float32):
+            return "math"
+        arch = torch.cuda.get_device_capability(device)[0]
+        if arch in FA4_ARCHS and fa4_takes_head_dim(head_dim, arch) and fa4_importable():
+            return "fa4"
+        raise ValueError("attention backend 'auto' for 16-bit inputs: the fused PyTorch kernels " +
+                         _no_mods_here("cudnn", features, device, dtype, head_dim))
+    if backend != "auto" and not features <= KERNELS[backend].mods:
+        missing = features - KERNELS[backend].mods
+        raise ValueError("attention backend " + _no_mods_here(backend, missing, device, dtype, head_dim))
     if backend == "auto":
         if device.type != "cuda" or dtype == torch.float64:
             return "math"
@@ -206,10 +264,10 @@ def split_causal(kernel: Kernel, min_len: int) -> Kernel:
         return kernel
     forward = kernel.forward
 
-    def split_forward(q, k, v, causal, scale):
+    def split_forward(q, k, v, causal, scale, **mods):
         s = q.shape[2]
-        if not causal or s < min_len or s % 2:
-            return forward(q, k, v, causal, scale)
+        if not causal or s < min_len or s % 2 or mods:  # a band or soft-capping: one call as asked
+            return forward(q, k, v, causal, scale, **mods)
         c = s // 2
         b, h, _, d = q.shape
         out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # flash layout in memory
@@ -231,11 +289,11 @@ _SPLIT_KERNELS: dict = {}
 
 
 def get_kernel(backend: str | None, device: torch.device, dtype: torch.dtype | None = None,
-               head_dim: int | None = None) -> Kernel:
+               head_dim: int | None = None, features=()) -> Kernel:
     """The :class:`Kernel` (name, forward, backward, dtypes) for ``backend`` on ``device`` for inputs of ``dtype``
-    and ``head_dim`` (see :func:`resolve_backend`); causal forwards of at least ``EASY_CONTEXT_SPLIT_CAUSAL`` tokens
-    split (:func:`split_causal`; default off)."""
-    name = resolve_backend(backend, device, dtype, head_dim)
+    and ``head_dim`` that can apply the score modifications ``features`` (see :func:`resolve_backend`); causal
+    forwards of at least ``EASY_CONTEXT_SPLIT_CAUSAL`` tokens split (:func:`split_causal`; default off)."""
+    name = resolve_backend(backend, device, dtype, head_dim, features)
     kernel = AUTO_CUDNN if name == "cudnn" and _requested(backend) == "auto" else KERNELS[name]
     env = os.environ.get(ENV_SPLIT_CAUSAL, "")
     try:

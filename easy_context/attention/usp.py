@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .comm import get_usp_groups, group_rank_size
 from .documents import normalize as normalize_docs
+from .features import check_features
 from .head_parallel import head_parallel_attn
 from .kernels import autocast_inputs, default_scale, get_kernel
 from .ring import check_ring_inputs
@@ -20,7 +21,8 @@ from .ring import check_ring_inputs
 
 @autocast_inputs
 def usp_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = None, group=None, *,
-                  ring_degree: int | None = None, backend: str | None = None, check: bool = True, cu_seqlens=None):
+                  ring_degree: int | None = None, backend: str | None = None, check: bool = True, cu_seqlens=None,
+                  window: int | None = None, softcap: float | None = None, sinks=None, stats: dict | None = None):
     """Exact attention over a USP-sharded sequence (Ulysses x zigzag ring).
 
     Args:
@@ -28,13 +30,17 @@ def usp_attn_func(q, k, v, causal: bool = True, softmax_scale: float | None = No
         ring_degree: ranks in the ring dimension (must divide the group size; default: see
             :func:`easy_context.attention.comm.usp_degrees`). The Ulysses degree is ``group size / ring_degree``
             and must divide the query heads. Use the same value for sharding (``shard_sequence``).
-        causal, softmax_scale, group, backend, check, cu_seqlens: as :func:`zigzag_ring_attn_func`.
+        causal, softmax_scale, group, backend, check, cu_seqlens, window, softcap, sinks, stats: as
+            :func:`zigzag_ring_attn_func` (``stats``: this rank's ring over the ring positions).
     Returns:
         ``(batch, local_seqlen, nheads, head_dim)``.
     """
-    docs = normalize_docs(cu_seqlens, q.shape[0], q.shape[1] * group_rank_size(group)[1], "usp_attn")
+    seq_len = q.shape[1] * group_rank_size(group)[1]
+    docs = normalize_docs(cu_seqlens, q.shape[0], seq_len, "usp_attn")
+    window, softcap, features = check_features("usp_attn", q, causal, seq_len, window, softcap, sinks)
     if check:  # over the whole group, before the sub-group collectives, so a mismatch fails everywhere
-        check_ring_inputs(q, k, v, causal, group, "usp_attn", zigzag=False, docs=docs)
+        check_ring_inputs(q, k, v, causal, group, "usp_attn", zigzag=False, docs=docs, window=window)
     uly_group, ring_group, _, _ = get_usp_groups(group, ring_degree)
     return head_parallel_attn(q, k, v, causal, default_scale(q.shape[-1], softmax_scale),
-                              get_kernel(backend, q.device, q.dtype, q.shape[-1]), uly_group, ring_group, docs)
+                              get_kernel(backend, q.device, q.dtype, q.shape[-1], features), uly_group, ring_group,
+                              docs, window=window, softcap=softcap, sinks=sinks, stats=stats)

@@ -30,20 +30,22 @@ from ..sp_config import SPAttentionConfig, safe_attn_name  # noqa: F401 - the co
 from .documents import global_documents
 
 # Model types of the string (seed) form; any decoder routed through AttentionInterface works as an object.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# (Gemma 3 works as an object: its PreTrainedModel base is shared with the multimodal Gemma 3, which a type-wide
+# patch would switch too.)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gpt_oss")
 
 # Padding-free varlen arguments of flash-attn (DataCollatorWithFlattening(return_flash_attn_kwargs=True)): they describe
 # the local shard, not the global row, so they are refused; packed rows are read from the position ids instead.
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k", "max_length_q", "max_length_k")
 
 # Arguments transformers passes to attention functions that change nothing the SP kernels compute. Any other argument
-# with a value (Gemma2's softcap, gpt-oss's s_aux sinks, ...) is refused by name instead of being dropped.
+# with a value is refused by name instead of being dropped; the ones the kernels apply (sliding_window, Gemma 2's
+# softcap, gpt-oss's s_aux sinks) are parameters of the attention function below.
 _IGNORED_KWARGS = frozenset({"position_ids", "use_cache", "output_attentions", "output_router_logits",
                              "output_hidden_states", "cache_position", "past_key_values", "past_key_value",
                              "layer_idx", "return_dict",
                              "shift_labels", "num_items_in_batch"})  # loss arguments transformers passes down too
-_UNSUPPORTED_HINTS = {"softcap": "attention logit soft-capping (Gemma2's config.attn_logit_softcapping)",
-                      "s_aux": "attention sinks (gpt-oss)", "sinks": "attention sinks",
+_UNSUPPORTED_HINTS = {"sinks": "attention sinks (easy_context takes gpt-oss's s_aux)",
                       "head_mask": "a head mask", "alibi": "ALiBi biases"}
 
 def no_mask(*args, attention_mask=None, **kwargs):
@@ -77,9 +79,10 @@ def make_attention(config: SPAttentionConfig) -> Callable:
     current = {"position_ids": None, "docs": None}
 
     def sequence_parallel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                                    sliding_window=None, is_causal=None, **kwargs):
+                                    sliding_window=None, is_causal=None, softcap=None, s_aux=None, **kwargs):
         """transformers attention interface: q ``(b, h, s_local, d)``, k/v ``(b, h_kv, s_local, d)``
-        -> ``((b, s_local, h, d), None)``."""
+        -> ``((b, s_local, h, d), None)``. ``sliding_window`` (per layer: a model may mix sliding and full layers),
+        ``softcap`` (Gemma 2) and ``s_aux`` (gpt-oss's sinks, a parameter of the layer) go to the algorithm."""
         if attention_mask is not None:
             raise ValueError(f"{config.name}: a prepared (4-D) attention mask cannot be honoured under sequence "
                              "parallelism; the kernels apply the causal mask over the global sequence themselves")
@@ -116,16 +119,18 @@ def make_attention(config: SPAttentionConfig) -> Callable:
         docs = current["docs"]
         if docs is not None and len(docs) == 1 and query.shape[0] > 1:
             docs = docs * query.shape[0]  # position_ids (1, s) shared by the batch rows
-        # HF semantics: a query attends to at most `sliding_window` keys (itself included); a window that covers
-        # the whole (padded) sequence changes nothing, a shorter one the SP kernels cannot apply.
-        if sliding_window is not None and seq_len > sliding_window:
-            raise ValueError(f"{config.name}: sliding-window attention (window {sliding_window}) over a sequence of "
-                             f"{seq_len} tokens is not supported under sequence parallelism; use sequences of at "
-                             f"most {sliding_window} tokens or set config.sliding_window=None (full attention)")
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         # (b, h, s_local, d) -> (b, s_local, h, d): views, the flash-attn layout of the core
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         extra = {} if docs is None else {"cu_seqlens": docs}
+        # HF semantics: a query attends to at most `sliding_window` keys (itself included); a window that covers
+        # the whole (padded) sequence changes nothing and is not passed (dist_flash_attn refuses shorter ones)
+        if sliding_window is not None and seq_len > sliding_window:
+            extra["window"] = int(sliding_window)
+        if softcap:
+            extra["softcap"] = float(softcap)
+        if s_aux is not None:
+            extra["sinks"] = s_aux
         out = attn_func(q, k, v, causal=causal, softmax_scale=scaling, group=group, backend=config.backend,
                         **options, **extra)
         return out, None
