@@ -1,4 +1,4 @@
-"""Any transformers ``Trainer`` (or subclass: TRL's ``SFTTrainer``) on exact sequence parallelism: :func:`prepare_trainer`.
+"""Any transformers ``Trainer`` (or subclass: TRL's ``SFTTrainer``) on exact sequence parallelism.
 
 One call between building the trainer and ``trainer.train()``. What it changes, all on this trainer instance (its
 class, the model's class and other trainers are untouched), each through a method transformers or accelerate
@@ -73,8 +73,9 @@ def prepare_trainer(trainer, seq_algo: str | SPAttentionConfig, *, sp_size: int 
         loss_chunk_size: tokens per chunk of the fused LM head + cross-entropy.
         balance_documents: packed rows under a ring: reorder each row's documents so the ranks' attention work is
             equal (the loss is the same).
-        **options: the memory features, as train.py's flags: ``offload_checkpointing`` / ``attn_preserving_checkpointing``
-            (True: every decoder layer, or the first N), ``tiled_mlp`` (+ ``tiled_mlp_tile_size``),
+        **options: the memory features, as train.py's flags: ``offload_checkpointing`` /
+            ``attn_preserving_checkpointing`` (True: every decoder layer, or the first N), ``tiled_mlp``
+            (+ ``tiled_mlp_tile_size``),
             ``low_memory_rmsnorm``, ``fused_kernels``. The checkpointing ones turn checkpointing on themselves: the
             trainer's ``gradient_checkpointing`` / ``activation_checkpointing`` argument is then set to False (it
             would replace their checkpoint function at ``train()``).
