@@ -55,7 +55,8 @@ def main():
     # 1. train.py's loop
     argv = ["--seq-algo", a.seq_algo, "--model-config", cfg_path, "--init-random", "--dataset", data,
             "--seq-length", str(a.seq_length), "--max-train-steps", str(a.steps), "--learning-rate", "2e-5",
-            "--dtype", "bfloat16", "--gradient-checkpointing", "--report-to", "none", "--no-save-model", "--overwrite-output-dir",
+            "--dtype", "bfloat16", "--gradient-checkpointing", "--report-to", "none", "--no-save-model",
+            "--overwrite-output-dir",
             "--output-dir", os.path.join(out, "train_py"), *[f"--{f.replace('_', '-')}" for f in features]]
     training.train(training.build_parser().parse_args(argv))
     with open(os.path.join(out, "train_py", training.LOG_FILE)) as f:
