@@ -29,6 +29,7 @@ _LAZY = {
     "prepare_seq_parallel_inputs": "api",
     "prepare_dataloader": "api",
     "gather_seq_parallel_outputs": "api",
+    "prepare_trainer": "integrations.trainer",
     "unpatch_model_type": "integrations.hf",
     "enable_offloaded_checkpointing": "integrations.memory",
     "enable_attention_preserving_checkpointing": "integrations.memory",

@@ -330,7 +330,20 @@ def prepare_dataloader(seq_algo: str | SPAttentionConfig, dataloader, accelerato
         even_batches=accelerator.even_batches,
         use_seedable_sampler=accelerator.use_seedable_sampler,
         non_blocking=accelerator.non_blocking,
+        **_loader_settings(accelerator),
     )
+
+
+def _loader_settings(accelerator) -> dict:
+    """The data seed and stateful-loader choice of the accelerator's dataloader config (Trainer's ``data_seed``), for
+    the accelerate versions that have them."""
+    config = getattr(accelerator, "dataloader_config", None)
+    out = {}
+    if getattr(config, "data_seed", None) is not None:
+        out["data_seed"] = config.data_seed
+    if getattr(config, "use_stateful_dataloader", False):
+        out["use_stateful_dataloader"] = True
+    return out
 
 
 def _share_shuffle_seed(dataloader, device) -> None:

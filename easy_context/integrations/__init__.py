@@ -7,6 +7,8 @@ module level, and easy_context.attention / easy_context.memory never import it o
 * memory.py: easy_context.memory's mechanisms applied to a model (decoder layers, offloaded and
   attention-preserving checkpointing, tiled MLP);
 * patch.py: the fused RMSNorm / SwiGLU / rotary ops swapped into a model's modules after a numerical check;
+* trainer.py: ``prepare_trainer``, any transformers ``Trainer`` (TRL's ``SFTTrainer``, a PEFT model) on exact
+  sequence parallelism;
 * models.py: configurations (the one preset table) and model loading, shared by training, evaluation and advise.
 
 Submodules load on first use (importing this package imports nothing of transformers).
