@@ -8,14 +8,16 @@ through bench/sim.py).
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
+from unittest import mock
 
 import torch
 
 from easy_context.attention import dist_flash, ring
 from easy_context.attention.comm import RingComm
-from easy_context.attention.merge import add_sinks, sink_grad
+from easy_context.attention.merge import ENV_COMPILE, add_sinks, sink_grad
 from easy_context.attention.registry import layout, shard_sequence
 
 
@@ -67,10 +69,14 @@ def _in_threads(world, fn):
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # The rank threads merge eagerly: torch.compile is not thread-safe (a recompile in one rank's thread while another
+    # enters the compiled merge raised "using FX to symbolically trace a dynamo-optimized function" on the H200). A
+    # process runs one rank, so training never meets this; the compiled merge runs in the NCCL tests and train steps.
+    with mock.patch.dict(os.environ, {ENV_COMPILE: "0"}):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     if errors:
         raise errors[0]
     return results
