@@ -54,6 +54,9 @@ def apply_fsdp2(wrapper, device, mixed_precision: str | None):
     if not dist.is_initialized():
         raise ValueError("--fsdp2 shards over a process group: launch with `accelerate launch --config_file "
                          "accelerate_configs/fsdp2.yaml train.py --fsdp2 ...` (or torchrun)")
+    if mixed_precision == "fp16":  # the launcher's choice (the flag's is refused by TrainConfig)
+        raise ValueError("--fsdp2 with fp16 mixed precision needs a sharded gradient scaler: pass --mixed-precision "
+                         "bf16 (or no)")
     names = set(getattr(wrapper.model, "_no_split_modules", None) or ())
     layers = [m for m in wrapper.model.modules() if type(m).__name__ in names]
     if not layers:
