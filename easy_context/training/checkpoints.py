@@ -171,8 +171,9 @@ def _any_rank(flag: bool, accelerator) -> bool:
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, keep: int | None = None,
-                    metadata: dict | None = None) -> str:
-    """accelerate state (+ DeepSpeed's) and the optimizer step, under ``output_dir/checkpoints/step_<step>``.
+                    metadata: dict | None = None, save_more=None) -> str:
+    """accelerate state (+ DeepSpeed's) and the optimizer step, under ``output_dir/checkpoints/step_<step>``;
+    ``save_more(folder)`` (every rank) writes what accelerate does not hold (--fsdp2: sharding.save_sharded).
 
     Atomic and durable: everything is written under ``step_<step>.tmp``; rank 0 then hashes and fsyncs every file,
     writes the state file (the step, every file's size and sha256, and ``metadata``: the run's settings), fsyncs it
@@ -193,6 +194,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int | None = 
     error = None
     try:
         accelerator.save_state(tmp)
+        if save_more is not None:
+            save_more(tmp)
     except Exception as e:  # noqa: BLE001 - only write failures are kept, see _write_failure
         if not _write_failure(e):
             raise

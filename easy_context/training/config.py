@@ -136,10 +136,6 @@ class TrainConfig:
         if self.fsdp2 and self.mixed_precision == "fp16":
             raise ValueError("--fsdp2 with --mixed-precision fp16 needs a sharded gradient scaler: use "
                              "--mixed-precision bf16 (parameters gathered in bfloat16, gradients reduced in float32)")
-        if self.fsdp2 and (self.checkpointing_steps or self.resume_from_checkpoint):
-            raise ValueError("--fsdp2 does not save or resume checkpoints yet (accelerate's save_state writes rank "
-                             "0's shard only): drop --checkpointing-steps / --resume-from-checkpoint, or train "
-                             "without --fsdp2 (DDP or DeepSpeed ZeRO-3 checkpoint and resume)")
         lora_set = [f for f, default in (("lora_alpha", 16.0), ("lora_dropout", 0.0),
                                          ("lora_target_modules", LORA_TARGETS)) if getattr(self, f) != default]
         if self.lora_r is None:

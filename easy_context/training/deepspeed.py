@@ -118,12 +118,12 @@ def prepare_optimization(cfg, accelerator, wrapper):
     if plugin is None:
         optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
         scheduler = _make_scheduler(cfg)(optimizer)
-        if cfg.fsdp2:  # sharded already (sharding.apply_fsdp2): accelerate must not wrap it in DDP
-            optimizer = accelerator.prepare(optimizer)
-            model = wrapper
-        else:
-            model, optimizer = accelerator.prepare(wrapper, optimizer)
         accelerator.register_for_checkpointing(scheduler)
+        if cfg.fsdp2:  # sharded already (sharding.apply_fsdp2): accelerate wraps neither it (DDP) nor the optimizer
+            from .sharding import AccumulatingOptimizer
+
+            return wrapper, AccumulatingOptimizer(optimizer, accelerator), scheduler
+        model, optimizer = accelerator.prepare(wrapper, optimizer)
         return model, optimizer, scheduler
     config = plugin.deepspeed_config
     if cfg.lora_r is not None and config.get("zero_optimization", {}).get("stage") == 3:

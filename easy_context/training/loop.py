@@ -50,7 +50,7 @@ from .config import TrainConfig, from_namespace, parse_config
 from .deepspeed import describe_attention, describe_precision, mixed_precision_of, prepare_optimization
 from .models import CausalLMWithShardedLoss, apply_memory_features, config_for, load_causal_lm
 from .resume import data_fingerprint, find_resume_checkpoint, finish_resume, prepare_output_dir, run_settings
-from .sharding import apply_fsdp2, apply_lora, full_tensor
+from .sharding import apply_fsdp2, apply_lora, full_tensor, load_sharded, save_sharded
 
 # packed rows: above this busiest-rank / mean attention work after reordering documents, train.py says once which
 # algorithm balances them (issue 15's goal)
@@ -275,6 +275,8 @@ def _train(cfg: TrainConfig) -> dict:
     if resume:
         path, completed = resume
         accelerator.load_state(path)
+        if cfg.fsdp2:  # the model and optimizer shards (accelerate holds the schedule and RNG only)
+            load_sharded(wrapper, optimizer, path)
         accelerator.print(f"resumed from {path} at step {completed}")
         finish_resume(cfg, path, completed)
     if cfg.report_to != "none":
@@ -364,7 +366,8 @@ def _train(cfg: TrainConfig) -> dict:
         bar.set_postfix(loss=f"{loss:.4f}", ppl=f"{record['ppl']:.2f}", tok_s=f"{record['tokens_per_second']:.0f}")
         if cfg.checkpointing_steps and completed % cfg.checkpointing_steps == 0:
             save_checkpoint(accelerator, cfg.output_dir, completed, keep=cfg.checkpoints_total_limit,
-                            metadata={"settings": settings})
+                            metadata={"settings": settings},
+                            save_more=(lambda d: save_sharded(wrapper, optimizer, d)) if cfg.fsdp2 else None)
     bar.close()
     unwrapped = accelerator.unwrap_model(wrapper).model
     if completed >= cfg.max_train_steps and cfg.save_model:

@@ -14,8 +14,14 @@ activation checkpointing and memory features stay as they are (they act inside e
 LoRA: ``peft.get_peft_model`` injects adapters into the causal LM in place (after the SP patch, so attention stays
 sequence-parallel) and freezes the base weights; the loss wrapper gets the causal LM inside the PEFT wrapper, and
 the optimizer gets only the trainable (adapter) parameters.
+
+Checkpoints under --fsdp2: accelerate's ``save_state`` holds the LR schedule and the RNG states (the model and the
+optimizer are not given to accelerate: it would write rank 0's shards only); the model and optimizer shards go to
+``<checkpoint>/fsdp2`` through torch.distributed.checkpoint, every rank writing its own (:func:`save_sharded`).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -86,12 +92,64 @@ def full_tensor(t):
 
 def full_state_dict(wrapper) -> dict | None:
     """The wrapper's full state dict on rank 0 (None elsewhere) under FSDP2, on CPU; a collective."""
+    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    import torch.distributed as dist
-
     return state if dist.get_rank() == 0 else None
 
 
-__all__ = ["apply_lora", "apply_fsdp2", "is_fsdp2", "full_tensor", "full_state_dict"]
+class AccumulatingOptimizer:
+    """A torch optimizer that steps and zeroes gradients only on the micro-batches where ``accelerator``
+    synchronises, as accelerate's prepared optimizer does (under --fsdp2 the optimizer is not given to accelerate:
+    its ``save_state`` would write rank 0's shards of the optimizer state only; :func:`save_sharded` writes all)."""
+
+    def __init__(self, optimizer, accelerator):
+        self.optimizer, self.accelerator = optimizer, accelerator
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def step(self):
+        if self.accelerator.sync_gradients:
+            self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        if self.accelerator.sync_gradients:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+SHARDED_DIR = "fsdp2"  # inside a checkpoint: torch.distributed.checkpoint's files of the model and optimizer
+
+
+def _states(wrapper, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(wrapper), "optimizer": get_optimizer_state_dict(wrapper, optimizer)}
+
+
+def save_sharded(wrapper, optimizer, path: str) -> None:
+    """Every rank's shards of the model and the optimizer state into ``path/fsdp2`` (torch.distributed.checkpoint:
+    each rank writes its own file; reloadable on another number of ranks); a collective."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_states(wrapper, optimizer.optimizer), checkpoint_id=os.path.join(path, SHARDED_DIR))
+
+
+def load_sharded(wrapper, optimizer, path: str) -> None:
+    """The model and optimizer state of :func:`save_sharded` back into the sharded ``wrapper`` and ``optimizer``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    if not os.path.isdir(os.path.join(path, SHARDED_DIR)):
+        raise ValueError(f"--resume-from-checkpoint {path}: no {SHARDED_DIR}/ folder of sharded state (it was not "
+                         "written with --fsdp2)")
+    states = _states(wrapper, optimizer.optimizer)
+    dcp.load(states, checkpoint_id=os.path.join(path, SHARDED_DIR))
+    set_model_state_dict(wrapper, states["model"])
+    set_optimizer_state_dict(wrapper, optimizer.optimizer, states["optimizer"])
+
+
+__all__ = ["apply_lora", "apply_fsdp2", "is_fsdp2", "full_tensor", "full_state_dict", "AccumulatingOptimizer",
+           "save_sharded", "load_sharded"]
