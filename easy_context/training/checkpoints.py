@@ -171,8 +171,9 @@ def _any_rank(flag: bool, accelerator) -> bool:
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, keep: int | None = None,
-                    metadata: dict | None = None) -> str:
-    """accelerate state (+ DeepSpeed's) and the optimizer step, under ``output_dir/checkpoints/step_<step>``.
+                    metadata: dict | None = None, save_more=None) -> str:
+    """accelerate state (+ DeepSpeed's) and the optimizer step, under ``output_dir/checkpoints/step_<step>``;
+    ``save_more(folder)`` (every rank) writes what accelerate does not hold (--fsdp2: sharding.save_sharded).
 
     Atomic and durable: everything is written under ``step_<step>.tmp``; rank 0 then hashes and fsyncs every file,
     writes the state file (the step, every file's size and sha256, and ``metadata``: the run's settings), fsyncs it
@@ -193,6 +194,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int | None = 
     error = None
     try:
         accelerator.save_state(tmp)
+        if save_more is not None:
+            save_more(tmp)
     except Exception as e:  # noqa: BLE001 - only write failures are kept, see _write_failure
         if not _write_failure(e):
             raise
@@ -226,14 +229,25 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int | None = 
     return path
 
 
-def save_model(accelerator, wrapper, cfg) -> None:
-    """``save_pretrained`` into ``--output-dir`` (ZeRO-3 weights gathered); the tokenizer of ``--model`` if any."""
+def save_model(accelerator, wrapper, cfg, peft_model=None) -> None:
+    """``save_pretrained`` into ``--output-dir`` (ZeRO-3 and FSDP2 weights gathered to rank 0); the tokenizer of
+    ``--model`` if any. With LoRA (``peft_model``, the PEFT wrapper of the trained causal LM): the adapter only
+    (``adapter_config.json`` + ``adapter_model.safetensors``, peft's ``save_pretrained``; load it with
+    ``PeftModel.from_pretrained(base, dir)``)."""
+    from .sharding import full_state_dict, is_fsdp2
+
     accelerator.wait_for_everyone()
-    state = accelerator.get_state_dict(wrapper)  # collective under ZeRO-3
+    # collective under ZeRO-3 and FSDP2
+    state = full_state_dict(wrapper) if is_fsdp2(wrapper) else accelerator.get_state_dict(wrapper)
     model = accelerator.unwrap_model(wrapper).model
-    if rank_world()[0] == 0 and state is not None:  # ZeRO-3 gathers the full state on global rank 0
+    if rank_world()[0] == 0 and state is not None:  # ZeRO-3 / FSDP2 gather the full state on global rank 0
         # the wrapper's keys are "model.<causal LM key>"; the attention choice is not saved (reloads as sdpa)
-        model.save_pretrained(cfg.output_dir, state_dict={k.removeprefix("model."): v for k, v in state.items()})
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        if peft_model is not None:  # peft's own keys: "base_model.model.<causal LM key>"
+            peft_model.save_pretrained(cfg.output_dir,
+                                       state_dict={f"base_model.model.{k}": v for k, v in state.items()})
+        else:
+            model.save_pretrained(cfg.output_dir, state_dict=state)
         if not cfg.init_random:
             try:
                 from transformers import AutoTokenizer
@@ -242,8 +256,7 @@ def save_model(accelerator, wrapper, cfg) -> None:
             except (OSError, ValueError):
                 pass  # a model without a tokenizer: nothing to copy
     accelerator.wait_for_everyone()
-    accelerator.print(f"saved the model to {cfg.output_dir}")
-
+    accelerator.print(f"saved the {'LoRA adapter' if peft_model is not None else 'model'} to {cfg.output_dir}")
 
 
 __all__ = ["CHECKPOINT_PREFIX", "STATE_FILE", "LOG_FILE", "CheckpointWriteError", "checkpoint_problem",

@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import os
 from dataclasses import dataclass, fields
 
 from ..attention.registry import SEQ_ALGOS, algorithm_options, get_attn_func
 from ..data import TRAIN_PACKING, check_dataset_source
 from ..sp_config import SPAttentionConfig
 from ..utils import HelpFormatter, add_flag, check_source, check_sp_size
+
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
+PEFT_MISSING = "LoRA needs peft: pip install 'easy-context[peft]'"
 
 
 @dataclass(kw_only=True)
@@ -54,6 +58,12 @@ class TrainConfig:
     ring_degree: int | None = None
     attn_backend: str | None = None
     loss_chunk_size: int = 4096
+    fsdp2: bool = False
+    # LoRA through peft (off unless --lora-r)
+    lora_r: int | None = None
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str = LORA_TARGETS
     # memory features (True: every decoder layer; an int n: the first n)
     gradient_checkpointing: bool = False
     offload_checkpointing: bool | int = False
@@ -112,7 +122,35 @@ class TrainConfig:
         for flag, source in (("--model", self.model), ("--model-config", self.model_config)):
             if source is not None:
                 check_source(source, flag)
+        self._check_fsdp2_and_lora()
         check_dataset_source(self.dataset, "--dataset")  # a missing local path, not a hub id to look up
+
+    def _check_fsdp2_and_lora(self) -> None:
+        if self.fsdp2 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            raise ValueError("--fsdp2 shards the model itself and cannot run under a DeepSpeed launch: use "
+                             "accelerate_configs/fsdp2.yaml (or multi_gpu.yaml) with --fsdp2, or a DeepSpeed config "
+                             "without --fsdp2")
+        if self.fsdp2 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise ValueError("--fsdp2 applies torch's fully_shard itself: launch with accelerate_configs/fsdp2.yaml "
+                             "(a plain multi-process config), not an accelerate FSDP config")
+        if self.fsdp2 and self.mixed_precision == "fp16":
+            raise ValueError("--fsdp2 with --mixed-precision fp16 needs a sharded gradient scaler: use "
+                             "--mixed-precision bf16 (parameters gathered in bfloat16, gradients reduced in float32)")
+        lora_set = [f for f, default in (("lora_alpha", 16.0), ("lora_dropout", 0.0),
+                                         ("lora_target_modules", LORA_TARGETS)) if getattr(self, f) != default]
+        if self.lora_r is None:
+            if lora_set:
+                raise ValueError(f"--{lora_set[0].replace('_', '-')} is a LoRA option: add --lora-r N to train "
+                                 "LoRA adapters")
+            return
+        if self.lora_r < 1:
+            raise ValueError("--lora-r must be >= 1 (the adapters' rank)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("--lora-dropout must be in [0, 1)")
+        if not [m for m in self.lora_target_modules.split(",") if m.strip()]:
+            raise ValueError("--lora-target-modules: name at least one module, e.g. q_proj,v_proj")
+        if importlib.util.find_spec("peft") is None:
+            raise ValueError(f"--lora-r: {PEFT_MISSING}")
 
     @property
     def parallel_mode(self) -> str:
@@ -187,6 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attn-backend", default=None, help="local attention kernel (auto, fa4, cudnn, flash, efficient, flash_attn, "
           "math)")
     a("--loss-chunk-size", type=int, default=4096, help="tokens per chunk of the fused LM-head cross-entropy")
+    a("--fsdp2", action="store_true",
+      help="shard parameters, gradients and optimizer state over all processes with torch's FSDP2 (fully_shard per "
+           "decoder layer, then the whole model); instead of DDP, not with DeepSpeed")
+    a("--lora-r", type=int, default=None, metavar="R",
+      help="train LoRA adapters of rank R through peft (the base model frozen); the final save is the adapter")
+    a("--lora-alpha", type=float, default=16.0, help="LoRA scaling numerator (scale = alpha / r)")
+    a("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA inputs")
+    a("--lora-target-modules", default=LORA_TARGETS, metavar="NAMES",
+      help="comma-separated module names that get adapters")
     a("--output-dir", required=True, metavar="DIR",
       help="the run's folder: log, checkpoints, TensorBoard events, the final model")
     a("--seed", type=int, default=42, help="model initialisation, data order, the synthetic data")

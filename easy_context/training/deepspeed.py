@@ -110,17 +110,26 @@ def prepare_optimization(cfg, accelerator, wrapper):
     """
     from accelerate.utils import DummyOptim, DummyScheduler
 
-    decay = [p for n, p in wrapper.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in wrapper.named_parameters() if p.ndim < 2]
+    trainable = [p for p in wrapper.parameters() if p.requires_grad]  # LoRA: the adapters only
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
         scheduler = _make_scheduler(cfg)(optimizer)
-        model, optimizer = accelerator.prepare(wrapper, optimizer)
         accelerator.register_for_checkpointing(scheduler)
+        if cfg.fsdp2:  # sharded already (sharding.apply_fsdp2): accelerate wraps neither it (DDP) nor the optimizer
+            from .sharding import AccumulatingOptimizer
+
+            return wrapper, AccumulatingOptimizer(optimizer, accelerator), scheduler
+        model, optimizer = accelerator.prepare(wrapper, optimizer)
         return model, optimizer, scheduler
     config = plugin.deepspeed_config
+    if cfg.lora_r is not None and config.get("zero_optimization", {}).get("stage") == 3:
+        raise ValueError("--lora-r under DeepSpeed ZeRO-3 is not supported by train.py (untested: frozen partitioned "
+                         "base weights and the adapter save): train LoRA under DDP (accelerate_configs/multi_gpu.yaml) "
+                         "or a ZeRO-2 config, or drop --lora-r")
     if "scheduler" in config:
         raise ValueError("remove the 'scheduler' section of the DeepSpeed config: the schedule comes from "
                          "--lr-schedule / --warmup-steps / --learning-rate")

@@ -50,6 +50,7 @@ from .config import TrainConfig, from_namespace, parse_config
 from .deepspeed import describe_attention, describe_precision, mixed_precision_of, prepare_optimization
 from .models import CausalLMWithShardedLoss, apply_memory_features, config_for, load_causal_lm
 from .resume import data_fingerprint, find_resume_checkpoint, finish_resume, prepare_output_dir, run_settings
+from .sharding import apply_fsdp2, apply_lora, full_tensor, load_sharded, save_sharded
 
 # packed rows: above this busiest-rank / mean attention work after reordering documents, train.py says once which
 # algorithm balances them (issue 15's goal)
@@ -118,14 +119,14 @@ def _grad_norm(accelerator, wrapper, max_norm: float):
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if max_norm > 0 and torch.isfinite(norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
+    return full_tensor(norm)  # FSDP2: a DTensor over the gradient shards
 
 
 def _first_nonfinite(wrapper) -> str:
     """The first parameter (in the model's order) whose gradient, else whose value, is not finite."""
     for kind in ("gradient", "value"):
         for name, p in wrapper.named_parameters():
-            t = p.grad if kind == "gradient" else p.detach()
+            t = full_tensor(p.grad if kind == "gradient" else p.detach())  # FSDP2: every rank gathers alike
             if t is not None and not torch.isfinite(t).all():
                 return f"{name.removeprefix('module.').removeprefix('model.')} ({kind})"  # the causal LM's name
     return "none (each gradient is finite: their sum of squares overflows)"
@@ -261,7 +262,10 @@ def _train(cfg: TrainConfig) -> dict:
     sp = cfg.sp  # the settings, parsed once for the patch and every micro-batch
     apply_seq_parallel_monkey_patch(sp, model)
     apply_memory_features(cfg, model)
+    peft_model = apply_lora(cfg, model)  # None without --lora-r; else the adapters are in model itself
     wrapper = CausalLMWithShardedLoss(model, chunk_size=cfg.loss_chunk_size)
+    if cfg.fsdp2:
+        apply_fsdp2(wrapper, accelerator.device, accelerator.mixed_precision)
     wrapper, optimizer, scheduler = prepare_optimization(cfg, accelerator, wrapper)
     accelerator.print(describe_precision(accelerator, wrapper))
     kernel_line = describe_attention(accelerator, model, cfg.seq_algo, cfg.attn_backend)
@@ -271,6 +275,8 @@ def _train(cfg: TrainConfig) -> dict:
     if resume:
         path, completed = resume
         accelerator.load_state(path)
+        if cfg.fsdp2:  # the model and optimizer shards (accelerate holds the schedule and RNG only)
+            load_sharded(wrapper, optimizer, path)
         accelerator.print(f"resumed from {path} at step {completed}")
         finish_resume(cfg, path, completed)
     if cfg.report_to != "none":
@@ -360,11 +366,12 @@ def _train(cfg: TrainConfig) -> dict:
         bar.set_postfix(loss=f"{loss:.4f}", ppl=f"{record['ppl']:.2f}", tok_s=f"{record['tokens_per_second']:.0f}")
         if cfg.checkpointing_steps and completed % cfg.checkpointing_steps == 0:
             save_checkpoint(accelerator, cfg.output_dir, completed, keep=cfg.checkpoints_total_limit,
-                            metadata={"settings": settings})
+                            metadata={"settings": settings},
+                            save_more=(lambda d: save_sharded(wrapper, optimizer, d)) if cfg.fsdp2 else None)
     bar.close()
     unwrapped = accelerator.unwrap_model(wrapper).model
     if completed >= cfg.max_train_steps and cfg.save_model:
-        save_model(accelerator, wrapper, cfg)
+        save_model(accelerator, wrapper, cfg, peft_model)
     for tracker in accelerator.trackers:  # not end_training(): that also destroys the caller's process group
         tracker.finish()
     return {"losses": losses, "grad_norms": grad_norms, "model": unwrapped}

@@ -78,6 +78,12 @@ def run_settings(cfg, *, replicas: int, packed: bool, dtype, mixed_precision: st
         "--weight-decay": cfg.weight_decay, "--adam-betas": list(cfg.adam_betas), "--adam-eps": cfg.adam_eps,
         "--max-grad-norm": cfg.max_grad_norm, "data (--dataset; fingerprint)": f"{cfg.dataset} [{fingerprint[:16]}]",
     }
+    # recorded only when on, so checkpoints written before these flags existed still resume
+    if cfg.fsdp2:
+        settings["--fsdp2"] = True
+    if cfg.lora_r is not None:  # another adapter is another model
+        settings.update({"--lora-r": cfg.lora_r, "--lora-alpha": cfg.lora_alpha, "--lora-dropout": cfg.lora_dropout,
+                         "--lora-target-modules": cfg.lora_target_modules})
     return json.loads(json.dumps(settings))  # as the state file will hold them (tuples -> lists)
 
 
