@@ -248,7 +248,9 @@ class _State:
         if labels is None:
             _fail("the batch has no 'labels': the collator must give them (-100 where no loss), e.g. "
                   "DataCollatorForLanguageModeling(tokenizer, mlm=False) or DataCollatorWithFlattening")
-        return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        from ..data import shift_targets
+
+        return shift_targets(labels)  # no positions: a packed collator already put -100 at each document start
 
     @staticmethod
     def _padded(batch) -> bool:
