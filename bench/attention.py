@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 
@@ -39,8 +40,14 @@ SINGLE = {"cudnn": lambda: KERNELS["cudnn"], "cudnn_split": lambda: split_causal
           "flash": lambda: KERNELS["flash"], "fa4": lambda: KERNELS["fa4"]}
 
 
-def timed(fn, reps):
+def timed(fn, reps, dev=None):
+    """Seconds per call of ``fn`` after one warm-up call: CUDA events on a GPU, wall time on ``dev`` = CPU."""
     fn()
+    if dev is not None and dev.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

@@ -18,33 +18,16 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from attention import timed  # noqa: E402  (bench/attention.py)
 from sim import NullComm  # noqa: E402
 
 from easy_context.attention.kernels import get_kernel  # noqa: E402
 from easy_context.attention.registry import shard_sequence  # noqa: E402
 from easy_context.attention.ring import ring_backward, ring_forward  # noqa: E402
-
-
-def timed(fn, reps, dev):
-    fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps / 1e3
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
 
 
 def rank_time(rank, w, kern, q, k, v, dout, scale, window, reps, dev):
