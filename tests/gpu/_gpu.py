@@ -21,6 +21,23 @@ def need_gpus(n: int):
     return [pytest.mark.gpu, pytest.mark.skipif(have < n, reason=f"needs {n} CUDA GPU(s), found {have}")]
 
 
+def w1_logits_and_grads(model, ids, patched: bool, backend: str = "fa4", device: str = "cuda"):
+    """One forward/backward of a causal LM on ``ids`` ``(1, seq)`` in a world of one rank: ``[logits, gradients...]``.
+    ``patched``: through zigzag_ring_attn on ``backend`` with the shards of prepare_seq_parallel_inputs (W=1); else the
+    model's own attention. The loss is ``mean(logits^2)``: every logit and parameter gets a gradient."""
+    from easy_context import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
+
+    seq = ids.shape[1]
+    if patched:
+        apply_seq_parallel_monkey_patch("zigzag_ring_attn", model, backend=backend)
+        p = prepare_seq_parallel_inputs("zigzag_ring_attn", ids, torch.arange(seq)[None], ids, 0, 1, device)
+        logits = model(p["local_input_ids"], position_ids=p["local_position_ids"]).logits
+    else:
+        logits = model(ids.to(device), position_ids=torch.arange(seq, device=device)[None]).logits
+    logits.float().square().mean().backward()
+    return [logits.detach()] + [p.grad for p in model.parameters() if p.grad is not None]
+
+
 def assert_cases_within_yardstick(results, record_property):
     """Each NCCL case's errors (out, dq, dk, dv vs float64) against its yardstick (one SDPA call's errors in the same
     dtype): record the case count and the worst case, and fail listing every case off its bound or not finite."""

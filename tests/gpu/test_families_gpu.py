@@ -12,7 +12,11 @@ import itertools
 
 import pytest
 import torch
-from _gpu import assert_cases_within_yardstick, need_gpus  # _gpu puts tests/ on sys.path: _sim, reference
+from _gpu import (  # _gpu puts tests/ on sys.path: _sim, reference
+    assert_cases_within_yardstick,
+    need_gpus,
+    w1_logits_and_grads,
+)
 from _sim import simulate
 from reference import masked_attention_ref, rel_err
 
@@ -204,8 +208,6 @@ def test_patched_family_with_fa4_matches_the_stock_model(family, tmp_path, recor
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from easy_context import apply_seq_parallel_monkey_patch, prepare_seq_parallel_inputs
-
     if not dist.is_initialized():
         dist.init_process_group("nccl", init_method=f"file://{tmp_path}/rdzv", rank=0, world_size=1)
     cfg = _family_configs()[family]
@@ -217,15 +219,7 @@ def test_patched_family_with_fa4_matches_the_stock_model(family, tmp_path, recor
     def run(dtype, patched):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", experts_implementation="eager")
         model.load_state_dict(base.state_dict())
-        model = model.to("cuda", dtype)
-        if patched:
-            apply_seq_parallel_monkey_patch("zigzag_ring_attn", model, backend="fa4")
-            p = prepare_seq_parallel_inputs("zigzag_ring_attn", ids, torch.arange(SEQ)[None], ids, 0, 1, "cuda")
-            logits = model(p["local_input_ids"], position_ids=p["local_position_ids"]).logits
-        else:
-            logits = model(ids.cuda(), position_ids=torch.arange(SEQ, device="cuda")[None]).logits
-        logits.float().square().mean().backward()
-        return [logits.detach()] + [p.grad for p in model.parameters() if p.grad is not None]
+        return w1_logits_and_grads(model.to("cuda", dtype), ids, patched)
 
     ref = run(torch.float64, False)
     stock = run(torch.bfloat16, False)
