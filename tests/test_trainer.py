@@ -78,7 +78,7 @@ def _args(root, batch, sft=False, **extra):
     common = dict(output_dir=root, per_device_train_batch_size=batch, per_device_eval_batch_size=2,
                   gradient_accumulation_steps=GA, max_steps=STEPS, learning_rate=0.5, optim="sgd", logging_steps=1,
                   report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
-                  seed=7, **extra)
+                  seed=7, include_num_input_tokens_seen=True, **extra)
     if sft:
         from trl import SFTConfig
 
@@ -114,6 +114,8 @@ def train_and_measure(trainer, save=None):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     out = {"losses": [h["loss"] for h in logs], "grad_norms": [h["grad_norm"] for h in logs],
            "tokens_per_second": [h.get("tokens_per_second") for h in logs],
+           "tokens_seen": [h["num_input_tokens_seen"] for h in logs],  # counted by every rank, once per replica here
+           "total_batch": trainer.get_total_train_batch_size(trainer.args),  # behind train_samples_per_second
            "eval_loss": trainer.evaluate()["eval_loss"],
            "params": {n: p.detach().float().numpy().copy() for n, p in trainer.model.named_parameters()
                       if p.requires_grad}}
@@ -230,6 +232,8 @@ def _same_run(result, reference, what):
     _close(result["losses"], reference["losses"], f"{what} losses")
     _close(result["grad_norms"], reference["grad_norms"], f"{what} gradient norms")
     _close(result["eval_loss"], reference["eval_loss"], f"{what} eval loss")
+    assert result["tokens_seen"] == reference["tokens_seen"], f"{what}: {result['tokens_seen']} tokens seen"
+    assert result["total_batch"] == reference["total_batch"], f"{what}: total batch {result['total_batch']}"
     assert result["params"].keys() == reference["params"].keys()
     for name, value in reference["params"].items():
         _close(result["params"][name], value, f"{what} {name}")

@@ -17,6 +17,12 @@ documents as one to override:
 * ``get_batch_samples``: ``num_items_in_batch``, the valid targets of the whole accumulated batch, counted once per
   replica (transformers' own count sees every SP rank's copy of the batch and would count it ``sp`` times);
 * ``log``: ``tokens_per_second`` (input tokens of the global batch, every replica, per second of training);
+* the counts transformers makes over every rank, which see each SP group's batch ``sp`` times: a callback divides
+  each step's increase of ``state.num_input_tokens_seen`` (``include_num_input_tokens_seen``) by ``sp`` at the
+  step's end, before it is logged or saved, and ``get_total_train_batch_size`` (the logged total batch, and the
+  samples behind ``train_samples_per_second``) counts replicas, not ranks;
+* under DeepSpeed ZeRO-3: the LM head's weight is registered with the outermost model, whose forward reads it
+  outside ``lm_head.forward`` (ZeRO-3 then gathers it for that forward).
 * ``accelerator.gather_for_metrics``: evaluation losses gathered once per replica, not once per SP rank.
 
 Loss scaling, the same as transformers' for one process (derivation as in easy_context/loss.py). Let ``S_r`` be rank
@@ -35,6 +41,7 @@ import functools
 import time
 
 import torch
+from transformers import TrainerCallback  # this module is imported only by prepare_trainer's users
 
 from ..sp_config import SPAttentionConfig, sp_config
 
@@ -135,6 +142,11 @@ def prepare_trainer(trainer, seq_algo: str | SPAttentionConfig, *, sp_size: int 
     trainer.compute_loss = state.compute_loss
     trainer.get_batch_samples = functools.partial(state.get_batch_samples, trainer.get_batch_samples)
     trainer.log = functools.partial(state.log, trainer.log)
+    total_batch = getattr(trainer, "get_total_train_batch_size", None)  # transformers >= 5.x: the logged batch size
+    if total_batch is not None:
+        trainer.get_total_train_batch_size = lambda args: total_batch(args) // sp
+    trainer.add_callback(_TokensOncePerReplica(sp))
+    _register_head_for_zero3(trainer, head)
     accelerator = trainer.accelerator
     accelerator.prepare_data_loader = state.prepare_data_loader
     accelerator.gather_for_metrics = state.gather_for_metrics
@@ -161,6 +173,36 @@ def _apply_memory_options(trainer, model, options: dict) -> None:
         memory.enable_tiled_mlp(model, tile_size=options.get("tiled_mlp_tile_size"))
     if options.get("low_memory_rmsnorm"):
         patch.enable_low_memory_rmsnorm(model)
+
+
+def _register_head_for_zero3(trainer, head) -> None:
+    """Under ZeRO-3 each parameter is gathered for its own module's forward; the chunked loss reads the head's
+    weight in the causal LM's forward instead, so it is registered with the outermost model (a PEFT wrapper calls
+    the causal LM's ``forward`` directly, without its hooks), as train.py's ``register_for_zero3`` does."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if not getattr(trainer, "is_deepspeed_enabled", False) or plugin is None or plugin.zero_stage != 3:
+        return
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for param in head.parameters():
+        register_external_parameter(trainer.model, param)
+
+
+class _TokensOncePerReplica(TrainerCallback):
+    """transformers adds every rank's input tokens to ``state.num_input_tokens_seen``; the ranks of an SP group hold
+    the same rows, so each step's increase is ``sp`` times the tokens trained on. Divided at the step's end
+    (callbacks run before the step is logged or saved; a count resumed from a checkpoint is already right)."""
+
+    def __init__(self, sp: int):
+        self.sp, self.mark = sp, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.mark = state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.mark is not None:
+            state.num_input_tokens_seen = self.mark + (state.num_input_tokens_seen - self.mark) // self.sp
+            self.mark = state.num_input_tokens_seen
 
 
 def _install_loss_forward(causal_lm, chunk_size: int) -> None:
