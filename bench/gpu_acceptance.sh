@@ -9,7 +9,8 @@
 #   bash bench/gpu_acceptance.sh all  # both in one call (~9 min: close to one call's 10-minute limit)
 #   bash bench/gpu_acceptance.sh one  # what one GPU can run: the kernels (fa4 among them; its windows, soft-capping
 #                                     # and sinks too) and every algorithm in a
-#                                     # simulated multi-rank world, the patched Llama at W=1 with fa4
+#                                     # simulated multi-rank world, the patched Llama at W=1 with fa4, train.py
+#                                     # --fsdp2 / --lora-r and the Trainer under FSDP2, ZeRO-3 and LoRA
 #
 # Prints one PASS/FAIL/SKIP line per check (with its measured errors) and a summary line last. Logs go to $OUT
 # (the device machine's returned folder) or bench/results/. Wheels the machine lacks (deepspeed, ...) are installed
@@ -38,8 +39,8 @@ case $part in
 esac
 mkdir -p "$EASY_CONTEXT_GPU_WORK"
 case $part in
-  one) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_families_gpu.py) ;;
-  1) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py tests/gpu/test_train_gpu.py -k "not zero3 and not reload and not eval") ;;
+  one) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_sharding_gpu.py tests/gpu/test_trainer_gpu.py) ;;
+  1) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_sharding_gpu.py tests/gpu/test_trainer_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py tests/gpu/test_train_gpu.py -k "not zero3 and not reload and not eval") ;;
   2) sel=(tests/gpu/test_train_gpu.py -k "zero3 or reload or eval") ;;
   kernels) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py) ;;  # part 1 less training
   all) sel=(tests/test_memory.py tests/gpu) ;;

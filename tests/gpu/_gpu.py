@@ -5,6 +5,8 @@ CPU-green is not GPU-green: these tests see what gloo and the math kernel never 
 streams, bf16/fp16 kernels, DeepSpeed's engine precision).
 """
 import os
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -19,6 +21,21 @@ def need_gpus(n: int):
     """Marks for a test that needs ``n`` CUDA GPUs: ``gpu``, and a skip when fewer are present."""
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return [pytest.mark.gpu, pytest.mark.skipif(have < n, reason=f"needs {n} CUDA GPU(s), found {have}")]
+
+
+def accelerate_launch(config: str, nproc: int, script: str, *args, gpus: str = "0", timeout: int = 300):
+    """Runs ``accelerate launch --config_file accelerate_configs/<config> --num_processes <nproc> <script> <args>``
+    from the repository root on the GPUs ``gpus`` (a free port each time); fails the test with the output's tail."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(ROOT, "accelerate_configs", config), "--num_processes", str(nproc), "--main_process_port",
+           port, os.path.join(ROOT, script), *map(str, args)]
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": gpus}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} {' '.join(map(str, args))}: " + proc.stdout[-3000:] + proc.stderr[-4000:]
 
 
 def w1_logits_and_grads(model, ids, patched: bool, backend: str = "fa4", device: str = "cuda"):

@@ -12,13 +12,10 @@ mis-scaled gradient or a lost shard moves the step-3 loss by more.
 """
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-from _gpu import ROOT, need_gpus
+from _gpu import accelerate_launch, need_gpus
 
 pytestmark = need_gpus(1)
 FLAGS = ["--model-config", "tiny-llama", "--init-random", "--dataset", "synthetic", "--seq-length", "2048",
@@ -27,20 +24,8 @@ FLAGS = ["--model-config", "tiny-llama", "--init-random", "--dataset", "syntheti
 RTOL = 2e-2
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _run(config, nproc, out, *flags, gpus="0"):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(ROOT, "accelerate_configs", config), "--num_processes", str(nproc), "--main_process_port",
-           _port(), os.path.join(ROOT, "train.py"), *FLAGS, "--output-dir", str(out), *flags]
-    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": gpus}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    accelerate_launch(config, nproc, "train.py", *FLAGS, "--output-dir", out, *flags, gpus=gpus, timeout=480)
     with open(os.path.join(out, "train_log.jsonl")) as f:
         return [json.loads(line)["loss"] for line in f]
 
