@@ -18,7 +18,13 @@ from .attention import (
     usp_attn_func,
     zigzag_ring_attn_func,
 )
-from .loss import CausalLMWithShardedLoss, ShardedLoss, linear_cross_entropy_sum, sharded_cross_entropy
+from .loss import (
+    CausalLMWithShardedLoss,
+    ShardedLoss,
+    head_cross_entropy_sum,
+    linear_cross_entropy_sum,
+    sharded_cross_entropy,
+)
 from .sp_config import SPAttentionConfig
 
 __version__ = "0.2.0"
@@ -49,7 +55,8 @@ _ALIASES = {
 __all__ = [
     "ALGORITHMS", "SEQ_ALGOS", "get_attn_func", "local_attn_func", "zigzag_ring_attn_func", "dist_flash_attn_func",
     "ulysses_attn_func", "usp_attn_func", "shard_sequence", "gather_sequence", "sequence_granularity",
-    "CausalLMWithShardedLoss", "sharded_cross_entropy", "linear_cross_entropy_sum", "ShardedLoss", "SPAttentionConfig",
+    "CausalLMWithShardedLoss", "sharded_cross_entropy", "linear_cross_entropy_sum", "head_cross_entropy_sum",
+    "ShardedLoss", "SPAttentionConfig",
     *_LAZY,
 ]
 

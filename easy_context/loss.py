@@ -133,8 +133,8 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
         raise ValueError(f"weight {tuple(weight.shape)} (bias {None if bias is None else tuple(bias.shape)}) is not "
                          f"the (vocab, {hidden.shape[-1]}) output projection of hidden {tuple(hidden.shape)}. A "
                          "parameter sharded by DeepSpeed ZeRO-3 or FSDP has another shape outside the forward of the "
-                         "module that owns it: compute the loss inside the wrapped module's forward "
-                         "(easy_context.CausalLMWithShardedLoss; under ZeRO-3 call its register_for_zero3())")
+                         "module that owns it: compute the loss as that module's forward "
+                         "(easy_context.head_cross_entropy_sum, or easy_context.CausalLMWithShardedLoss)")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -146,6 +146,29 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
         if use_liger:
             raise ImportError("use_liger=True needs liger-kernel: pip install liger-kernel")
     return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, ignore_index, chunk_size)
+
+
+def head_cross_entropy_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *,
+                           ignore_index: int = -100, chunk_size: int = 4096,
+                           use_liger: bool | None = None) -> torch.Tensor:
+    """:func:`linear_cross_entropy_sum` of the LM head ``head`` (``.weight``, ``.bias``), computed as ``head``'s own
+    forward. Whatever shards the head gathers it in hooks around that module's forward (an FSDP2 unit of its own,
+    DeepSpeed ZeRO-3's parameter fetch), as for a plain ``head(hidden)``; reading ``head.weight`` from another
+    module's forward would see the shard (or ZeRO-3's empty placeholder). So the fused loss works under any wrap
+    policy and needs nothing registered by hand."""
+    def loss_forward(h):
+        return linear_cross_entropy_sum(h, head.weight, targets, bias=head.bias, ignore_index=ignore_index,
+                                        chunk_size=chunk_size, use_liger=use_liger)
+
+    own = head.__dict__.get("forward")  # a forward set on the instance (accelerate, liger) is put back
+    head.forward = loss_forward  # nn.Module.__call__ runs the hooks around self.forward
+    try:
+        return head(hidden)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def sharded_cross_entropy(hidden_states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -220,9 +243,8 @@ class CausalLMWithShardedLoss(nn.Module):
         loss_group: the ranks whose tokens form one token mean (None: the whole world).
         chunk_size: tokens per chunk of the fused head + cross-entropy.
     Notes:
-        The LM head weight is read by this module, not by ``lm_head.forward``: under ZeRO-3 call
-        :meth:`register_for_zero3` before ``accelerator.prepare``; under FSDP keep the head in the root unit
-        (the default transformer-layer wrap policy does), not in a unit of its own.
+        The fused head + loss runs as the LM head's forward (:func:`head_cross_entropy_sum`), so ZeRO-3 and FSDP
+        gather the head for it under any wrap policy (the head in the root unit or in one of its own).
     """
 
     def __init__(self, model, *, loss_group=None, chunk_size: int = 4096):
@@ -238,12 +260,8 @@ class CausalLMWithShardedLoss(nn.Module):
         return self.model.config
 
     def register_for_zero3(self) -> None:
-        """Make ZeRO-3 gather the LM head weight for this module's forward (it is read outside ``lm_head``)."""
-        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-        head = self.model.get_output_embeddings()
-        for param in head.parameters():
-            register_external_parameter(self, param)
+        """Kept for callers written before the head's loss ran in the head's own forward (which ZeRO-3 already
+        gathers, see :func:`head_cross_entropy_sum`): nothing to register any more."""
 
     def forward(self, input_ids, position_ids, target_ids):
         """``(batch, local_seq)`` ids, global positions and pre-shifted targets of this rank's shard (as
@@ -253,8 +271,9 @@ class CausalLMWithShardedLoss(nn.Module):
         # attention between them (sdpa/eager, data_parallel); a cache or a 2-D mask would silently turn that off.
         hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
         head = self.model.get_output_embeddings()
-        return sharded_cross_entropy(hidden, head.weight, target_ids, bias=head.bias, group=self.loss_group,
-                                     chunk_size=self.chunk_size)
+        _check_inside_data_parallel_forward(head.weight, hidden)
+        local_sum = head_cross_entropy_sum(head, hidden, target_ids, chunk_size=self.chunk_size)
+        return group_token_mean(local_sum, (target_ids != -100).sum(), group=self.loss_group)
 
 
 # ------------------------------------------------------------------ the DDP bypass guard

@@ -237,3 +237,41 @@ def test_a_sharded_or_mismatched_head_weight_is_refused(weight, match):
     hidden, _, _, targets = _problem()
     with pytest.raises(ValueError, match=match):
         sharded_cross_entropy(hidden[None], weight, targets[None])
+
+
+# ----------------------------------------------------------------------------- the LM head in an FSDP2 unit of its own
+def _fsdp2_head_unit_worker(rank, world):
+    """Both ranks hold the same 3 rows (no SP); FSDP2 shards every decoder layer, the embedding and the LM head as
+    units of their own, then the wrapper. The fused loss must gather the head for itself (it runs as the head's
+    forward): a head weight read from the wrapper's forward is a sharded DTensor there."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from easy_context.loss import CausalLMWithShardedLoss
+
+    model = _tiny_llama()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (3, 24), generator=torch.Generator().manual_seed(5))
+    ref = reference(input_ids=ids, labels=ids).loss  # the unsharded model, one process's mean over all targets
+    ref.backward()
+    ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+    mesh = init_device_mesh("cpu", (world,))
+    for unit in [*model.model.layers, model.model.embed_tokens, model.lm_head]:
+        fully_shard(unit, mesh=mesh)
+    wrapper = fully_shard(CausalLMWithShardedLoss(model), mesh=mesh)
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+    positions = torch.arange(24).expand(3, 24)
+    out = wrapper(ids, positions, targets)
+    out.loss.backward()  # world x this rank's share of the world's mean; FSDP2 averages: the one-process gradient
+    grads = {n.replace("model.", "", 1): p.grad.full_tensor() for n, p in wrapper.named_parameters()}
+    _close(out.global_loss, ref.detach(), "loss")
+    for name, grad in ref_grads.items():
+        _close(grads[name], grad, f"grad {name}")
+    return float(out.global_loss)
+
+
+def test_the_loss_gathers_an_lm_head_sharded_in_its_own_fsdp2_unit():
+    losses = run_distributed(_fsdp2_head_unit_worker, 2)
+    assert losses[0] == losses[1]

@@ -7,8 +7,9 @@ documents as one to override:
 * the model (``trainer.model``, or the model inside a PEFT wrapper) gets the SP attention
   (:func:`easy_context.apply_seq_parallel_monkey_patch`, object form) and a forward that, given
   ``easy_context_targets=``, returns this rank's cross-entropy *sum* from the chunked LM head
-  (:func:`easy_context.loss.linear_cross_entropy_sum`: no full-vocabulary logits). The loss is computed inside the
-  model's forward, so inside the DDP / FSDP wrapper's forward (DDP arms its averaging there, FSDP gathers there);
+  (:func:`easy_context.loss.head_cross_entropy_sum`: no full-vocabulary logits, computed as the head's own forward,
+  so FSDP under any wrap policy and ZeRO-3 gather the head for it). The loss is computed inside the model's forward,
+  so inside the DDP / FSDP wrapper's forward (DDP arms its averaging there, FSDP gathers there);
 * ``accelerator.prepare_data_loader``: the ranks of one SP group read the same batches, data-parallel replicas
   different ones (:func:`easy_context.prepare_dataloader`), for training and evaluation alike;
 * ``compute_loss``: each micro-batch's full rows are shifted into targets exactly as transformers' causal LM loss
@@ -21,8 +22,6 @@ documents as one to override:
   each step's increase of ``state.num_input_tokens_seen`` (``include_num_input_tokens_seen``) by ``sp`` at the
   step's end, before it is logged or saved, and ``get_total_train_batch_size`` (the logged total batch, and the
   samples behind ``train_samples_per_second``) counts replicas, not ranks;
-* under DeepSpeed ZeRO-3: the LM head's weight is registered with the outermost model, whose forward reads it
-  outside ``lm_head.forward`` (ZeRO-3 then gathers it for that forward).
 * ``accelerator.gather_for_metrics``: evaluation losses gathered once per replica, not once per SP rank.
 
 Loss scaling, the same as transformers' for one process (derivation as in easy_context/loss.py). Let ``S_r`` be rank
@@ -146,7 +145,6 @@ def prepare_trainer(trainer, seq_algo: str | SPAttentionConfig, *, sp_size: int 
     if total_batch is not None:
         trainer.get_total_train_batch_size = lambda args: total_batch(args) // sp
     trainer.add_callback(_TokensOncePerReplica(sp))
-    _register_head_for_zero3(trainer, head)
     accelerator = trainer.accelerator
     accelerator.prepare_data_loader = state.prepare_data_loader
     accelerator.gather_for_metrics = state.gather_for_metrics
@@ -175,19 +173,6 @@ def _apply_memory_options(trainer, model, options: dict) -> None:
         patch.enable_low_memory_rmsnorm(model)
 
 
-def _register_head_for_zero3(trainer, head) -> None:
-    """Under ZeRO-3 each parameter is gathered for its own module's forward; the chunked loss reads the head's
-    weight in the causal LM's forward instead, so it is registered with the outermost model (a PEFT wrapper calls
-    the causal LM's ``forward`` directly, without its hooks), as train.py's ``register_for_zero3`` does."""
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if not getattr(trainer, "is_deepspeed_enabled", False) or plugin is None or plugin.zero_stage != 3:
-        return
-    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-    for param in head.parameters():
-        register_external_parameter(trainer.model, param)
-
-
 class _TokensOncePerReplica(TrainerCallback):
     """transformers adds every rank's input tokens to ``state.num_input_tokens_seen``; the ranks of an SP group hold
     the same rows, so each step's increase is ``sp`` times the tokens trained on. Divided at the step's end
@@ -210,7 +195,7 @@ def _install_loss_forward(causal_lm, chunk_size: int) -> None:
     ``.loss`` (decoder + chunked head, no logits); any other call is the model's own forward (generation, saving)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from ..loss import linear_cross_entropy_sum
+    from ..loss import head_cross_entropy_sum
 
     original = causal_lm.forward
 
@@ -221,9 +206,9 @@ def _install_loss_forward(causal_lm, chunk_size: int) -> None:
         # a PEFT wrapper passes its own arguments down, as None
         hidden = causal_lm.base_model(input_ids=kwargs["input_ids"], position_ids=kwargs["position_ids"],
                                       use_cache=False)[0]
-        head = causal_lm.get_output_embeddings()
-        local_sum = linear_cross_entropy_sum(hidden, head.weight, easy_context_targets, bias=head.bias,
-                                             chunk_size=chunk_size)
+        # as the head's own forward: FSDP (any wrap policy) and ZeRO-3 gather the head for it
+        local_sum = head_cross_entropy_sum(causal_lm.get_output_embeddings(), hidden, easy_context_targets,
+                                           chunk_size=chunk_size)
         return CausalLMOutputWithPast(loss=local_sum)
 
     causal_lm.forward = forward

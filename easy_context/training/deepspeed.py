@@ -142,8 +142,6 @@ def prepare_optimization(cfg, accelerator, wrapper):
                         * rank_world((0, accelerator.num_processes))[1],
                         "gradient_accumulation_steps": cfg.gradient_accumulate_every,
                         "gradient_clipping": cfg.max_grad_norm})
-    if config.get("zero_optimization", {}).get("stage") == 3:
-        wrapper.register_for_zero3()
     threads = host_optimizer_threads(config)
     if threads:  # before DeepSpeed loads its CPU Adam: an OpenMP runtime of its own would read the variable
         os.environ["OMP_NUM_THREADS"] = str(threads)

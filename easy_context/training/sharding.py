@@ -6,8 +6,8 @@ keeps FSDP only for GPU-like devices (``AcceleratorState`` turns a CPU launch in
 plugin silently), so the plugin's path could never be tested on the CPU suite, while ``fully_shard`` itself runs on
 gloo. Applying it here is the same code on CPU and GPU: one ``fully_shard`` per decoder layer (the classes of the
 model's ``_no_split_modules``), then one over :class:`~easy_context.loss.CausalLMWithShardedLoss`, whose root unit
-keeps the embeddings and the LM head (the chunked loss reads the head's weight inside the root's forward, where
-FSDP has gathered it). The mesh is the whole world, like DDP's averaging: SP ranks hold the same parameters, and the
+keeps the embeddings and the LM head (the chunked loss runs as the head's forward, so it is gathered in any
+unit). The mesh is the whole world, like DDP's averaging: SP ranks hold the same parameters, and the
 reduce-scatter averages over all W ranks, so the update is the one DDP makes (the loss scaling of loop.py). Our
 activation checkpointing and memory features stay as they are (they act inside each layer).
 

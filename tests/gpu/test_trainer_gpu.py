@@ -27,7 +27,8 @@ RTOL, NORM_RTOL = 2e-2, 5e-2
 
 
 def _run(case, out, config="multi_gpu.yaml", nproc=1, gpus="0"):
-    accelerate_launch(config, nproc, "tests/gpu/trainer_run.py", "--case", case, "--out", out, gpus=gpus)
+    init = [] if case == "ddp" else ["--init", out.parent / "ddp" / "init"]  # every run starts from DDP's weights
+    accelerate_launch(config, nproc, "tests/gpu/trainer_run.py", "--case", case, "--out", out, *init, gpus=gpus)
     with open(os.path.join(out, "result.json")) as f:
         return json.load(f)
 

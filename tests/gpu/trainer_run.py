@@ -3,12 +3,14 @@ smoke run), for tests/gpu/test_trainer_gpu.py;
 writes its logged losses, gradient norms, tokens seen and evaluation loss as JSON, and saves the model.
 
     accelerate launch --config_file accelerate_configs/<cfg>.yaml --num_processes N tests/gpu/trainer_run.py \
-        --case ddp|fsdp2|lora|lora_fsdp2|zero3 --out DIR
+        --case ddp|fsdp2|lora|lora_fsdp2|zero3 --out DIR [--init DDP_DIR/init]
 
 Cases: ``ddp`` (the launch's own data parallelism, the reference), ``fsdp2`` (launched with fsdp2_trainer.yaml:
 accelerate's FSDP2 plugin from the launch), ``lora`` (a peft LoRA model), ``lora_fsdp2`` (LoRA under FSDP2 asked for
 in ``TrainingArguments(fsdp=..., fsdp_config={"version": 2})``), ``zero3`` (``TrainingArguments(deepspeed=...)``
-ZeRO stage 3). The model: a Llama of 4 layers, float32 weights under bf16 (autocast or FSDP2's mixed precision),
+ZeRO stage 3). Without ``--init`` the run draws the model's weights (seed 0) and saves them to DIR/init for the
+others: under ZeRO-3 a model built after TrainingArguments is drawn inside ``deepspeed.zero.Init``, with other random
+numbers. The model: a Llama of 4 layers, float32 weights under bf16 (autocast or FSDP2's mixed precision),
 rows of 2048 tokens (64 distinct ids) with -100 prompts of varying length, gradient accumulation 2, AdamW, 3 steps.
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main():
     ap.add_argument("--case", required=True, choices=["ddp", "fsdp2", "lora", "lora_fsdp2", "zero3"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--seq-algo", default="zigzag_ring_attn")
+    ap.add_argument("--init", help="start from this checkpoint (the ddp case's DIR/init) instead of a random init")
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
 
@@ -58,13 +61,20 @@ def main():
                              bf16=torch.cuda.is_available(), logging_steps=1, report_to=[], save_strategy="no",
                              disable_tqdm=True, dataloader_num_workers=0, seed=7, include_num_input_tokens_seen=True,
                              **extra.get(a.case, {}))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=SEQ, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
+    if a.init:  # after TrainingArguments: under ZeRO-3 loaded straight into partitions (deepspeed.zero.Init)
+        model = AutoModelForCausalLM.from_pretrained(a.init, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                          num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=SEQ,
+                          tie_word_embeddings=False)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
+        if args.process_index == 0:
+            model.save_pretrained(os.path.join(a.out, "init"))  # the other cases start from these weights
     if lora:
         from peft import LoraConfig, get_peft_model
 
+        torch.manual_seed(1)  # the adapters' init: the same in lora and lora_fsdp2
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     data = rows()
