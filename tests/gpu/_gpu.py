@@ -23,6 +23,15 @@ def need_gpus(n: int):
     return [pytest.mark.gpu, pytest.mark.skipif(have < n, reason=f"needs {n} CUDA GPU(s), found {have}")]
 
 
+def need_fa4():
+    """Marks for a test of the fa4 backend: one CUDA GPU (``need_gpus(1)``) and flash-attn-4 importable."""
+    from easy_context.attention.kernels import fa4_importable
+
+    missing = not torch.cuda.is_available() or not fa4_importable()
+    return need_gpus(1) + [pytest.mark.skipif(missing, reason="flash-attn-4 is not installed (pip install "
+                                                              "'easy-context[fa4]')")]
+
+
 def accelerate_launch(config: str, nproc: int, script: str, *args, gpus: str = "0", timeout: int = 300):
     """Runs ``accelerate launch --config_file accelerate_configs/<config> --num_processes <nproc> <script> <args>``
     from the repository root on the GPUs ``gpus`` (a free port each time); fails the test with the output's tail."""

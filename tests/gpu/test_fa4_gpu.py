@@ -9,22 +9,19 @@ token attending across a document boundary is off by ~1e-1 or more.
 """
 import itertools
 
-import pytest
 import torch
 from _gpu import (  # _gpu puts tests/ on sys.path: _sim, reference
     assert_cases_within_yardstick,
-    need_gpus,
+    need_fa4,
     w1_logits_and_grads,
 )
 from _sim import simulate
 from reference import per_document_reference, rel_err
 
 from easy_context.attention.documents import normalize
-from easy_context.attention.kernels import fa4_importable, get_kernel
+from easy_context.attention.kernels import get_kernel
 
-pytestmark = need_gpus(1) + [pytest.mark.skipif(not torch.cuda.is_available() or not fa4_importable(),
-                                                reason="flash-attn-4 is not installed (pip install "
-                                                       "'easy-context[fa4]')")]
+pytestmark = need_fa4()
 
 SEQ, HEADS, DIM = 2048, 8, 128
 FLOOR = 1e-4

@@ -14,19 +14,17 @@ import pytest
 import torch
 from _gpu import (  # _gpu puts tests/ on sys.path: _sim, reference
     assert_cases_within_yardstick,
-    need_gpus,
+    need_fa4,
     w1_logits_and_grads,
 )
 from _sim import simulate
 from reference import masked_attention_ref, rel_err
 
 from easy_context.attention.documents import normalize, plan_block
-from easy_context.attention.kernels import fa4_importable, get_kernel
+from easy_context.attention.kernels import get_kernel
 from easy_context.attention.merge import add_sinks, merge_into, new_accumulators, sink_grad
 
-pytestmark = need_gpus(1) + [pytest.mark.skipif(not torch.cuda.is_available() or not fa4_importable(),
-                                                reason="flash-attn-4 is not installed (pip install "
-                                                       "'easy-context[fa4]')")]
+pytestmark = need_fa4()
 
 SEQ, HEADS, DIM = 2048, 8, 128
 FLOOR = 1e-4
