@@ -6,11 +6,14 @@
 #                                     # rows and packed documents),
 #                                     # train.py DDP matrix, one-GPU references (DDP and ZeRO-3)
 #   bash bench/gpu_acceptance.sh 2    # train.py ZeRO-3 matrix, save -> reload, eval_ppl / eval_needle under ZeRO-3
-#   bash bench/gpu_acceptance.sh all  # both in one call (~9 min: close to one call's 10-minute limit)
+#   bash bench/gpu_acceptance.sh all  # all of tests/gpu in one run (~15 min: longer than one device call; on the
+#                                     # lent machines use 1, 2 and onetrain)
 #   bash bench/gpu_acceptance.sh one  # what one GPU can run: the kernels (fa4 among them; its windows, soft-capping
 #                                     # and sinks too) and every algorithm in a
-#                                     # simulated multi-rank world, the patched Llama at W=1 with fa4, train.py
-#                                     # --fsdp2 / --lora-r and the Trainer under FSDP2, ZeRO-3 and LoRA
+#                                     # simulated multi-rank world, the patched Llama at W=1 with fa4
+#   bash bench/gpu_acceptance.sh onetrain  # a call of its own (~6 min on one GPU; with 2 GPUs also FSDP2 on 2
+#                                     # ranks): train.py --fsdp2 / --lora-r / ZeRO-3 and the Trainer under FSDP2,
+#                                     # ZeRO-3 and LoRA, each vs DDP
 #
 # Prints one PASS/FAIL/SKIP line per check (with its measured errors) and a summary line last. Logs go to $OUT
 # (the device machine's returned folder) or bench/results/. Wheels the machine lacks (deepspeed, ...) are installed
@@ -39,12 +42,13 @@ case $part in
 esac
 mkdir -p "$EASY_CONTEXT_GPU_WORK"
 case $part in
-  one) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_sharding_gpu.py tests/gpu/test_trainer_gpu.py) ;;
-  1) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_sharding_gpu.py tests/gpu/test_trainer_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py tests/gpu/test_train_gpu.py -k "not zero3 and not reload and not eval") ;;
+  one) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_families_gpu.py) ;;
+  onetrain) sel=(tests/gpu/test_sharding_gpu.py tests/gpu/test_trainer_gpu.py) ;;  # ~6 min on one H200
+  1) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py tests/gpu/test_train_gpu.py -k "not zero3 and not reload and not eval") ;;
   2) sel=(tests/gpu/test_train_gpu.py -k "zero3 or reload or eval") ;;
   kernels) sel=(tests/test_memory.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fa4_gpu.py tests/gpu/test_families_gpu.py tests/gpu/test_attention_nccl.py tests/gpu/test_packed_nccl.py) ;;  # part 1 less training
   all) sel=(tests/test_memory.py tests/gpu) ;;
-  *) echo "usage: $0 1|2|all|kernels|one"; exit 2 ;;
+  *) echo "usage: $0 1|2|all|kernels|one|onetrain"; exit 2 ;;
 esac
 checks="$logdir/acceptance_part${part}_checks.txt"
 : > "$checks"
