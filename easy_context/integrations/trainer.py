@@ -179,15 +179,14 @@ class _TokensOncePerReplica(TrainerCallback):
     (callbacks run before the step is logged or saved; a count resumed from a checkpoint is already right)."""
 
     def __init__(self, sp: int):
-        self.sp, self.mark = sp, None
+        self.sp = sp
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, **kwargs):  # prepare_trainer refuses a train() already begun
         self.mark = state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.mark is not None:
-            state.num_input_tokens_seen = self.mark + (state.num_input_tokens_seen - self.mark) // self.sp
-            self.mark = state.num_input_tokens_seen
+        state.num_input_tokens_seen = self.mark + (state.num_input_tokens_seen - self.mark) // self.sp
+        self.mark = state.num_input_tokens_seen
 
 
 def _install_loss_forward(causal_lm, chunk_size: int) -> None:
